@@ -1,0 +1,49 @@
+"""logitstore: a crash-safe, memory-mapped Zarr v3 store of DPO reference log-probabilities.
+
+The public surface::
+
+    import logitstore
+    store = logitstore.open("pairs.lstore")          # read-only Store
+    store.get(["id-1", "id-2"])["chosen_logps"]      # float32, in the order asked
+    writer = logitstore.create("new.lstore", ids, fingerprint={...}, vocab_size=32000, max_length=1024)
+    writer.write_shard(0, {...}); writer.finalize()
+
+The torch-facing pieces live in :mod:`logitstore.loader`; importing this package never imports torch.
+"""
+
+from .errors import (
+    FingerprintMismatchError,
+    FormatError,
+    IncompleteStoreError,
+    InputDataError,
+    LogitstoreError,
+    ModelError,
+    StoreNotFoundError,
+    UnknownIdError,
+)
+from .format import FORMAT_VERSION
+from .reader import Store, open
+from .verify import VerifyReport, verify
+from .writer import StoreWriter, create, fingerprint_digest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FORMAT_VERSION",
+    "FingerprintMismatchError",
+    "FormatError",
+    "IncompleteStoreError",
+    "InputDataError",
+    "LogitstoreError",
+    "ModelError",
+    "Store",
+    "StoreNotFoundError",
+    "StoreWriter",
+    "UnknownIdError",
+    "VerifyReport",
+    "__version__",
+    "create",
+    "fingerprint_digest",
+    "open",
+    "verify",
+]

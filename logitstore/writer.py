@@ -1,0 +1,328 @@
+"""Writing a store: plan it once, fill shards (from any number of processes), finalise it.
+
+The writer never shares a file between two shards, writes each shard's files whole, and records a shard as
+complete (its `commits` row) only after all of its files are written. A store is therefore always in one of three
+states per shard: absent, complete and checksummed, or being rewritten by the process that owns it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import format as fmt
+from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .quantize import encode_fixed
+from .storage import Location, file_crc, location
+
+
+def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def id_hashes(ids: Sequence[str]) -> np.ndarray:
+    """64-bit hashes of example IDs (the first 8 bytes of BLAKE2b, little-endian)."""
+    out = np.empty(len(ids), dtype=np.uint64)
+    for i, key in enumerate(ids):
+        out[i] = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return out
+
+
+def _created_time() -> str:
+    # SOURCE_DATE_EPOCH makes a rebuilt store byte-for-byte reproducible (reproducible-builds.org convention).
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+            else datetime.datetime.now(datetime.timezone.utc))
+    return when.replace(microsecond=0).isoformat()
+
+
+def read_header(loc: Location) -> dict[str, Any] | None:
+    """The store header, or None when the location holds no group metadata."""
+    raw = loc.read_bytes("zarr.json")
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise FormatError(f"{loc.url}/zarr.json is not valid JSON") from exc
+    header = meta.get("attributes", {}).get(fmt.HEADER_KEY) if isinstance(meta, dict) else None
+    if not isinstance(header, dict):
+        raise FormatError(f"{loc.url} is a Zarr group without a logitstore header (another tool's store, or a "
+                          "build interrupted while planning: run the build again)")
+    version = header.get("format_version")
+    if version != fmt.FORMAT_VERSION:
+        raise FormatError(f"{loc.url} has format version {version!r}; this logitstore reads version "
+                          f"{fmt.FORMAT_VERSION}")
+    return header
+
+
+class StoreWriter:
+    """Fills the shards of a planned store. Create one with :func:`create` (or :meth:`attach`)."""
+
+    def __init__(self, loc: Location, header: dict[str, Any]):
+        import zarr
+
+        self.loc = loc
+        self.header = header
+        self.geometry = fmt.Geometry(header["num_examples"], header["rows_per_shard"], header["max_length"],
+                                     header["inner_chunk"])
+        self.ragged = [fmt.spec_from_header(name, entry) for name, entry in header["fields"].items()
+                       if entry["kind"] == "ragged"]
+        self._group = zarr.open_group(loc.zarr_store(read_only=False), mode="r+")
+
+    # ---- opening ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, path: str | os.PathLike[str] | Location, fingerprint: Mapping[str, Any] | None = None,
+               storage_options: dict[str, Any] | None = None) -> StoreWriter:
+        """Open an already planned store for filling (e.g. on ranks other than the one that planned it)."""
+        loc = path if hasattr(path, "zarr_store") else location(path, storage_options)  # type: ignore[arg-type]
+        header = read_header(loc)
+        if header is None:
+            raise IncompleteStoreError(f"{loc.url} has not been planned yet")
+        if fingerprint is not None:
+            _check_fingerprint(loc.url, header, fingerprint)
+        return cls(loc, header)
+
+    # ---- state --------------------------------------------------------------------------------------------------
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.header.get("complete"))
+
+    def committed(self) -> np.ndarray:
+        """Boolean mask over shards: True where the shard's commit record is present and intact."""
+        return committed_shards(self._group, self.geometry.num_shards)
+
+    def missing_shards(self) -> list[int]:
+        return [int(k) for k in np.flatnonzero(~self.committed())]
+
+    def shard_rows(self, shard: int) -> range:
+        return self.geometry.shard_rows(shard)
+
+    # ---- filling ------------------------------------------------------------------------------------------------
+
+    def write_shard(self, shard: int, rows: Mapping[str, Any]) -> None:
+        """Write every file of `shard`, then its commit record.
+
+        `rows` maps each per-row field to an array with one value per row of the shard, and each ragged field to a
+        sequence of 1-D arrays (one per row). Per-token log-probs are given as floats whatever the codec.
+        """
+        g = self.geometry
+        if not 0 <= shard < g.num_shards:
+            raise ValueError(f"shard {shard} is out of range (the store has {g.num_shards})")
+        span = g.shard_rows(shard)
+        n = len(span)
+        expected = set(fmt.ROW_FIELDS) | {s.name for s in self.ragged}
+        if set(rows) != expected:
+            raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
+        for name, (dtype, _) in fmt.ROW_FIELDS.items():
+            values = np.asarray(rows[name], dtype=dtype)
+            if values.shape != (n,):
+                raise ValueError(f"{name}: expected {n} values for shard {shard}, got shape {values.shape}")
+            self._group[name][span.start:span.stop] = values
+        clipped = 0
+        for spec in self.ragged:
+            clipped += self._write_ragged(shard, span, spec, rows[spec.name])
+        record = [1, clipped]
+        for array in fmt.shard_file_arrays(self.ragged):
+            key = fmt.chunk_key(array, shard)
+            data = self.loc.read_bytes(key)
+            record += [0, 0] if data is None else [len(data), file_crc(data)]
+        self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
+
+    def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
+        g = self.geometry
+        if len(seqs) != len(span):
+            raise ValueError(f"{spec.name}: expected {len(span)} sequences for shard {shard}, got {len(seqs)}")
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        if lengths.size and int(lengths.max()) > g.max_length:
+            raise ValueError(f"{spec.name}: a sequence of {int(lengths.max())} values exceeds max_length "
+                             f"{g.max_length}")
+        flat = np.concatenate(seqs) if len(seqs) else np.zeros(0)
+        clipped = 0
+        if spec.codec == "fixed":
+            assert spec.scale is not None
+            flat, clipped = encode_fixed(flat, lengths, spec.scale)
+        elif np.issubdtype(np.dtype(spec.dtype), np.integer):
+            info = np.iinfo(spec.dtype)
+            if flat.size and (flat.min() < 0 or flat.max() > info.max):
+                raise ValueError(f"{spec.name}: values outside the range of {spec.dtype}")
+        base = shard * g.shard_capacity
+        buffer = np.zeros(g.shard_capacity, dtype=spec.dtype)  # whole shard: no read-modify-write of old files
+        buffer[:flat.size] = flat
+        ends = base + np.cumsum(lengths)
+        offsets = np.stack([ends - lengths, ends], axis=1).astype(np.int64)
+        self._group[fmt.offsets_array(spec.name)][span.start:span.stop] = offsets
+        self._group[fmt.values_array(spec.name)][base:base + g.shard_capacity] = buffer
+        return clipped
+
+    # ---- finishing ----------------------------------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, Any]:
+        """Mark the store complete once every shard is committed. Returns the summary written to the header."""
+        missing = self.missing_shards()
+        if missing:
+            raise IncompleteStoreError(f"{len(missing)} of {self.geometry.num_shards} shards are not written yet "
+                                       f"(first: {missing[0]})")
+        if self.complete:
+            return self.header["summary"]
+        tokens = {}
+        for spec in self.ragged:
+            if spec.name in fmt.TOKEN_FIELDS:
+                off = self._group[fmt.offsets_array(spec.name)][:]
+                tokens[spec.name] = int((off[:, 1] - off[:, 0]).sum())
+        scored = {name: int(np.asarray(self._group[name][:], dtype=np.int64).sum())
+                  for name in ("chosen_tokens", "rejected_tokens")}
+        data_bytes = self.loc.total_bytes() - (self.loc.file_size("zarr.json") or 0)
+        clipped = int(self._group["commits"][:, 1].sum())
+        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": clipped,
+                   "data_bytes": int(data_bytes)}
+        header = dict(self.header, complete=True, summary=summary)
+        self._group.attrs[fmt.HEADER_KEY] = header
+        self.header = header
+        return summary
+
+
+def committed_shards(group: Any, num_shards: int) -> np.ndarray:
+    """Which shards have an intact commit record (a torn record fails its crc32c and counts as absent)."""
+    commits = group["commits"]
+    mask = np.zeros(num_shards, dtype=bool)
+    for k in range(num_shards):
+        try:
+            row = commits[k]
+        except Exception:  # noqa: BLE001 - a damaged commit chunk means: not committed
+            continue
+        mask[k] = bool(row[0] == 1)
+    return mask
+
+
+def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
+    theirs = header.get("fingerprint_digest")
+    ours = fingerprint_digest(fingerprint)
+    if theirs != ours:
+        diff = sorted(k for k in set(fingerprint) | set(header.get("fingerprint", {}))
+                      if fingerprint.get(k) != header.get("fingerprint", {}).get(k))
+        raise FingerprintMismatchError(
+            f"{url} was built for a different {', '.join(diff) or 'configuration'} "
+            f"(store fingerprint {str(theirs)[:12]}, this run {ours[:12]}); use another output path")
+
+
+_KNOWN_TOP = set(fmt.ROW_FIELDS) | set(fmt.TOKEN_FIELDS) | set(fmt.PER_TOKEN_FIELDS) | {
+    "ids", "id_index", "commits", "zarr.json"}
+
+
+def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Mapping[str, Any],
+           vocab_size: int, max_length: int, per_token: bool = False, token_codec: str = "zstd",
+           logp_codec: str = "fixed", fixed_scale: float = fmt.DEFAULT_FIXED_SCALE,
+           rows_per_shard: int = fmt.ROWS_PER_SHARD, inner_chunk: int = fmt.INNER_CHUNK,
+           tokenizer: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
+           skipped: Sequence[Mapping[str, Any]] = (), storage_options: dict[str, Any] | None = None,
+           ) -> StoreWriter:
+    """Plan a store for `ids` (or resume the one already there with the same fingerprint) and return its writer.
+
+    Planning writes the array metadata, the IDs and the ID index, then the group header last: a store whose
+    header exists is planned. Re-running with the same fingerprint resumes; another fingerprint is refused.
+    """
+    loc = location(path, storage_options)
+    stray = [n for n in loc.top_level_names() if n not in _KNOWN_TOP and not n.endswith(".partial")]
+    header = None if stray else _planned_header(loc)
+    if header is not None:
+        _check_fingerprint(loc.url, header, fingerprint)
+        if header["num_examples"] != len(ids):
+            raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
+        loc.remove_partials()
+        return StoreWriter(loc, header)
+    if stray:
+        raise LogitstoreError(f"{loc.url} exists and is not a logitstore store (it holds {stray[0]!r}); "
+                              "choose an empty or new path")
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
+        raise ValueError(f"duplicate example ID {dup!r}")
+    geometry = fmt.Geometry(len(ids), rows_per_shard, max_length, inner_chunk)
+    ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale)
+    loc.remove_partials()
+    _write_plan(loc, ids, geometry, ragged)
+    plan_files = {}
+    for key in fmt.plan_file_keys():
+        data = loc.read_bytes(key)
+        plan_files[key] = [0, 0] if data is None else [len(data), file_crc(data)]
+    fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype} for name, (dtype, _) in fmt.ROW_FIELDS.items()}
+    fields.update({spec.name: spec.header() for spec in ragged})
+    header = {
+        "format_version": fmt.FORMAT_VERSION,
+        **geometry.header(),
+        "fields": fields,
+        "shard_files": fmt.shard_file_arrays(ragged),
+        "fingerprint": dict(fingerprint),
+        "fingerprint_digest": fingerprint_digest(fingerprint),
+        "tokenizer": dict(tokenizer or {"vocab_size": vocab_size}),
+        "settings": dict(settings or {}),
+        "created": _created_time(),
+        "plan_files": plan_files,
+        "skipped": [dict(s) for s in skipped],
+    }
+    import zarr
+
+    zarr.open_group(loc.zarr_store(read_only=False), mode="a", zarr_format=3).attrs[fmt.HEADER_KEY] = header
+    return StoreWriter(loc, header)
+
+
+def _planned_header(loc: Location) -> dict[str, Any] | None:
+    """The header of a planned store; None for nothing there or a plan that was interrupted (it is redone)."""
+    try:
+        return read_header(loc)
+    except FormatError:
+        if loc.has_key("zarr.json") and b'"logitstore"' not in (loc.read_bytes("zarr.json") or b""):
+            return None
+        raise
+
+
+def _write_plan(loc: Location, ids: list[str], g: fmt.Geometry, ragged: list[fmt.RaggedSpec]) -> None:
+    import zarr
+
+    store = loc.zarr_store(read_only=False)
+    # The root group's metadata is written only at the end (by the caller) together with the header; arrays can be
+    # created under it first because zarr writes each array's own zarr.json.
+    root = zarr.open_group(store, mode="w", zarr_format=3)
+    comp = fmt.row_compressors()
+    n, rps = g.num_examples, g.rows_per_shard
+    encoded = [i.encode("utf-8") for i in ids]
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=n)
+    ends = np.cumsum(lengths)
+    id_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    total = max(int(id_bytes.size), 1)
+    a = root.create_array("ids/values", shape=(int(id_bytes.size),), chunks=(total,), dtype="uint8",
+                          compressors=comp, fill_value=0)
+    a[:] = id_bytes
+    root.create_array("ids/offsets", shape=(n, 2), chunks=(n, 2), dtype="int64", compressors=comp,
+                      fill_value=0)[:] = np.stack([ends - lengths, ends], axis=1)
+    hashes = id_hashes(ids)
+    order = np.argsort(hashes, kind="stable")
+    root.create_array("id_index/hash", shape=(n,), chunks=(n,), dtype="uint64", compressors=comp,
+                      fill_value=0)[:] = hashes[order]
+    root.create_array("id_index/row", shape=(n,), chunks=(n,), dtype="int64", compressors=comp,
+                      fill_value=0)[:] = order.astype(np.int64)
+    for name, (dtype, fill) in fmt.ROW_FIELDS.items():
+        root.create_array(name, shape=(n,), chunks=(rps,), dtype=dtype, compressors=comp, fill_value=fill)
+    cap = g.shard_capacity
+    for spec in ragged:
+        root.create_array(fmt.offsets_array(spec.name), shape=(n, 2), chunks=(rps, 2), dtype="int64",
+                          compressors=comp, fill_value=0)
+        arr = root.create_array(fmt.values_array(spec.name), shape=(g.num_shards * cap,), chunks=(g.inner_chunk,),
+                                shards=(cap,), dtype=spec.dtype, fill_value=0, **fmt.inner_codecs(spec))
+        if spec.scale is not None:
+            arr.attrs["scale"] = spec.scale
+    from zarr.codecs import BytesCodec, Crc32cCodec
+
+    width = 2 + 2 * len(fmt.shard_file_arrays(ragged))
+    root.create_array("commits", shape=(g.num_shards, width), chunks=(1, width), dtype="uint64",
+                      serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)
