@@ -1,0 +1,228 @@
+"""The reference pass: fill a logitstore store from a Hugging Face causal LM and preference data.
+
+Plan first (read and validate every record, tokenize everything, write the plan) so that bad input stops the
+build before anything is written; then fill shards. Each shard is tokenized again, batched by length under a
+token budget, scored, and written whole. Under torchrun, rank r fills shards r, r+W, r+2W, ...; rank 0 plans
+and finalises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import logitstore
+from logitstore import format as fmt
+from logitstore.errors import InputDataError
+
+from . import distributed
+from .data import PreferenceExample, Skipped, data_digest, load_examples
+from .models import load_model, load_tokenizer, model_fingerprint
+from .tokenize import TokenizedPair, tokenize_pair
+
+TOKENIZATION = "trl-1.16"
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    model: str
+    data: str
+    out: str
+    adapter: str | None = None
+    dtype: str = "float32"
+    quantize: str | None = None
+    device: str = "auto"
+    split: str | None = None
+    max_length: int = 1024
+    max_prompt_length: int | None = None
+    batch_size: int = 16
+    batch_tokens: int = 16384
+    per_token: bool = False
+    codec: str = "fixed"
+    token_codec: str = "zstd"
+    rows_per_shard: int = fmt.ROWS_PER_SHARD
+    share_prompt: bool = True
+    skip_invalid: bool = False
+    storage_options: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass
+class BuildResult:
+    path: str
+    examples: int
+    skipped: int
+    shards_written: int
+    already_complete: bool
+    tokens: int
+    seconds: float
+    store_bytes: int
+
+    def summary(self) -> str:
+        if self.already_complete:
+            return f"{self.path} is already complete ({self.examples} pairs); nothing to do."
+        per_pair = self.store_bytes / max(self.examples, 1)
+        rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
+        skipped = f", {self.skipped} skipped" if self.skipped else ""
+        return (f"Built {self.path}: {self.examples} pairs{skipped}, {self.shards_written} shards written, "
+                f"{self.tokens:,} tokens scored in {self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
+                f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per pair).")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> dict[str, Any]:
+    fp = model_fingerprint(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize)
+    fp["tokenization"] = {"scheme": TOKENIZATION, "max_length": cfg.max_length,
+                          "max_prompt_length": cfg.max_prompt_length, "truncation": "keep_start"}
+    fp["data"] = {"examples": len(examples), "sha256": data_digest(examples)}
+    fp["layout"] = {"rows_per_shard": cfg.rows_per_shard, "per_token": cfg.per_token,
+                    "codec": cfg.codec if cfg.per_token else None, "token_codec": cfg.token_codec}
+    return fp
+
+
+def plan_examples(cfg: BuildConfig, tokenizer: Any) -> tuple[list[PreferenceExample], list[Skipped]]:
+    """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
+    examples = load_examples(cfg.data, cfg.split)
+    keep, skipped = [], []
+    for ex in examples:
+        try:
+            tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
+        except InputDataError as exc:
+            if not cfg.skip_invalid:
+                raise InputDataError(f"{os.path.basename(cfg.data)}: {exc} (use --skip-invalid to leave such "
+                                     "pairs out)") from None
+            skipped.append(Skipped(ex.id, ex.line, str(exc)))
+            continue
+        keep.append(ex)
+    if not keep:
+        raise InputDataError(f"{cfg.data}: every pair was invalid; nothing to build")
+    return keep, skipped
+
+
+def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Group pairs of similar length so padding stays small: sorted by length, cut by count and token budget."""
+    cost = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: (cost[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        width = max([cost[j] for j in current] + [cost[i]])
+        if current and (len(current) >= batch_size or 2 * width * (len(current) + 1) > batch_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, batch_tokens: int,
+                share_prompt: bool, on_batch: Callable[[int, int], None] | None = None,
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-token log-probs of the scored chosen and rejected tokens of every pair, in input order."""
+    import torch
+
+    from .logps import pair_logps_full, pair_logps_shared
+
+    scorer = pair_logps_shared if share_prompt else pair_logps_full
+    chosen: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
+    rejected: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
+    for batch in length_batches(pairs, batch_size, batch_tokens):
+        sel = [pairs[i] for i in batch]
+        c, r = scorer(model, [torch.from_numpy(p.prompt_ids) for p in sel],
+                      [torch.from_numpy(p.chosen_ids) for p in sel],
+                      [torch.from_numpy(p.rejected_ids) for p in sel], pad_id)
+        for i, ci, ri in zip(batch, c, r):
+            chosen[i], rejected[i] = ci.numpy(), ri.numpy()
+        if on_batch is not None:
+            on_batch(len(batch), sum(len(x) + len(y) for x, y in zip(c, r)))
+    return chosen, rejected
+
+
+def shard_data(pairs: list[TokenizedPair], chosen: list[np.ndarray], rejected: list[np.ndarray],
+               per_token: bool) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "prompt_ids": [p.prompt_ids for p in pairs],
+        "chosen_ids": [p.chosen_ids for p in pairs],
+        "rejected_ids": [p.rejected_ids for p in pairs],
+        # Sums in float64 then stored as float32: the per-sequence values stay exact to float32.
+        "chosen_logps": np.array([c.sum(dtype=np.float64) for c in chosen]),
+        "rejected_logps": np.array([r.sum(dtype=np.float64) for r in rejected]),
+        "chosen_tokens": np.array([len(c) for c in chosen]),
+        "rejected_tokens": np.array([len(r) for r in rejected]),
+    }
+    if per_token:
+        data["chosen_token_logps"] = chosen
+        data["rejected_token_logps"] = rejected
+    return data
+
+
+def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
+    """Run the reference pass described by `cfg`; resumes a partial store with the same fingerprint."""
+    import torch
+    from tqdm import tqdm
+
+    rank, world = distributed.rank_and_world()
+    start = time.perf_counter()
+    tokenizer = load_tokenizer(cfg.model)
+    examples, skipped = plan_examples(cfg, tokenizer)
+    fingerprint = build_fingerprint(cfg, examples)
+    settings = {"batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "share_prompt": cfg.share_prompt,
+                "codec": cfg.codec, "token_codec": cfg.token_codec}
+    tok_header = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+                  "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
+    if rank == 0:
+        writer = logitstore.create(
+            cfg.out, [ex.id for ex in examples], fingerprint=fingerprint, vocab_size=len(tokenizer),
+            max_length=cfg.max_length, per_token=cfg.per_token, token_codec=cfg.token_codec,
+            logp_codec=cfg.codec, rows_per_shard=cfg.rows_per_shard, tokenizer=tok_header, settings=settings,
+            skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options)
+    distributed.barrier()
+    if rank != 0:
+        writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
+    if writer.complete:
+        return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes())
+    todo = [k for k in writer.missing_shards() if k % world == rank]
+    if rank == 0 and len(todo) < writer.geometry.num_shards:
+        log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(writer.missing_shards())} of "
+            f"{writer.geometry.num_shards} shards already written.")
+    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    total_rows = sum(len(writer.shard_rows(k)) for k in todo)
+    tokens = 0
+    bar = tqdm(total=total_rows, unit="pair", disable=not progress, desc=f"build[{rank}]" if world > 1 else "build")
+    t0 = time.perf_counter()
+
+    def on_batch(n_pairs: int, n_tokens: int) -> None:
+        nonlocal tokens
+        tokens += n_tokens
+        bar.update(n_pairs)
+        bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+
+    with torch.inference_mode():
+        for shard in todo:
+            rows = writer.shard_rows(shard)
+            pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
+            chosen, rejected = score_pairs(model, pairs, pad_id=pad_id, batch_size=cfg.batch_size,
+                                           batch_tokens=cfg.batch_tokens, share_prompt=cfg.share_prompt,
+                                           on_batch=on_batch)
+            writer.write_shard(shard, shard_data(pairs, chosen, rejected, cfg.per_token))
+    bar.close()
+    distributed.barrier()
+    if rank == 0:
+        writer.finalize()
+    distributed.barrier()
+    return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
+                       time.perf_counter() - start, writer.loc.total_bytes())
