@@ -87,7 +87,7 @@ def _cache_kwarg(backbone: Any) -> str:
     """transformers 5 renamed `past_key_values` to `cache`; use whichever the model's forward takes."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(type(backbone).forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -101,7 +101,7 @@ def pair_logps_shared(model: Any, prompts: list[torch.Tensor], chosen: list[torc
     n = len(prompts)
     p_ids, p_mask = _pad(prompts, pad_id, device)
     out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache if "cache" in out else out.past_key_values
     p_len = torch.tensor([len(p) for p in prompts], device=device)
     last_hidden = out.last_hidden_state[torch.arange(n, device=device), p_len - 1]  # predicts completion token 0
     cache.batch_repeat_interleave(2)  # rows: chosen_0, rejected_0, chosen_1, ...

@@ -1,0 +1,284 @@
+"""DPO training from a logitstore store: only the policy is in memory; the reference lives in the store.
+
+The loop reads top to bottom: set up, then for each optimizer step: fetch micro-batches from the store, score
+them with the policy, take the DPO loss against the stored reference log-probs, step, log, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import logitstore
+from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, LogitstoreError
+from logitstore.loader import make_loader
+
+from . import distributed
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .logps import sequence_logps
+from .losses import LOSSES, dpo_loss
+from .models import load_model, model_fingerprint
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str
+    store: str
+    out: str
+    eval_store: str | None = None
+    adapter: str | None = None  # continue training this peft adapter instead of a fresh LoRA
+    max_steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-5
+    warmup_steps: int = 0
+    schedule: str = "linear"  # or "cosine", "constant"
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"  # or "paged_adamw_8bit" (bitsandbytes)
+    grad_clip: float = 1.0
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    label_smoothing: float = 0.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: str = "all-linear"
+    quantize: str | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    resume: bool = False
+    allow_fingerprint_mismatch: bool = False
+    plot: bool = True
+    storage_options: dict[str, Any] | None = None
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Warmup then linear/cosine decay to 0 (a pure function of the step, so nothing to checkpoint)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * max(0.0, 1 - progress)
+
+
+def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
+    """The store's reference must come from the policy's base model and tokenizer."""
+    ours = model_fingerprint(cfg.model, adapter=None, dtype=cfg.dtype, quantize=cfg.quantize)
+    theirs = store.fingerprint
+    differ = [k for k in ("model", "tokenizer") if theirs.get(k) != ours[k]]
+    if differ and not cfg.allow_fingerprint_mismatch:
+        raise FingerprintMismatchError(
+            f"{store.location.url} was built with a different {' and '.join(differ)} than {cfg.model}; "
+            "train with the model the store was built from, or pass --allow-fingerprint-mismatch")
+
+
+def setup_policy(cfg: TrainConfig) -> Any:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
+                       trainable_adapter=True)
+    if cfg.quantize:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.adapter is None:
+        targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                 task_type="CAUSAL_LM"))
+    return model
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "adamw":
+        raise LogitstoreError(f"unknown optimizer {cfg.optimizer!r}; choose adamw or paged_adamw_8bit")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any) -> tuple[torch.Tensor, dict]:
+    """Mean DPO loss of one batch and its metrics (as tensors; averaged later)."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    attention = batch["attention_mask"].to(device, non_blocking=True)
+    completion = batch["completion_mask"].to(device, non_blocking=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.dtype != "float32")
+    with autocast:
+        _, logps = sequence_logps(model, ids, attention, completion)
+    chosen, rejected = logps.chunk(2)
+    out = dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device),
+                   beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
+                   chosen_tokens=batch["chosen_tokens"].to(device), rejected_tokens=batch["rejected_tokens"].to(device))
+    metrics = {
+        "loss": out.losses.detach().mean(),
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+    }
+    return out.losses.mean(), metrics
+
+
+@torch.no_grad()
+def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
+    loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options)
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        n = batch["rows"].numel()
+        _, metrics = dpo_batch(model, batch, cfg, device)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    model.train()
+    return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    if cfg.loss not in LOSSES:
+        raise LogitstoreError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    rank, world = distributed.rank_and_world()
+    main = rank == 0
+    out = Path(cfg.out)
+    store = logitstore.open(cfg.store, storage_options=cfg.storage_options)
+    if not store.complete:
+        raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
+                                   "finish the build first")
+    check_store_matches(store, cfg)
+    if cfg.eval_store:
+        check_store_matches(logitstore.open(cfg.eval_store, storage_options=cfg.storage_options), cfg)
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise LogitstoreError(f"--resume: no checkpoint in {out}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    model = setup_policy(cfg)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+
+    # Every rank sees the same global batch order and takes its own slice of each batch.
+    loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
+                                  rank=rank, world_size=world, num_workers=cfg.num_workers,
+                                  storage_options=cfg.storage_options)
+    steps_per_epoch = len(sampler) // cfg.grad_accum
+    if steps_per_epoch == 0:
+        raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
+                              f"{cfg.grad_accum}")
+    total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
+
+    step, epoch, position, best = 0, 0, 0, float("inf")  # position: batches of this epoch consumed
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        step, epoch, best = state["step"], state["epoch"], state["best_eval_loss"]
+        position = state["sampler"]["position"]
+        sampler.load_state_dict(state["sampler"])
+        if main:
+            log(f"Resumed from {checkpoint} at step {step}.")
+    else:
+        sampler.set_epoch(0)
+    metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
+    bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
+    model.train()
+    batches = iter(loader)
+    history: list[dict[str, Any]] = []
+
+    while step < total_steps:
+        t_step = time.perf_counter()
+        lr = lr_at(step, cfg, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, float] = {}
+        tokens, loader_s = 0, 0.0
+        for _ in range(cfg.grad_accum):
+            t_fetch = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:  # epoch boundary: a fresh, deterministic order
+                epoch, position = epoch + 1, 0
+                sampler.set_epoch(epoch)
+                batches = iter(loader)
+                batch = next(batches)
+            position += 1  # counted here, not in the sampler: worker processes fetch ahead
+            loader_s += time.perf_counter() - t_fetch
+            loss, metrics = dpo_batch(model, batch, cfg, device)
+            (loss / cfg.grad_accum).backward()
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        if world > 1:  # data parallel: average LoRA gradients across ranks (small, so one all-reduce each)
+            for p in params:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        names = sorted(sums)
+        averaged = dict(zip(names, distributed.all_reduce_mean([sums[k] for k in names])))
+        elapsed = time.perf_counter() - t_step
+        record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
+                  "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
+        step += 1
+        if main and (step == 1 or step % cfg.log_every == 0 or step == total_steps):
+            if cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0:
+                record.update(evaluate(model, cfg.eval_store, cfg, device))
+                if record["eval/loss"] < best:
+                    best = record["eval/loss"]
+                    model.save_pretrained(str(out / "best"))
+            metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
+            metrics_file.flush()  # type: ignore[union-attr]
+            history.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
+            save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
+                            state={"step": step, "epoch": epoch, "best_eval_loss": best,
+                                   "sampler": {"epoch": epoch, "position": position, "seed": cfg.seed},
+                                   "config": dataclasses.asdict(cfg)})
+        distributed.barrier()
+    bar.close()
+
+    result: dict[str, Any] = {"steps": step, "out": str(out)}
+    if main:
+        if cfg.eval_store:
+            final = evaluate(model, cfg.eval_store, cfg, device)
+            result["eval"] = final
+            if final["eval/loss"] < best:
+                model.save_pretrained(str(out / "best"))
+        model.save_pretrained(str(out / "adapter"))
+        metrics_file.close()  # type: ignore[union-attr]
+        if cfg.plot:
+            from .plot import plot_metrics
+
+            result["plot"] = str(plot_metrics(out / "metrics.jsonl", out / "metrics.png"))
+        result["history"] = history
+    distributed.barrier()
+    return result

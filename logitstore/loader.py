@@ -1,0 +1,192 @@
+"""Feeding training from a store: dataset, sampler, collate and background prefetch for torch.
+
+The only module of the package that imports torch. The dataset pickles as a path and opens its own store in
+each worker process; the sampler shuffles deterministically from (seed, epoch), can group similar lengths, gives
+each rank its own slice of every global batch, and saves its position so a run resumes mid-epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reader import Store
+from .reader import open as open_store
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Rows of a store as training examples; batched reads through ``__getitems__``."""
+
+    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, fields: Sequence[str] = ()):
+        self.path = str(path)
+        self.storage_options = storage_options
+        self.extra_fields = tuple(fields)
+        self._store: Store | None = None
+        store = self.store
+        self.pad_token_id = int(store.tokenizer.get("pad_token_id") or 0)
+        self._length = len(store)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.path, storage_options=self.storage_options)
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_store"] = None  # each process opens its own maps
+        return state
+
+    def __len__(self) -> int:
+        return self._length
+
+    def lengths(self) -> np.ndarray:
+        """Prompt + longer completion, per row: what padding depends on."""
+        s = self.store
+        lens = [s.offsets(f)[:, 1] - s.offsets(f)[:, 0] for f in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        return lens[0] + np.maximum(lens[1], lens[2])
+
+    def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
+        s = self.store
+        rows = np.asarray(rows, dtype=np.int64)
+        out: dict[str, Any] = {"rows": rows, **s.row_values(rows)}
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids", *self.extra_fields):
+            out[field] = s.ragged(field, rows)
+        return out
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        return self.__getitems__([row])
+
+
+def collate(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors in TRL's layout: chosen sequences first, then rejected ones."""
+    prompts, chosen, rejected = batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]
+    n = len(prompts)
+    lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)] + [len(p) + len(r) for p, r in zip(prompts, rejected)]
+    width = max(lengths)
+    input_ids = np.full((2 * n, width), pad_token_id, dtype=np.int64)
+    attention = np.zeros((2 * n, width), dtype=np.int64)
+    completion = np.zeros((2 * n, width), dtype=np.int64)
+    for i, (p, comp) in enumerate(zip(list(prompts) * 2, list(chosen) + list(rejected))):
+        lp, end = len(p), len(p) + len(comp)
+        input_ids[i, :lp] = p
+        input_ids[i, lp:end] = comp
+        attention[i, :end] = 1
+        completion[i, lp:end] = 1
+    out = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention),
+        "completion_mask": torch.from_numpy(completion),
+        "ref_chosen_logps": torch.from_numpy(np.asarray(batch["chosen_logps"], dtype=np.float32)),
+        "ref_rejected_logps": torch.from_numpy(np.asarray(batch["rejected_logps"], dtype=np.float32)),
+        "chosen_tokens": torch.from_numpy(np.asarray(batch["chosen_tokens"], dtype=np.int64)),
+        "rejected_tokens": torch.from_numpy(np.asarray(batch["rejected_tokens"], dtype=np.int64)),
+        "rows": torch.from_numpy(np.asarray(batch["rows"], dtype=np.int64)),
+    }
+    return out
+
+
+class PairBatchSampler(torch.utils.data.Sampler):
+    """Batches of rows: global batches of `batch_size`, of which this rank takes every `world_size`-th row.
+
+    The order is a pure function of (seed, epoch), so every rank agrees on it without communication, and a saved
+    (epoch, batches done) position restores it exactly.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, lengths: np.ndarray | None = None, group_size: int = 0,
+                 rank: int = 0, world_size: int = 1, rows: np.ndarray | None = None):
+        if batch_size < world_size or batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be a multiple of the world size {world_size}")
+        self.rows = np.arange(num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.lengths, self.group_size = lengths, group_size
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(self.rows) if self.shuffle else self.rows.copy()
+        if self.lengths is not None and self.group_size > 1:
+            # Sort inside windows of group_size batches, then shuffle the batches: little padding, random order.
+            window = self.group_size * self.batch_size
+            order = np.concatenate([w[np.argsort(-self.lengths[w], kind="stable")]
+                                    for w in np.array_split(order, max(1, -(-order.size // window)))])
+        cut = order.size - order.size % self.batch_size if self.drop_last else order.size
+        batches = [order[i:i + self.batch_size] for i in range(0, cut, self.batch_size)]
+        if self.lengths is not None and self.group_size > 1 and self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def __len__(self) -> int:
+        n = self.rows.size
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.global_batches(self.epoch)
+        while self.position < len(batches):
+            batch = batches[self.position]
+            self.position += 1
+            yield batch[self.rank::self.world_size].tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `depth` items ahead (store reads release the GIL in numpy and
+    the OS page cache, so this overlaps I/O and collation with the training step)."""
+
+    _END = object()
+
+    def __init__(self, iterable: Any, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._thread = threading.Thread(target=self._run, args=(iter(iterable),), daemon=True)
+        self._thread.start()
+
+    def _run(self, it: Iterator[Any]) -> None:
+        try:
+            for item in it:
+                self._queue.put(item)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            self._queue.put(exc)
+        self._queue.put(self._END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                group_by_length: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                prefetch: int = 2, storage_options: dict[str, Any] | None = None,
+                ) -> tuple[Any, PairBatchSampler]:
+    """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position)."""
+    dataset = PairDataset(path, storage_options=storage_options)
+    lengths = dataset.lengths() if group_by_length else None
+    sampler = PairBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
+                               lengths=lengths, group_size=50 if group_by_length else 0, rank=rank,
+                               world_size=world_size)
+    pad = dataset.pad_token_id
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_token_id=pad), num_workers=num_workers,
+        prefetch_factor=prefetch if num_workers else None, pin_memory=torch.cuda.is_available(),
+        persistent_workers=False, multiprocessing_context="spawn" if num_workers else None)
+    return loader, sampler
