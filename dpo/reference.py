@@ -226,3 +226,41 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     distributed.barrier()
     return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
                        time.perf_counter() - start, writer.loc.total_bytes())
+
+
+def recompute_sample(store: Any, cfg: BuildConfig, sample: int, seed: int = 0,
+                     tolerance: float = 1e-3) -> list[str]:
+    """Recompute a random sample of a store's pairs with the model and data of `cfg`; return the disagreements."""
+    import torch
+
+    tokenizer = load_tokenizer(cfg.model)
+    by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
+    problems = []
+    pairs = []
+    for row in rows.tolist():
+        ex = by_id.get(store.id_of(row))
+        if ex is None:
+            problems.append(f"example {store.id_of(row)!r} is not in {cfg.data}")
+            continue
+        pair = tokenize_pair(tokenizer, ex, store.header["max_length"], cfg.max_prompt_length)
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if not np.array_equal(store.ragged(field, [row])[0], getattr(pair, field)):
+                problems.append(f"example {ex.id!r}: stored {field} differ from the tokenized data")
+        pairs.append((row, pair))
+    if not pairs:
+        return problems
+    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
+    model.eval()
+    with torch.inference_mode():
+        chosen, rejected = score_pairs(model, [p for _, p in pairs], pad_id=tokenizer.pad_token_id,
+                                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
+    stored = store.row_values([r for r, _ in pairs])
+    for i, (row, _) in enumerate(pairs):
+        for side, values in (("chosen", chosen), ("rejected", rejected)):
+            got, want = float(values[i].sum(dtype=np.float64)), float(stored[f"{side}_logps"][i])
+            if abs(got - want) > tolerance:
+                problems.append(f"example {store.id_of(row)!r}: {side} log-prob {want:.5f} stored, {got:.5f} "
+                                f"recomputed (tolerance {tolerance})")
+    return problems

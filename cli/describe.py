@@ -1,0 +1,74 @@
+"""What `logitstore info` reports about a store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def describe(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    import logitstore
+
+    store = logitstore.open(path, storage_options=storage_options)
+    header = store.header
+    total = store.location.total_bytes()
+    n = len(store)
+    committed_rows = np.repeat(store.committed, store.geometry.rows_per_shard)[:n]
+    tokens: dict[str, Any] = {}
+    for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        off = store.offsets(field)[committed_rows]
+        lens = off[:, 1] - off[:, 0]
+        tokens[field] = {"total": int(lens.sum()), "mean": float(lens.mean()) if lens.size else 0.0,
+                         "max": int(lens.max()) if lens.size else 0}
+    all_tokens = sum(t["total"] for t in tokens.values())
+    return {
+        "path": store.location.url,
+        "format_version": header["format_version"],
+        "examples": n,
+        "complete": store.complete,
+        "shards": store.geometry.num_shards,
+        "missing_shards": store.missing_shards,
+        "fields": {name: entry for name, entry in header["fields"].items()},
+        "bytes": int(total),
+        "bytes_per_pair": total / n if n else 0.0,
+        "bytes_per_token": total / all_tokens if all_tokens else 0.0,
+        "tokens": tokens,
+        "fingerprint": header["fingerprint"],
+        "fingerprint_digest": header["fingerprint_digest"],
+        "settings": header.get("settings", {}),
+        "tokenizer": header.get("tokenizer", {}),
+        "created": header.get("created"),
+        "skipped": len(header.get("skipped", [])),
+        "summary": header.get("summary"),
+    }
+
+
+def _human(n: float) -> str:
+    from dpo.reference import human_bytes
+
+    return human_bytes(n)
+
+
+def render(s: dict[str, Any]) -> str:
+    state = "complete" if s["complete"] else f"INCOMPLETE: {len(s['missing_shards'])} of {s['shards']} shards missing"
+    fp = s["fingerprint"]
+    model = fp.get("model", {})
+    lines = [
+        f"{s['path']}  (format v{s['format_version']}, {state})",
+        f"  examples      {s['examples']:,} in {s['shards']} shards" + (f", {s['skipped']} skipped" if s["skipped"] else ""),
+        f"  size          {_human(s['bytes'])}  ({_human(s['bytes_per_pair'])} per pair, "
+        f"{s['bytes_per_token']:.2f} B per token)",
+        "  fields        " + ", ".join(f"{k} ({v['dtype']}{', ' + v['codec'] if 'codec' in v else ''})"
+                                      for k, v in s["fields"].items()),
+        "  tokens        " + ", ".join(f"{k.replace('_ids', '')} {v['total']:,} (mean {v['mean']:.1f}, max {v['max']})"
+                                      for k, v in s["tokens"].items()),
+        f"  model         {model.get('type')} ({len(model.get('weights', {}))} weight files), "
+        f"precision {fp.get('precision')}, adapter {'yes' if fp.get('adapter') else 'no'}",
+        f"  tokenization  {fp.get('tokenization')}",
+        f"  data          {fp.get('data')}",
+        f"  fingerprint   {s['fingerprint_digest'][:16]}",
+        f"  settings      {s['settings']}",
+        f"  created       {s['created']}",
+    ]
+    return "\n".join(lines)
