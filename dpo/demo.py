@@ -55,9 +55,15 @@ def pickle_alternative_bytes(store: Any) -> int:
 
 def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: int = 8,
              log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
+    import warnings
+
     import logitstore
 
     from .reference import BuildConfig, build, human_bytes
+
+    # ByT5 appends </s> itself and warns when the text (TRL-style) already ends with it; the ids are right.
+    warnings.filterwarnings("ignore", message="This sequence already has </s>")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from .train import TrainConfig, train
 
     out = Path(out)

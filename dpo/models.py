@@ -72,12 +72,25 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
-        raise ModelError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0][:200]})") from None
+        tokenizer = _declared_tokenizer(path)  # AutoTokenizer may insist on a fast tokenizer the model type implies
+        if tokenizer is None:
+            raise ModelError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0][:200]})") from None
     if tokenizer.eos_token is None:
         raise ModelError(f"{path}: the tokenizer has no EOS token, which DPO needs to end completions")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # as TRL does
     return tokenizer
+
+
+def _declared_tokenizer(path: Path) -> Any:
+    """The tokenizer class named in tokenizer_config.json, loaded directly (None if that fails too)."""
+    import transformers
+
+    try:
+        name = json.loads((path / "tokenizer_config.json").read_text())["tokenizer_class"]
+        return getattr(transformers, name).from_pretrained(str(path))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def resolve_device(device: str) -> str:
