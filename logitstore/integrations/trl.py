@@ -1,0 +1,78 @@
+"""Use a logitstore store as TRL's reference: TRL 1.16's DPOTrainer without a reference forward pass.
+
+TRL reads precomputed `ref_chosen_logps`/`ref_rejected_logps` only from its own `_precompute_ref_logps`, which
+recomputes them unless its Arrow cache of an identical earlier run exists, and it hashes the whole model on every
+start to key that cache. :class:`StoreDPOTrainer` overrides that one method to join the values from a store by
+example ID, and keys TRL's cache on the store's fingerprint instead of hashing the model.
+
+    from logitstore.integrations.trl import StoreDPOTrainer
+    trainer = StoreDPOTrainer(store="pairs.lstore", model=model, args=DPOConfig(...), train_dataset=ds, ...)
+
+The datasets need an ``id`` column with the store's example IDs (``logitstore export --to trl`` writes one).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+
+from ..errors import LogitstoreError
+from ..reader import Store
+from ..reader import open as open_store
+
+
+def reference_columns(store: Store, ids: list[str]) -> dict[str, np.ndarray]:
+    values = store.get(ids)
+    return {"ref_chosen_logps": values["chosen_logps"], "ref_rejected_logps": values["rejected_logps"]}
+
+
+def with_reference(dataset: Any, store: Store) -> Any:
+    """`dataset` (a datasets.Dataset with an ``id`` column) plus the store's reference columns."""
+    if "id" not in dataset.column_names:
+        raise LogitstoreError("the dataset needs an 'id' column holding the store's example IDs")
+    columns = reference_columns(store, [str(i) for i in dataset["id"]])
+    for name in columns:
+        if name in dataset.column_names:
+            dataset = dataset.remove_columns(name)
+    for name, values in columns.items():
+        dataset = dataset.add_column(name, values.astype(np.float32).tolist())
+    return dataset
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_class() -> Any:
+    from trl import DPOTrainer
+
+    class StoreDPOTrainer(DPOTrainer):
+        """DPOTrainer whose reference log-probs come from a logitstore store."""
+
+        def __init__(self, *args: Any, store: str | Store, **kwargs: Any):
+            import trl.trainer.dpo_trainer as dpo_module
+
+            self.logitstore = store if isinstance(store, Store) else open_store(store)
+            args_obj = kwargs.get("args", args[1] if len(args) > 1 else None)
+            if args_obj is None or not getattr(args_obj, "precompute_ref_log_probs", False):
+                raise LogitstoreError("pass a DPOConfig with precompute_ref_log_probs=True")
+            digest = self.logitstore.header["fingerprint_digest"]
+            original = dpo_module.hash_module
+            dpo_module.hash_module = lambda module: digest  # the store identifies the reference
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                dpo_module.hash_module = original
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            return with_reference(dataset, self.logitstore)
+
+    return StoreDPOTrainer
+
+
+def __getattr__(name: str) -> Any:  # StoreDPOTrainer is built on first use, so importing needs no trl
+    if name == "StoreDPOTrainer":
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+__all__ = ["StoreDPOTrainer", "reference_columns", "with_reference"]
