@@ -286,8 +286,11 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group and turn errors into one line."""
+    import logging
+
     from logitstore.errors import LogitstoreError
 
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice is not the user's concern
     try:
         cli.main(args=argv, prog_name="logitstore", standalone_mode=False)
     except click.exceptions.Exit as exc:

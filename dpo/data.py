@@ -114,7 +114,7 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
     seen: dict[str, int] = {}
     kinds: set[bool] = set()
     for line, record in _records(path, split):
-        where = f"{path.name}:{line}"
+        where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for field in ("chosen", "rejected"):

@@ -9,7 +9,6 @@ and finalises.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,7 +99,7 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> tuple[list[PreferenceExam
             tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
         except InputDataError as exc:
             if not cfg.skip_invalid:
-                raise InputDataError(f"{os.path.basename(cfg.data)}: {exc} (use --skip-invalid to leave such "
+                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such "
                                      "pairs out)") from None
             skipped.append(Skipped(ex.id, ex.line, str(exc)))
             continue

@@ -13,6 +13,7 @@ TRL silently drops pairs whose prompt alone fills `max_length`; here they are an
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,9 @@ def _ids(tokenizer: Any, text: Text, **chat_kwargs: Any) -> list[int]:
     if isinstance(text, list):
         out = tokenizer.apply_chat_template(text, tokenize=True, return_dict=True, **chat_kwargs)
         return list(out["input_ids"])
-    return list(tokenizer(text=text)["input_ids"])
+    with warnings.catch_warnings():  # tokenizers that append EOS warn when the text (as in TRL) already ends in it
+        warnings.filterwarnings("ignore", message="This sequence already has")
+        return list(tokenizer(text=text)["input_ids"])
 
 
 def tokenize_pair(tokenizer: Any, example: PreferenceExample, max_length: int,

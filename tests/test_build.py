@@ -1,0 +1,226 @@
+"""The reference pass: TRL parity, 4-bit, resume after SIGKILL, and every bad input refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import logitstore
+from dpo.data import load_examples
+from dpo.models import load_tokenizer
+from dpo.reference import BuildConfig, build
+from dpo.tokenize import tokenize_pair
+
+from conftest import implicit_rows, write_jsonl
+
+
+def trl_reference(model_dir: Path, rows: list[dict], tmp_path: Path, max_length: int, batch_size: int):
+    """TRL 1.16's own precompute_ref_log_probs on the same model and data."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32")
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), precompute_ref_log_probs=True, max_length=max_length,
+                     precompute_ref_batch_size=batch_size, per_device_train_batch_size=batch_size, report_to=[],
+                     use_cpu=True, bf16=False, dataset_num_proc=None)  # TRL defaults to bf16 autocast
+    trainer = DPOTrainer(model=model, ref_model=None, args=args, processing_class=load_tokenizer(model_dir),
+                         train_dataset=datasets.Dataset.from_list(rows))
+    return trainer.train_dataset
+
+
+@pytest.fixture(scope="module")
+def parity_rows() -> list[dict]:
+    return implicit_rows(12)
+
+
+@pytest.mark.parametrize("batched_alike", [True, False])
+def test_sums_equal_trl_precompute(mistral_model, parity_rows, tmp_path, batched_alike):
+    data = write_jsonl(tmp_path / "d.jsonl", parity_rows)
+    trl = trl_reference(mistral_model, parity_rows, tmp_path, max_length=48, batch_size=1 if batched_alike else 4)
+    cfg = BuildConfig(model=str(mistral_model), data=str(data), out=str(tmp_path / "s"), max_length=48,
+                      rows_per_shard=5)
+    if batched_alike:  # one pair per forward, prompt and completion together: TRL's computation
+        cfg.batch_size, cfg.share_prompt = 1, False
+    build(cfg, progress=False)
+    store = logitstore.open(tmp_path / "s")
+    ids = [ex.id for ex in load_examples(data)]
+    got = store.get(ids)
+    tolerance = 1e-4 if batched_alike else 1e-3
+    assert np.max(np.abs(got["chosen_logps"] - np.array(trl["ref_chosen_logps"]))) < tolerance
+    assert np.max(np.abs(got["rejected_logps"] - np.array(trl["ref_rejected_logps"]))) < tolerance
+    # The exact token ids TRL trains on (its collator truncates prompt+completion to max_length).
+    for i, row in enumerate(store.rows(ids)):
+        prompt = trl[i]["prompt_ids"]
+        assert list(store.ragged("prompt_ids", [row])[0]) == prompt
+        assert list(store.ragged("chosen_ids", [row])[0]) == trl[i]["chosen_ids"][:48 - len(prompt)]
+        assert list(store.ragged("rejected_ids", [row])[0]) == trl[i]["rejected_ids"][:48 - len(prompt)]
+
+
+def test_tokenization_matches_trl_for_conversational_and_standard_data(mistral_model):
+    from trl.data_utils import extract_prompt as trl_extract
+
+    from dpo.tokenize import extract_prompt
+
+    for row in implicit_rows(6):
+        assert extract_prompt(row["chosen"], row["rejected"]) == tuple(trl_extract(row).values())
+    messages = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
+    assert extract_prompt(messages["chosen"], messages["rejected"]) == tuple(trl_extract(messages).values())
+
+
+def test_prompt_sharing_agrees_with_one_pass_scoring(mistral_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(16))
+    for name, share in (("shared", True), ("full", False)):
+        build(BuildConfig(model=str(mistral_model), data=str(data), out=str(tmp_path / name), max_length=64,
+                          share_prompt=share, batch_size=8), progress=False)
+    a, b = logitstore.open(tmp_path / "shared"), logitstore.open(tmp_path / "full")
+    ids = a.ids
+    for key in ("chosen_logps", "rejected_logps"):
+        assert np.max(np.abs(a.get(ids)[key] - b.get(ids)[key])) < 1e-3
+
+
+def test_byte_level_tokenizer_and_per_token_values(byte_model, tmp_path):
+    rows = [{"prompt": f"Q{i}: is water wet?", "chosen": " Yes.", "rejected": " No, never."} for i in range(10)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    build(BuildConfig(model=str(byte_model), data=str(data), out=str(tmp_path / "s"), max_length=64,
+                      per_token=True, codec="float32"), progress=False)
+    store = logitstore.open(tmp_path / "s")
+    ex = store.example(store.ids[0])
+    assert ex["chosen_tokens"] == len(" Yes.") + 1  # bytes + EOS
+    assert abs(float(ex["chosen_token_logps"].sum()) - ex["chosen_logps"]) < 1e-4
+    assert logitstore.verify(tmp_path / "s").ok
+
+
+def test_4bit_build_runs_on_cpu(byte_model, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    rows = [{"prompt": f"Q{i}?", "chosen": " Yes.", "rejected": " No."} for i in range(6)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    build(BuildConfig(model=str(byte_model), data=str(data), out=str(tmp_path / "s"), max_length=32,
+                      quantize="4bit"), progress=False)
+    store = logitstore.open(tmp_path / "s")
+    assert store.complete and store.fingerprint["precision"] == {"dtype": "float32", "quantize": "4bit"}
+    assert np.all(np.isfinite(store.get(store.ids)["chosen_logps"]))
+
+
+def _cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(60))
+    env = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1"}
+    common = ["build", "--model", str(mistral_model), "--data", str(data), "--max-length", "64",
+              "--rows-per-shard", "4", "--batch-size", "2", "--quiet"]
+    assert _cli(*common, "--out", str(tmp_path / "whole"), env=env).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "cut")],
+                            env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    commits = tmp_path / "cut" / "commits" / "c"
+    while time.monotonic() < deadline and len(list(commits.glob("*/0"))) < 3:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = logitstore.open(tmp_path / "cut")
+    assert not partial.complete and 3 <= int(partial.committed.sum()) < 15
+    again = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
+    assert again.returncode == 0, again.stderr
+    assert "Resuming" in again.stdout
+    assert _digest(tmp_path / "cut") == _digest(tmp_path / "whole")
+    done = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
+    assert done.stdout.strip().endswith(f"{tmp_path / 'cut'} is already complete (60 pairs); nothing to do.")
+
+
+BAD_INPUTS = [
+    ("{not json}\n", "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes)"),
+    ('{"chosen": "a"}\n', "Error: bad.jsonl:1: missing field 'rejected'"),
+    ('{"prompt": "p", "chosen": 3, "rejected": "b"}\n',
+     "Error: bad.jsonl:1: field 'chosen' must be a string or a list of {role, content} messages, got int"),
+    ('{"prompt": "p", "chosen": "", "rejected": "b"}\n',
+     "Error: bad.jsonl: line 1 (id 'x'): empty chosen completion (use --skip-invalid to leave such pairs out)"),
+    ('{"id": "a", "prompt": "p", "chosen": "x", "rejected": "y"}\n{"id": "a", "prompt": "q", "chosen": "x", '
+     '"rejected": "y"}\n', "Error: bad.jsonl:2: duplicate example ID 'a' (first on line 1)"),
+    ('{"id": "x", "prompt": "' + "word " * 40 + '", "chosen": "a", "rejected": "b"}\n',
+     "Error: bad.jsonl: line 1 (id 'x'): the prompt alone is 40 tokens, at or over --max-length 16 (use "
+     "--skip-invalid to leave such pairs out)"),
+]
+
+
+@pytest.mark.parametrize("content,message", BAD_INPUTS)
+def test_bad_data_is_refused_in_one_line(mistral_model, tmp_path, content, message):
+    content = content.replace('"prompt": "p", "chosen": ""', '"id": "x", "prompt": "p", "chosen": ""')
+    (tmp_path / "bad.jsonl").write_text(content)
+    out = _cli("build", "--model", str(mistral_model), "--data", str(tmp_path / "bad.jsonl"), "--out",
+               str(tmp_path / "s"), "--max-length", "16", "--quiet")
+    assert out.returncode == 1
+    assert out.stderr.strip() == message.replace("bad.jsonl", str(tmp_path / "bad.jsonl"))
+    assert not (tmp_path / "s").exists()  # refused before anything was written
+
+
+def test_bad_model_and_foreign_store_are_refused(mistral_model, byte_model, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
+    out = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s"))
+    assert (out.returncode, out.stderr.strip()) == (1, f"Error: {tmp_path / 'nope'}: no such model folder")
+    assert _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
+                "--quiet").returncode == 0
+    other = _cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"), "--quiet")
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different model, tokenizer (store fingerprint ")
+    debug = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "t"),
+                 "--debug")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_tokenizer_without_eos_is_refused(mistral_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "noeos"
+    shutil.copytree(mistral_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").unlink(missing_ok=True)
+    from logitstore.errors import ModelError
+
+    try:
+        tok = load_tokenizer(folder)
+    except ModelError as exc:
+        assert str(exc) == f"{folder}: the tokenizer has no EOS token, which DPO needs to end completions"
+    else:  # some tokenizers keep EOS from their model file; then it must be usable
+        assert tok.eos_token is not None
+
+
+def test_skip_invalid_records_what_was_left_out(mistral_model, tmp_path):
+    rows = implicit_rows(5) + [{"id": "empty", "prompt": "p", "chosen": "", "rejected": "b"}]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
+               "--skip-invalid", "--quiet")
+    assert out.returncode == 0, out.stderr
+    store = logitstore.open(tmp_path / "s")
+    assert len(store) == 5
+    assert store.header["skipped"] == [{"id": "empty", "line": 6, "reason": "line 6 (id 'empty'): empty chosen "
+                                                                              "completion"}]
+
+
+def test_tokenize_pair_truncates_completions_at_the_end(mistral_model):
+    tok = load_tokenizer(mistral_model)
+    ex = load_examples.__globals__["PreferenceExample"]("a", "Hello there", " one two three four five six",
+                                                        " no", 1)
+    pair = tokenize_pair(tok, ex, max_length=6)
+    assert len(pair.prompt_ids) + len(pair.chosen_ids) == 6
+    assert pair.rejected_ids[-1] == tok.eos_token_id
