@@ -7,11 +7,38 @@ these functions, so cached and live log-probs are computed the same way.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 LOGIT_BYTES = 256 << 20  # float32 logits held at once
+
+
+def is_cpu_4bit(model: Any) -> bool:
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(lm, "is_loaded_in_4bit", False)) and next(lm.parameters()).device.type == "cpu"
+
+
+@contextlib.contextmanager
+def exact_4bit(model: Any) -> Iterator[None]:
+    """Make bitsandbytes use its float32 dequantize-then-matmul path for a 4-bit model on CPU.
+
+    Without gradients, bitsandbytes' CPU kernels compute 4-bit layers in bfloat16 (about 1e-3 nats off per
+    sequence), while training (with gradients) dequantizes to float32. Scoring with gradients enabled from the
+    embeddings on keeps reference and policy on the same numerics; elsewhere this does nothing.
+    """
+    if not is_cpu_4bit(model):
+        yield
+        return
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    handle = lm.get_input_embeddings().register_forward_hook(lambda module, args, out: out.requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        handle.remove()
 
 
 def split_lm(model: Any) -> tuple[Any, Any, Any]:
@@ -66,7 +93,6 @@ def _pad(rows: list[torch.Tensor], value: int, device: Any) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def pair_logps_full(model: Any, prompts: list[torch.Tensor], chosen: list[torch.Tensor],
                     rejected: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-token log-probs of every scored chosen and rejected token: one forward over prompt+completion."""
@@ -76,9 +102,10 @@ def pair_logps_full(model: Any, prompts: list[torch.Tensor], chosen: list[torch.
     comp = torch.zeros_like(attn)
     for i, (p, c) in enumerate(zip(prompts + prompts, list(chosen) + list(rejected))):
         comp[i, len(p):len(p) + len(c)] = 1
-    per_token, _ = sequence_logps(model, ids, attn, comp)
+    with torch.no_grad(), exact_4bit(model):
+        per_token, _ = sequence_logps(model, ids, attn, comp)
     scored = comp[:, 1:].bool()
-    rows = [per_token[i][scored[i]].cpu() for i in range(len(seqs))]
+    rows = [per_token[i][scored[i]].detach().cpu() for i in range(len(seqs))]
     n = len(prompts)
     return rows[:n], rows[n:]
 
@@ -90,32 +117,32 @@ def _cache_kwarg(backbone: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(backbone).forward).parameters else "past_key_values"
 
 
-@torch.no_grad()
 def pair_logps_shared(model: Any, prompts: list[torch.Tensor], chosen: list[torch.Tensor],
                       rejected: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Same values as :func:`pair_logps_full`, running each prompt once and both completions from its KV cache."""
     if any(len(p) == 0 for p in prompts):
         return pair_logps_full(model, prompts, chosen, rejected, pad_id)
-    backbone, head, config = split_lm(model)
-    device = next(model.parameters()).device
-    n = len(prompts)
-    p_ids, p_mask = _pad(prompts, pad_id, device)
-    out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
-    cache = out.cache if "cache" in out else out.past_key_values
-    p_len = torch.tensor([len(p) for p in prompts], device=device)
-    last_hidden = out.last_hidden_state[torch.arange(n, device=device), p_len - 1]  # predicts completion token 0
-    cache.batch_repeat_interleave(2)  # rows: chosen_0, rejected_0, chosen_1, ...
-    completions = [c for pair in zip(chosen, rejected) for c in pair]
-    c_ids, c_mask = _pad(completions, pad_id, device)
-    width = c_ids.shape[1]
-    positions = p_len.repeat_interleave(2)[:, None] + torch.arange(width, device=device)[None, :]
-    full_mask = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
-    hidden = backbone(input_ids=c_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
-                      **{_cache_kwarg(backbone): cache}).last_hidden_state
-    first = _head_logps(last_hidden.repeat_interleave(2, dim=0), c_ids[:, 0], head, config)
-    scored = c_mask[:, 1:].bool()
-    rest = _head_logps(hidden[:, :-1][scored], c_ids[:, 1:][scored], head, config)
-    lengths = scored.sum(dim=1).tolist()
-    pieces = torch.split(rest.cpu(), lengths)
-    rows = [torch.cat([first[i:i + 1].cpu(), pieces[i]]) for i in range(2 * n)]
+    with torch.no_grad(), exact_4bit(model):
+        backbone, head, config = split_lm(model)
+        device = next(model.parameters()).device
+        n = len(prompts)
+        p_ids, p_mask = _pad(prompts, pad_id, device)
+        out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
+        cache = out.cache if "cache" in out else out.past_key_values
+        p_len = torch.tensor([len(p) for p in prompts], device=device)
+        last_hidden = out.last_hidden_state[torch.arange(n, device=device), p_len - 1]  # predicts completion token 0
+        cache.batch_repeat_interleave(2)  # rows: chosen_0, rejected_0, chosen_1, ...
+        completions = [c for pair in zip(chosen, rejected) for c in pair]
+        c_ids, c_mask = _pad(completions, pad_id, device)
+        width = c_ids.shape[1]
+        positions = p_len.repeat_interleave(2)[:, None] + torch.arange(width, device=device)[None, :]
+        full_mask = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
+        hidden = backbone(input_ids=c_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
+                          **{_cache_kwarg(backbone): cache}).last_hidden_state
+        first = _head_logps(last_hidden.repeat_interleave(2, dim=0), c_ids[:, 0], head, config)
+        scored = c_mask[:, 1:].bool()
+        rest = _head_logps(hidden[:, :-1][scored], c_ids[:, 1:][scored], head, config)
+        lengths = scored.sum(dim=1).tolist()
+        pieces = torch.split(rest.detach().cpu(), lengths)
+        rows = [torch.cat([first[i:i + 1].detach().cpu(), pieces[i]]) for i in range(2 * n)]
     return rows[0::2], rows[1::2]

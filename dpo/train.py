@@ -21,7 +21,7 @@ from logitstore.loader import make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import sequence_logps
+from .logps import exact_4bit, sequence_logps
 from .losses import LOSSES, dpo_loss
 from .models import load_model, model_fingerprint
 
@@ -96,6 +96,7 @@ def setup_policy(cfg: TrainConfig) -> Any:
                        trainable_adapter=True)
     if cfg.quantize:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
     elif cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -141,7 +142,6 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     return out.losses.mean(), metrics
 
 
-@torch.no_grad()
 def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options)
     model.eval()
@@ -149,7 +149,8 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, 
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
-        _, metrics = dpo_batch(model, batch, cfg, device)
+        with torch.no_grad(), exact_4bit(model):
+            _, metrics = dpo_batch(model, batch, cfg, device)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
         count += n

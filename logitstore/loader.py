@@ -188,5 +188,8 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_token_id=pad), num_workers=num_workers,
         prefetch_factor=prefetch if num_workers else None, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, multiprocessing_context="spawn" if num_workers else None)
+        persistent_workers=False, multiprocessing_context="spawn" if num_workers else None,
+        # Its own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run
+        # would see other dropout masks than an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed))
     return loader, sampler
