@@ -71,7 +71,7 @@ def test_round_trip_of_arbitrary_ragged_data(tmp_path_factory, data):
     assert store.complete and store.ids == ids
     assert np.array_equal(store.rows(ids), np.arange(n))
     got = store.get(ids)
-    tol = {"raw": 0, "float32": 0, "float16": 0.02, "fixed": 2.0**-8}[codec]
+    tol = {"raw": 0, "float32": 0, "float16": 0.02, "fixed": 2.0**-7}[codec]
     for row in range(n):
         exp = expected[row]
         for f in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -83,7 +83,7 @@ def test_round_trip_of_arbitrary_ragged_data(tmp_path_factory, data):
             assert values.dtype == np.float32 and values.shape == exp[f"{side}_token_logps"].shape
             assert np.all(np.abs(values - exp[f"{side}_token_logps"]) <= tol + 1e-6)
             if codec == "fixed":  # error feedback: the sum error is at most half a step at any length
-                assert abs(values.sum(dtype=np.float64) - exp[f"{side}_logps"]) <= 2.0**-9 + 1e-4
+                assert abs(values.sum(dtype=np.float64) - exp[f"{side}_logps"]) <= 2.0**-8 + 1e-4
     assert logitstore.verify(path).ok
 
 
