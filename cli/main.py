@@ -77,6 +77,7 @@ def cli() -> None:
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--no-prompt-sharing", is_flag=True, help="Score prompt+completion in one pass instead of reusing "
               "the prompt's KV cache.")
+@click.option("--no-length-bucketing", is_flag=True, help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
@@ -101,7 +102,8 @@ def build(**kw: Any) -> None:
                       max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
                       batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
                       token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
-                      share_prompt=not kw["no_prompt_sharing"], skip_invalid=kw["skip_invalid"],
+                      share_prompt=not kw["no_prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
+                      skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
     result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
     click.echo(result.summary())

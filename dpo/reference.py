@@ -46,6 +46,7 @@ class BuildConfig:
     token_codec: str = "zstd"
     rows_per_shard: int = fmt.ROWS_PER_SHARD
     share_prompt: bool = True
+    length_bucketing: bool = True
     skip_invalid: bool = False
     storage_options: dict[str, Any] | None = None
 
@@ -109,10 +110,11 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> tuple[list[PreferenceExam
     return keep, skipped
 
 
-def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: int) -> list[list[int]]:
+def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: int,
+                   bucketing: bool = True) -> list[list[int]]:
     """Group pairs of similar length so padding stays small: sorted by length, cut by count and token budget."""
     cost = [len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs]
-    order = sorted(range(len(pairs)), key=lambda i: (cost[i], i))
+    order = sorted(range(len(pairs)), key=lambda i: (cost[i], i)) if bucketing else list(range(len(pairs)))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
@@ -127,7 +129,7 @@ def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: in
 
 
 def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, batch_tokens: int,
-                share_prompt: bool, on_batch: Callable[[int, int], None] | None = None,
+                share_prompt: bool, bucketing: bool = True, on_batch: Callable[[int, int], None] | None = None,
                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-token log-probs of the scored chosen and rejected tokens of every pair, in input order."""
     import torch
@@ -137,7 +139,7 @@ def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_si
     scorer = pair_logps_shared if share_prompt else pair_logps_full
     chosen: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
     rejected: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
-    for batch in length_batches(pairs, batch_size, batch_tokens):
+    for batch in length_batches(pairs, batch_size, batch_tokens, bucketing):
         sel = [pairs[i] for i in batch]
         c, r = scorer(model, [torch.from_numpy(p.prompt_ids) for p in sel],
                       [torch.from_numpy(p.chosen_ids) for p in sel],
@@ -178,6 +180,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     examples, skipped = plan_examples(cfg, tokenizer)
     fingerprint = build_fingerprint(cfg, examples)
     settings = {"batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "share_prompt": cfg.share_prompt,
+                "length_bucketing": cfg.length_bucketing,
                 "codec": cfg.codec, "token_codec": cfg.token_codec}
     tok_header = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
@@ -216,7 +219,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
             chosen, rejected = score_pairs(model, pairs, pad_id=pad_id, batch_size=cfg.batch_size,
                                            batch_tokens=cfg.batch_tokens, share_prompt=cfg.share_prompt,
-                                           on_batch=on_batch)
+                                           bucketing=cfg.length_bucketing, on_batch=on_batch)
             writer.write_shard(shard, shard_data(pairs, chosen, rejected, cfg.per_token))
     bar.close()
     distributed.barrier()

@@ -1,0 +1,220 @@
+"""Run the benchmark suite and write docs/benchmarks.md (tables) and docs/img/*.png (plots).
+
+    python benchmarks/report.py                  # run everything (about 15 minutes on 2 cores), then write
+    python benchmarks/report.py --from a.json b.json   # write from earlier --benchmark-json files
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "benchmarks.md"
+IMG = ROOT / "docs" / "img"
+
+
+def run_suite(out: Path) -> list[Path]:
+    subprocess.run([sys.executable, "-m", "pytest", str(ROOT / "benchmarks"), "-q", "-p", "no:cacheprovider",
+                    f"--benchmark-json={out}"], check=True, cwd=ROOT)
+    return [out]
+
+
+def load(paths: list[Path]) -> tuple[list[dict], dict]:
+    benches, machine = [], {}
+    for p in paths:
+        data = json.loads(p.read_text())
+        benches += data["benchmarks"]
+        machine = data.get("machine_info", machine)
+    return benches, machine
+
+
+def param(b: dict, key: str) -> str:
+    return str((b.get("params") or {}).get(key, ""))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ["logitstore", "zarr", "numcodecs", "numpy", "torch", "transformers", "trl", "peft"]
+    return ", ".join(f"{n} {md.version(n)}" for n in names)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def render(benches: list[dict], machine: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    group = lambda g: [b for b in benches if b["extra_info"].get("group") == g]  # noqa: E731
+    lines = ["# Benchmarks", "",
+             f"Generated {datetime.date.today().isoformat()} by `python benchmarks/report.py` on {cpu_name()}, "
+             f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB; "
+             f"Python {platform.python_version()}; {versions()}. CPU only: no GPU was available for these runs.", "",
+             "Inputs: the first 1,500 pairs of Anthropic's hh-rlhf harmless-base test split, tokenized with the "
+             "Mistral-7B v0.1 tokenizer by TRL 1.16's rules (max_length 1024). Per-token log-probs are held-out "
+             "log-probs of a real language model, an interpolated bigram/unigram model fitted on two thirds of "
+             "the pairs (mean -4.0 nats/token, 1st percentile -16.6): realistic in shape, which is what decides "
+             "compression. See `benchmarks/corpus.py`.", ""]
+
+    reads = group("read")
+    if reads:
+        rate = {(param(b, "reader"), param(b, "order")): b["extra_info"]["examples"] / b["stats"]["mean"]
+                for b in reads}
+        ceiling = {o: rate.get(("memmap ceiling", o)) for o in ("random", "sequential")}
+        lines += ["## Reading batches by example ID", "",
+                  "32-example batches chosen by ID; each example's prompt, chosen and rejected token ids and both "
+                  "per-token log-prob arrays. Warm page cache. `compressed` = zstd token ids + fixed-point "
+                  "log-probs (the defaults); `raw` = uncompressed. The chunk cache is logitstore's LRU of decoded "
+                  "chunks (256 MiB by default); the 'no chunk cache' row decodes every chunk on every read.", "",
+                  "| reader | random: examples/s | vs memmap | vs zarr-python, same codec | sequential: examples/s |",
+                  "|---|---:|---:|---:|---:|"]
+        for name in ["memmap ceiling", "logitstore raw", "zarr-python raw", "logitstore compressed",
+                     "logitstore compressed, no chunk cache", "zarr-python compressed", "pickle per batch"]:
+            r, s = rate.get((name, "random")), rate.get((name, "sequential"))
+            if r is None:
+                continue
+            codec = "compressed" if "compressed" in name else "raw"
+            zp = rate.get((f"zarr-python {codec}", "random"))
+            vs_zarr = f"{r / zp:.0f}x" if name.startswith("logitstore") and zp else ""
+            lines.append(f"| {name} | {r:,.0f} | {r / ceiling['random']:.0%} | {vs_zarr} | {s:,.0f} |")
+        fig, ax = plt.subplots(figsize=(8, 3.2))
+        names = [n for n in dict.fromkeys(k[0] for k in rate)]
+        ax.barh(names, [rate[(n, "random")] for n in names], color="tab:blue")
+        ax.set_xscale("log")
+        ax.set_xlabel("examples/s, random 32-example batches (log scale)")
+        fig.tight_layout()
+        fig.savefig(IMG / "read.png", dpi=110)
+        plt.close(fig)
+        lines += ["", "![read throughput](img/read.png)", ""]
+
+    sizes = group("size")
+    if sizes:
+        lines += ["## Per-token presets", "",
+                  "Bytes per scored token of the per-token log-prob arrays alone, bytes per stored token of the "
+                  "token ids (zstd), whole store per pair, and the largest error of a per-sequence sum of decoded "
+                  "values against the exact float32 sum.", "",
+                  "| preset | per-token values, B/token | token ids, B/token | store, B/pair | max sum error, nats |",
+                  "|---|---:|---:|---:|---:|"]
+        for b in sizes:
+            e = b["extra_info"]
+            lines.append(f"| {e['preset']} | {e['per_token_value_bytes']:.2f} | {e['token_id_bytes']:.2f} | "
+                         f"{e['bytes_per_pair']:,.0f} | {e['max_sum_error']:.4f} |")
+        lines.append("")
+
+    formats = group("formats")
+    if formats:
+        lines += ["## Disk size against other formats", "",
+                  "The same token ids and per-token reference log-probs in each format (the first row instead "
+                  "holds what the original pipeline cached: float32 logits for every position, measured on 8 "
+                  "pairs). The last column scales bytes per stored token to 17k pairs of 1k tokens each "
+                  "(prompt + chosen + rejected), the size of the medical data set in the original report; "
+                  "it is an extrapolation.", "",
+                  "| format | bytes/pair | bytes/token | 17k pairs x 1k tokens (extrapolated) |", "|---|---:|---:|---:|"]
+        for b in formats:
+            e = b["extra_info"]
+            lines.append(f"| {param(b, 'name')} | {e['bytes_per_pair']:,.0f} | {e['bytes_per_token']:,.2f} | "
+                         f"{human(e['extrapolated_17k_pairs_1k_tokens'])} |")
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        ax.barh([param(b, "name") for b in formats], [b["extra_info"]["bytes_per_token"] for b in formats],
+                color="tab:orange")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per stored token (log scale)")
+        fig.tight_layout()
+        fig.savefig(IMG / "sizes.png", dpi=110)
+        plt.close(fig)
+        lines += ["", "![sizes](img/sizes.png)", ""]
+
+    writes = group("write")
+    if writes:
+        b = writes[0]
+        e = b["extra_info"]
+        lines += ["## Writing", "",
+                  f"Writing the whole corpus ({e['examples']:,} pairs, {e['tokens']:,} tokens, per-token values, "
+                  f"default codecs) as a store, planning and checksums included: {e['examples'] / b['stats']['mean']:,.0f} "
+                  f"pairs/s, {e['tokens'] / b['stats']['mean']:,.0f} tokens/s.", ""]
+
+    builds = group("build")
+    if builds:
+        trl = next((b for b in builds if param(b, "variant").startswith("TRL")), None)
+        lines += ["## Building: reference pass", "",
+                  "Same model (Mistral architecture, 4 layers, hidden 256, the real 32k vocabulary; float32 on "
+                  "CPU), same pairs, batch size 8, max_length 1024, each run in its own process; tokens counted as "
+                  "a one-pass scorer sees them (prompt twice). Wall time from data file to stored values, "
+                  "tokenization included; peak memory is the process's maximum RSS.", "",
+                  "| run | pairs | tokens/s | vs TRL | peak memory |", "|---|---:|---:|---:|---:|"]
+        for b in builds:
+            e = b["extra_info"]
+            vs = f"{e['tokens_per_second'] / trl['extra_info']['tokens_per_second']:.2f}x" if trl else ""
+            lines.append(f"| {param(b, 'variant')} | {e['pairs']} | {e['tokens_per_second']:,.0f} | {vs} | "
+                         f"{human(e['peak_rss_bytes'])} |")
+        lines.append("")
+
+    steps = group("train-step")
+    if steps:
+        trl = next((b for b in steps if param(b, "trainer").startswith("TRL")), None)
+        lines += ["## Training step", "",
+                  "Same model, LoRA r=16 on all linear layers, batch 4 pairs, float32 on CPU; median step time "
+                  "after the first step. TRL computes the reference each step by running the model with the "
+                  "adapter disabled; logitstore reads it from the store.", "",
+                  "| trainer | step time | vs TRL | loader time per step | peak memory |", "|---|---:|---:|---:|---:|"]
+        for b in steps:
+            e = b["extra_info"]
+            vs = f"{e['step_seconds'] / trl['extra_info']['step_seconds']:.2f}x" if trl else ""
+            loader = f"{e['loader_seconds'] * 1e3:.2f} ms ({e['loader_seconds'] / e['step_seconds']:.2%})" \
+                if "loader_seconds" in e else ""
+            lines.append(f"| {param(b, 'trainer')} | {e['step_seconds']:.3f} s | {vs} | {loader} | "
+                         f"{human(e['peak_rss_bytes'])} |")
+        lines.append("")
+
+    loader = group("loader")
+    if loader:
+        b = loader[0]
+        e = b["extra_info"]
+        lines += ["## Loader against unpickling logits", "",
+                  f"One training batch from the store through `make_loader` (4 pairs, padded width "
+                  f"{e['batch_width']}): {e['loader_seconds_per_batch'] * 1e3:.2f} ms. Unpickling the float32 "
+                  f"logits of the same batch ({human(e['pickle_bytes'])}), as the original pipeline read them: "
+                  f"{b['stats']['mean'] * 1e3:.0f} ms, {b['stats']['mean'] / e['loader_seconds_per_batch']:,.0f}x "
+                  "slower.", ""]
+    lines += ["## Regenerate", "", "```bash", "python benchmarks/report.py", "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="sources", nargs="*", type=Path, help="Existing --benchmark-json files.")
+    args = parser.parse_args()
+    sources = args.sources or run_suite(ROOT / ".benchmarks" / "report.json")
+    benches, machine = load(sources)
+    DOC.write_text(render(benches, machine))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()

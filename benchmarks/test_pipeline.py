@@ -1,0 +1,119 @@
+"""Build speed against TRL's precompute, and training-step time against TRL's DPOTrainer + peft: same model,
+data and machine, each workload in its own process (peak memory is that process's maximum RSS)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workloads import input_tokens, run_child, valid_rows
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def setting(quick, tmp_path_factory):
+    from corpus import raw_pairs
+
+    folder = tmp_path_factory.mktemp("pipeline")
+    model = folder / "model"
+    subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model)], check=True)
+    max_length = 512 if quick else 1024
+    _, rows = raw_pairs(16 if quick else 200)
+    rows = valid_rows(rows, str(model), max_length)
+    data = folder / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{i}", **r}) + "\n" for i, r in enumerate(rows)))
+    return {"folder": folder, "model": str(model), "data": str(data), "max_length": max_length, "pairs": len(rows),
+            "tokens": input_tokens(rows, str(model), max_length)}
+
+
+BUILDS = {
+    "TRL precompute_ref_log_probs": ("trl-precompute", {}),
+    "logitstore build": ("build", {"share_prompt": True, "bucketing": True}),
+    "logitstore build, no prompt sharing": ("build", {"share_prompt": False, "bucketing": True}),
+    "logitstore build, no length bucketing": ("build", {"share_prompt": True, "bucketing": False}),
+    "logitstore build, neither": ("build", {"share_prompt": False, "bucketing": False}),
+}
+
+
+@pytest.mark.parametrize("variant", list(BUILDS))
+def test_build_speed(benchmark, setting, variant):
+    kind, extra = BUILDS[variant]
+    result: dict = {}
+    out = setting["folder"] / f"build-{list(BUILDS).index(variant)}"
+
+    def run():
+        args = {"model": setting["model"], "data": setting["data"], "max_length": setting["max_length"],
+                "batch_size": 8, "out": str(out), **extra}
+        result.update(run_child(kind, args))
+
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info.update(group="build", pairs=setting["pairs"], tokens=setting["tokens"],
+                                tokens_per_second=setting["tokens"] / result["seconds"], **result)
+
+
+@pytest.fixture(scope="module")
+def train_store(setting):
+    out = setting["folder"] / "train.lstore"
+    run_child("build", {"model": setting["model"], "data": setting["data"], "max_length": setting["max_length"],
+                        "batch_size": 8, "out": str(out), "share_prompt": True, "bucketing": True})
+    return str(out)
+
+
+@pytest.mark.parametrize("trainer", ["TRL DPOTrainer + peft (reference = adapter off)", "logitstore train"])
+def test_train_step(benchmark, setting, train_store, quick, trainer):
+    steps = 3 if quick else 12
+    result: dict = {}
+
+    def run():
+        common = {"model": setting["model"], "max_length": setting["max_length"], "batch_size": 4, "steps": steps,
+                  "out": str(setting["folder"] / f"run-{trainer[:3]}")}
+        if trainer == "logitstore train":
+            result.update(run_child("train", {**common, "store": train_store}))
+        else:
+            result.update(run_child("trl-train", {**common, "data": setting["data"]}))
+
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info.update(group="train-step", steps=steps, batch_size=4, **result)
+    assert abs(result["loss_first"] - np.log(2)) < 1e-4  # both start with policy == reference
+
+
+def test_loader_against_unpickling_full_logits(benchmark, setting, train_store, quick):
+    """What the original pipeline read per batch (a pickle of float32 logits) against one batch from the store."""
+    from logitstore.loader import make_loader
+
+    loader, _ = make_loader(train_store, 4, seed=0)
+    batches = iter(loader)
+    next(batches)
+    t = time.perf_counter()
+    n = 0
+    for _ in range(2 if quick else 20):
+        batch = next(batches, None)
+        if batch is None:
+            batches = iter(loader)
+            batch = next(batches)
+        n += 1
+    ours = (time.perf_counter() - t) / n
+    width = batch["input_ids"].shape[1]
+    vocab = 32000
+    logits = np.random.default_rng(0).standard_normal((batch["input_ids"].shape[0], width, vocab), dtype=np.float32)
+    path = setting["folder"] / "logits.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"logits": logits}, f, protocol=pickle.HIGHEST_PROTOCOL)
+    del logits
+
+    def unpickle():
+        with open(path, "rb") as f:
+            pickle.load(f)  # noqa: S301 - the baseline being measured
+
+    benchmark.pedantic(unpickle, rounds=1 if quick else 5, warmup_rounds=1)
+    benchmark.extra_info.update(group="loader", loader_seconds_per_batch=ours, pickle_bytes=path.stat().st_size,
+                                batch_width=width)
+    path.unlink()

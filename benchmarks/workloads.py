@@ -1,0 +1,173 @@
+"""Workloads the build and training-step benchmarks run in a child process each, so that peak memory (the
+child's maximum resident set size) belongs to one workload alone.
+
+    python benchmarks/workloads.py make-model DIR
+    python benchmarks/workloads.py build|trl-precompute|train|trl-train ARGS_JSON
+
+Each prints one JSON line of measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# A small but not trivial causal LM: Mistral architecture, real 32k Mistral vocabulary.
+MODEL_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def make_model(folder: str) -> None:
+    import torch
+    from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
+
+    from corpus import mistral_tokenizer_dir
+
+    tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, **MODEL_CONFIG)
+    MistralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def valid_rows(rows: list[dict], model: str, max_length: int) -> list[dict]:
+    """Pairs a build accepts (TRL silently drops the others; a build refuses them)."""
+    from dpo.data import PreferenceExample
+    from dpo.models import load_tokenizer
+    from dpo.tokenize import tokenize_pair
+    from logitstore.errors import InputDataError
+
+    tok = load_tokenizer(model)
+    keep = []
+    for i, row in enumerate(rows):
+        try:
+            tokenize_pair(tok, PreferenceExample(str(i), row.get("prompt"), row["chosen"], row["rejected"], i + 1),
+                          max_length)
+        except InputDataError:
+            continue
+        keep.append(row)
+    return keep
+
+
+def input_tokens(rows: list[dict], model: str, max_length: int) -> int:
+    """Tokens a one-pass scorer feeds the model: prompt+chosen and prompt+rejected, after truncation."""
+    from dpo.data import PreferenceExample
+    from dpo.models import load_tokenizer
+    from dpo.tokenize import tokenize_pair
+
+    tok = load_tokenizer(model)
+    total = 0
+    for i, row in enumerate(rows):
+        p = tokenize_pair(tok, PreferenceExample(str(i), row.get("prompt"), row["chosen"], row["rejected"], i + 1),
+                          max_length)
+        total += 2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+    return total
+
+
+def build(args: dict) -> dict:
+    from dpo.reference import BuildConfig, build as run
+
+    t = time.perf_counter()
+    run(BuildConfig(model=args["model"], data=args["data"], out=args["out"], max_length=args["max_length"],
+                    batch_size=args["batch_size"], batch_tokens=args.get("batch_tokens", 10**9),
+                    share_prompt=args["share_prompt"], length_bucketing=args["bucketing"]), progress=False)
+    return {"seconds": time.perf_counter() - t}
+
+
+def trl_precompute(args: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo.models import load_tokenizer
+
+    t = time.perf_counter()
+    rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    config = DPOConfig(output_dir=args["out"], precompute_ref_log_probs=True, max_length=args["max_length"],
+                       precompute_ref_batch_size=args["batch_size"], per_device_train_batch_size=args["batch_size"],
+                       bf16=False, use_cpu=True, report_to=[], dataset_num_proc=None)
+    trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
+                         train_dataset=datasets.Dataset.from_list(rows))
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names
+    return {"seconds": time.perf_counter() - t}
+
+
+def train(args: dict) -> dict:
+    from dpo.train import TrainConfig, train as run
+
+    result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
+                             batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False, lora_r=16,
+                             lora_alpha=32), progress=False, log=lambda s: None)
+    steps = result["history"][1:]  # the first step pays for warm-up
+    return {"step_seconds": statistics.median(h["step_seconds"] for h in steps),
+            "loader_seconds": statistics.median(h["loader_seconds"] for h in steps),
+            "loss_first": result["history"][0]["loss"]}
+
+
+def trl_train(args: dict) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo.models import load_tokenizer
+
+    rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
+                       max_steps=args["steps"], learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
+                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear")
+    trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
+                         train_dataset=datasets.Dataset.from_list(rows),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
+                         callbacks=[Timer()])
+    trainer.train()
+    return {"step_seconds": statistics.median(times[1:]), "loss_first": trainer.state.log_history[0]["loss"]}
+
+
+def run_child(kind: str, args: dict) -> dict:
+    """Run one workload in a fresh interpreter; return its measurements plus its peak memory."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([sys.executable, __file__, kind, json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=3000)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    kind = sys.argv[1]
+    if kind == "make-model":
+        make_model(sys.argv[2])
+        sys.exit(0)
+    measured = {"build": build, "trl-precompute": trl_precompute, "train": train, "trl-train": trl_train}[kind](
+        json.loads(sys.argv[2]))
+    measured["peak_rss_bytes"] = peak_rss_bytes()
+    print(json.dumps(measured))

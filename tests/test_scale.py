@@ -1,0 +1,88 @@
+"""Scale-out on existing engines: torchrun (gloo, 2 CPU processes) for build and training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import logitstore
+
+from conftest import implicit_rows, write_jsonl
+
+SCRIPT = Path(sys.executable).parent / "logitstore"
+ENV = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "--no-python", str(SCRIPT), *args]
+
+
+def digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("scale") / "d.jsonl", implicit_rows(40))
+
+
+def build_args(model: Path, data: Path, out: Path) -> list[str]:
+    return ["build", "--model", str(model), "--data", str(data), "--out", str(out), "--max-length", "64",
+            "--rows-per-shard", "4", "--batch-size", "4", "--quiet"]
+
+
+def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_path):
+    env = {**os.environ, **ENV}
+    one = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, tmp_path / "one")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=29511), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    # Each shard is batched the same way whichever rank writes it, so the stores are byte-identical.
+    assert digest(tmp_path / "two") == digest(tmp_path / "one")
+
+    proc = subprocess.Popen(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29512), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    commits = tmp_path / "cut" / "commits" / "c"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(list(commits.glob("*/0"))) < 2:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # every rank at once
+    proc.wait()
+    assert not logitstore.open(tmp_path / "cut").complete
+    again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29513), env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert digest(tmp_path / "cut") == digest(tmp_path / "one")
+
+
+def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral_model, data, tmp_path):
+    env = {**os.environ, **ENV}
+    assert subprocess.run([str(SCRIPT), *build_args(mistral_model, data, tmp_path / "s")], env=env,
+                          capture_output=True, timeout=600).returncode == 0
+    common = ["train", "--model", str(mistral_model), "--store", str(tmp_path / "s"), "--max-steps", "4",
+              "--batch-size", "4", "--lr", "1e-2", "--lora-dropout", "0", "--log-every", "1", "--quiet"]
+    one = subprocess.run([str(SCRIPT), *common, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun(*common, "--out", str(tmp_path / "two"), port=29514), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], abs=1e-5)
+    assert a[-1]["loss"] < a[0]["loss"]
