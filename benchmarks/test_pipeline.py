@@ -23,14 +23,17 @@ def setting(quick, tmp_path_factory):
     from corpus import raw_pairs
 
     folder = tmp_path_factory.mktemp("pipeline")
-    model = folder / "model"
+    model, deep = folder / "model", folder / "deep-model"
     subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model)], check=True)
+    subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(deep), "small" if quick else "deep"],
+                   check=True)
     max_length = 512 if quick else 1024
     _, rows = raw_pairs(16 if quick else 200)
     rows = valid_rows(rows, str(model), max_length)
     data = folder / "pairs.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", **r}) + "\n" for i, r in enumerate(rows)))
-    return {"folder": folder, "model": str(model), "data": str(data), "max_length": max_length, "pairs": len(rows),
+    return {"folder": folder, "model": str(model), "deep": str(deep), "data": str(data), "max_length": max_length,
+            "pairs": len(rows),
             "tokens": input_tokens(rows, str(model), max_length)}
 
 
@@ -40,6 +43,8 @@ BUILDS = {
     "logitstore build, no prompt sharing": ("build", {"share_prompt": False, "bucketing": True}),
     "logitstore build, no length bucketing": ("build", {"share_prompt": True, "bucketing": False}),
     "logitstore build, neither": ("build", {"share_prompt": False, "bucketing": False}),
+    "deeper model: logitstore build": ("build", {"share_prompt": True, "bucketing": True, "model": "deep"}),
+    "deeper model: no prompt sharing": ("build", {"share_prompt": False, "bucketing": True, "model": "deep"}),
 }
 
 
@@ -50,8 +55,8 @@ def test_build_speed(benchmark, setting, variant):
     out = setting["folder"] / f"build-{list(BUILDS).index(variant)}"
 
     def run():
-        args = {"model": setting["model"], "data": setting["data"], "max_length": setting["max_length"],
-                "batch_size": 8, "out": str(out), **extra}
+        args = {"data": setting["data"], "max_length": setting["max_length"], "batch_size": 8, "out": str(out),
+                **extra, "model": setting[extra.get("model", "model")]}
         result.update(run_child(kind, args))
 
     benchmark.pedantic(run, rounds=1)
@@ -67,18 +72,23 @@ def train_store(setting):
     return str(out)
 
 
-@pytest.mark.parametrize("trainer", ["TRL DPOTrainer + peft (reference = adapter off)", "logitstore train"])
+TRAINERS = ["TRL DPOTrainer + peft (reference = adapter off)", "TRL, its default gradient checkpointing",
+            "logitstore train"]
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
 def test_train_step(benchmark, setting, train_store, quick, trainer):
     steps = 3 if quick else 12
     result: dict = {}
 
     def run():
         common = {"model": setting["model"], "max_length": setting["max_length"], "batch_size": 4, "steps": steps,
-                  "out": str(setting["folder"] / f"run-{trainer[:3]}")}
+                  "out": str(setting["folder"] / f"run-{TRAINERS.index(trainer)}")}
         if trainer == "logitstore train":
             result.update(run_child("train", {**common, "store": train_store}))
         else:
-            result.update(run_child("trl-train", {**common, "data": setting["data"]}))
+            result.update(run_child("trl-train", {**common, "data": setting["data"],
+                                                  "gradient_checkpointing": "checkpointing" in trainer}))
 
     benchmark.pedantic(run, rounds=1)
     benchmark.extra_info.update(group="train-step", steps=steps, batch_size=4, **result)

@@ -22,12 +22,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-# A small but not trivial causal LM: Mistral architecture, real 32k Mistral vocabulary.
-MODEL_CONFIG = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                    num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
+# Small but not trivial causal LMs: Mistral architecture, the real 32k Mistral vocabulary. In "small" the LM head
+# is most of the compute; in "deep" the transformer layers are, as in real models.
+MODEL_CONFIGS = {
+    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+    "deep": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
+                 num_key_value_heads=4),
+}
 
 
-def make_model(folder: str) -> None:
+def make_model(folder: str, size: str = "small") -> None:
     import torch
     from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
 
@@ -36,7 +41,8 @@ def make_model(folder: str) -> None:
     tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, **MODEL_CONFIG)
+                           eos_token_id=tokenizer.eos_token_id, max_position_embeddings=2048,
+                           tie_word_embeddings=False, **MODEL_CONFIGS[size])
     MistralForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
@@ -143,7 +149,8 @@ def trl_train(args: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
     config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
                        max_steps=args["steps"], learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
-                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear")
+                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear",
+                       gradient_checkpointing=args.get("gradient_checkpointing", False))
     trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(rows),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
@@ -165,7 +172,7 @@ def run_child(kind: str, args: dict) -> dict:
 if __name__ == "__main__":
     kind = sys.argv[1]
     if kind == "make-model":
-        make_model(sys.argv[2])
+        make_model(sys.argv[2], *sys.argv[3:])
         sys.exit(0)
     measured = {"build": build, "trl-precompute": trl_precompute, "train": train, "trl-train": trl_train}[kind](
         json.loads(sys.argv[2]))

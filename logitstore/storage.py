@@ -106,6 +106,9 @@ class RemoteLocation:
 
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})
+        if self.url.startswith(("s3://", "s3a://")):
+            # Writers on other machines add files: never answer from a stale listing.
+            self.storage_options.setdefault("use_listings_cache", False)
         self.fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self._root = self._root.rstrip("/")
         self.is_local = False
