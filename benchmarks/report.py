@@ -113,6 +113,40 @@ def render(benches: list[dict], machine: dict) -> str:
         plt.close(fig)
         lines += ["", "![read throughput](img/read.png)", ""]
 
+    cold = group("read-cold")
+    if cold:
+        dropped = all(b["extra_info"].get("page_cache_dropped") for b in cold)
+        lines += ["### Cold page cache", "",
+                  ("Each round starts after `posix_fadvise(POSIX_FADV_DONTNEED)` on every file and with a freshly "
+                   "opened reader (empty chunk cache), so the data comes from disk. "
+                   if dropped else "The OS could not drop the page cache here; these are warm figures. ") +
+                  "Random 32-example batches.", "", "| reader | examples/s |", "|---|---:|"]
+        for b in cold:
+            lines.append(f"| {param(b, 'reader')} | {b['extra_info']['examples'] / b['stats']['mean']:,.0f} |")
+        lines.append("")
+
+    by_batch = group("read-batch")
+    if by_batch:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        table = ["### Throughput against batch size", "", "Random batches, warm.", "",
+                 "| reader | " + " | ".join(f"batch {n}" for n in sorted({b['extra_info']['batch'] for b in by_batch}))
+                 + " |", "|---|" + "---:|" * len({b['extra_info']['batch'] for b in by_batch})]
+        for name in dict.fromkeys(param(b, "reader") for b in by_batch):
+            points = sorted((b["extra_info"]["batch"], b["extra_info"]["examples"] / b["stats"]["mean"])
+                            for b in by_batch if param(b, "reader") == name)
+            ax.plot(*zip(*points), marker="o", label=name)
+            table.append(f"| {name} | " + " | ".join(f"{r:,.0f}" for _, r in points) + " |")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (examples)")
+        ax.set_ylabel("examples/s")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(IMG / "read_batch.png", dpi=110)
+        plt.close(fig)
+        lines += table + ["", "![throughput against batch size](img/read_batch.png)", ""]
+
     sizes = group("size")
     if sizes:
         lines += ["## Per-token presets", "",

@@ -78,7 +78,7 @@ TRAINERS = ["TRL DPOTrainer + peft (reference = adapter off)", "TRL, its default
 
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_train_step(benchmark, setting, train_store, quick, trainer):
-    steps = 3 if quick else 12
+    steps = 2 if quick else 12
     result: dict = {}
 
     def run():

@@ -248,12 +248,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
         step += 1
-        if main and (record["step"] % cfg.log_every == 0 or step == total_steps):
-            if cfg.eval_store and cfg.eval_every and record["step"] > 0 and record["step"] % cfg.eval_every == 0:
-                record.update(evaluate(model, cfg.eval_store, cfg, device))
-                if record["eval/loss"] < best:
-                    best = record["eval/loss"]
-                    model.save_pretrained(str(out / "best"))
+        eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
+        if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
+            record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
+            if record["eval/loss"] < best:
+                best = record["eval/loss"]
+                model.save_pretrained(str(out / "best"))
+        if main and (eval_due or record["step"] % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
             history.append(record)

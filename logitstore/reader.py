@@ -236,12 +236,16 @@ class Store:
         g = self.geometry
         return ShardValues(path, spec, g.shard_capacity, g.inner_chunk, self._cache, (field, shard))
 
-    def _check_fetched(self, field: str, shard: int, path: Any) -> None:
-        """A file fetched from a remote store must match its commit record before it is used."""
+    def commit_table(self) -> np.ndarray:
+        """The `commits` array: per shard [1, clipped, size_0, crc_0, ...] (zeros for uncommitted shards)."""
         if self._commit_rows is None:
             self._commit_rows = np.asarray(self._group["commits"][:], dtype=np.uint64)
+        return self._commit_rows
+
+    def _check_fetched(self, field: str, shard: int, path: Any) -> None:
+        """A file fetched from a remote store must match its commit record before it is used."""
         column = self.header["shard_files"].index(fmt.values_array(field))
-        size, crc = (int(v) for v in self._commit_rows[shard, 2 + 2 * column: 4 + 2 * column])
+        size, crc = (int(v) for v in self.commit_table()[shard, 2 + 2 * column: 4 + 2 * column])
         data = path.read_bytes()
         if len(data) != size or file_crc(data) != crc:
             self.location.drop_cached(fmt.chunk_key(fmt.values_array(field), shard))  # type: ignore[union-attr]

@@ -69,7 +69,7 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
         if (data is None and size) or (data is not None and (len(data) != size or file_crc(data) != crc)):
             report.problems.append(f"damaged file {key} (example IDs / ID index)")
 
-    commits = np.asarray(store._group["commits"][:], dtype=np.uint64)
+    commits = store.commit_table()
     damaged_rows: list[int] = []
     for shard in np.flatnonzero(store.committed).tolist():
         for j, array in enumerate(header["shard_files"]):

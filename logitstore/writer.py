@@ -245,8 +245,10 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
-        raise ValueError(f"duplicate example ID {dup!r}")
+        for key in ids:
+            if key in seen:
+                raise ValueError(f"duplicate example ID {key!r}")
+            seen.add(key)
     geometry = fmt.Geometry(len(ids), rows_per_shard, max_length, inner_chunk)
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale)
     loc.remove_partials()

@@ -20,7 +20,7 @@ from dpo.models import load_tokenizer
 from dpo.reference import BuildConfig, build
 from dpo.tokenize import tokenize_pair
 
-from conftest import implicit_rows, write_jsonl
+from sample_data import implicit_rows, write_jsonl
 
 
 def trl_reference(model_dir: Path, rows: list[dict], tmp_path: Path, max_length: int, batch_size: int):

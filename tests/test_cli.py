@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import logitstore
 from cli.main import cli
 
-from conftest import implicit_rows, write_jsonl
+from sample_data import implicit_rows, write_jsonl
 
 COMMANDS = ["build", "verify", "info", "export", "train", "demo"]
 

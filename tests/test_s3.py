@@ -15,7 +15,7 @@ import pytest
 
 import logitstore
 
-from conftest import implicit_rows, write_jsonl
+from sample_data import implicit_rows, write_jsonl
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")

@@ -15,7 +15,7 @@ import pytest
 
 import logitstore
 
-from conftest import implicit_rows, write_jsonl
+from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
 ENV = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

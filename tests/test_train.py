@@ -16,7 +16,7 @@ from dpo.losses import dpo_loss
 from dpo.reference import BuildConfig, build
 from dpo.train import TrainConfig, train
 
-from conftest import implicit_rows, write_jsonl
+from sample_data import implicit_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
