@@ -224,3 +224,66 @@ def test_tokenize_pair_truncates_completions_at_the_end(mistral_model):
     pair = tokenize_pair(tok, ex, max_length=6)
     assert len(pair.prompt_ids) + len(pair.chosen_ids) == 6
     assert pair.rejected_ids[-1] == tok.eos_token_id
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.fixture
+def chat_model(mistral_model, tmp_path):
+    import shutil
+
+    folder = tmp_path / "chat"
+    shutil.copytree(mistral_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def conversational_rows(n: int) -> list[dict]:
+    rows = []
+    for i, row in enumerate(implicit_rows(n)):
+        question = row["chosen"].split("\n\nAssistant:")[0].replace("\n\nHuman: ", "")
+        rows.append({"prompt": [{"role": "user", "content": question}],
+                     "chosen": [{"role": "assistant", "content": row["chosen"].split("Assistant: ")[1]}],
+                     "rejected": [{"role": "assistant", "content": row["rejected"].split("Assistant: ")[1]}]})
+    return rows
+
+
+def test_conversational_data_from_parquet_matches_trl(chat_model, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = conversational_rows(8)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    build(BuildConfig(model=str(chat_model), data=str(tmp_path / "d.parquet"), out=str(tmp_path / "s"),
+                      max_length=64, batch_size=1, share_prompt=False), progress=False)
+    trl = trl_reference(chat_model, rows, tmp_path, max_length=64, batch_size=1)
+    store = logitstore.open(tmp_path / "s")
+    for i in range(len(rows)):
+        prompt = trl[i]["prompt_ids"]
+        assert list(store.ragged("prompt_ids", [i])[0]) == prompt
+        assert list(store.ragged("chosen_ids", [i])[0]) == trl[i]["chosen_ids"][:64 - len(prompt)]
+    got = store.get(store.ids)
+    assert np.max(np.abs(got["chosen_logps"] - np.array(trl["ref_chosen_logps"]))) < 1e-4
+
+
+def test_datasets_folder_with_splits(mistral_model, tmp_path):
+    import datasets
+
+    rows = [dict(r, id=f"r{i}") for i, r in enumerate(implicit_rows(6))]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "test": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
+    build(BuildConfig(model=str(mistral_model), data=str(tmp_path / "dd"), out=str(tmp_path / "train"),
+                      max_length=64), progress=False)
+    build(BuildConfig(model=str(mistral_model), data=str(tmp_path / "dd"), split="test", out=str(tmp_path / "test"),
+                      max_length=64), progress=False)
+    assert logitstore.open(tmp_path / "train").ids == ["r0", "r1", "r2", "r3"]
+    assert logitstore.open(tmp_path / "test").ids == ["r4", "r5"]
+    from logitstore.errors import InputDataError
+
+    with pytest.raises(InputDataError, match=r"choose a split with --split \(it has train, test\)"):
+        build(BuildConfig(model=str(mistral_model), data=str(tmp_path / "dd"), split="dev", out=str(tmp_path / "x"),
+                          max_length=64), progress=False)

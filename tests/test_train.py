@@ -156,3 +156,26 @@ def test_sigmoid_loss_reference_formula():
                    beta=0.5)
     assert float(out.losses[0]) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 2.0))))
     assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and float(out.rejected_rewards[0]) == pytest.approx(-0.5)
+
+
+def test_continuing_the_reference_adapter_starts_at_ln2(byte_model, tmp_path):
+    """The usual case: an SFT LoRA adapter is the reference, and DPO continues training that adapter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(byte_model))
+    torch.manual_seed(3)
+    sft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    sft.save_pretrained(str(tmp_path / "sft"))
+    rows = [{"prompt": f"Q{i}: 2+2?", "chosen": " 4", "rejected": " 5"} for i in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    build(BuildConfig(model=str(byte_model), adapter=str(tmp_path / "sft"), data=str(data), out=str(tmp_path / "s"),
+                      max_length=64), progress=False)
+    plain = tmp_path / "plain"
+    build(BuildConfig(model=str(byte_model), data=str(data), out=str(plain), max_length=64), progress=False)
+    with_adapter = logitstore.open(tmp_path / "s").get(logitstore.open(plain).ids)["chosen_logps"]
+    assert np.max(np.abs(with_adapter - logitstore.open(plain).get(logitstore.open(plain).ids)["chosen_logps"])) > 1e-3
+    first = run(byte_model, tmp_path / "s", tmp_path / "run", adapter=str(tmp_path / "sft"), max_steps=2,
+                batch_size=4, log_every=1)["history"]
+    assert abs(first[0]["loss"] - math.log(2)) < 1e-5
+    assert first[1]["loss"] != first[0]["loss"]  # the adapter is trainable
