@@ -27,12 +27,12 @@ def run_suite(out: Path) -> list[Path]:
 
 
 def load(paths: list[Path]) -> tuple[list[dict], dict]:
-    benches, machine = [], {}
-    for p in paths:
+    by_name, machine = {}, {}
+    for p in paths:  # a later file's figure replaces an earlier one of the same benchmark
         data = json.loads(p.read_text())
-        benches += data["benchmarks"]
+        by_name.update({b["fullname"]: b for b in data["benchmarks"]})
         machine = data.get("machine_info", machine)
-    return benches, machine
+    return list(by_name.values()), machine
 
 
 def param(b: dict, key: str) -> str:

@@ -117,10 +117,22 @@ def _cache_kwarg(backbone: Any) -> str:
     return "cache" if "cache" in inspect.signature(type(backbone).forward).parameters else "past_key_values"
 
 
+def padded_positions(prompts: list[torch.Tensor], chosen: list[torch.Tensor], rejected: list[torch.Tensor],
+                     share_prompt: bool) -> int:
+    """Positions (padding included) a batch costs: one pass over prompt+completion, or the prompts once and then
+    both completions from their cache."""
+    n = len(prompts)
+    if not share_prompt:
+        return 2 * n * max(len(p) + len(c) for p, c in zip(prompts + prompts, list(chosen) + list(rejected)))
+    return n * max(map(len, prompts)) + 2 * n * max(max(map(len, chosen)), max(map(len, rejected)))
+
+
 def pair_logps_shared(model: Any, prompts: list[torch.Tensor], chosen: list[torch.Tensor],
                       rejected: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Same values as :func:`pair_logps_full`, running each prompt once and both completions from its KV cache."""
-    if any(len(p) == 0 for p in prompts):
+    """Same values as :func:`pair_logps_full`, running each prompt once and both completions from its KV cache.
+    Falls back to one pass when padding would make sharing cost more positions than it saves."""
+    if any(len(p) == 0 for p in prompts) or (
+            padded_positions(prompts, chosen, rejected, True) >= padded_positions(prompts, chosen, rejected, False)):
         return pair_logps_full(model, prompts, chosen, rejected, pad_id)
     with torch.no_grad(), exact_4bit(model):
         backbone, head, config = split_lm(model)
@@ -130,19 +142,17 @@ def pair_logps_shared(model: Any, prompts: list[torch.Tensor], chosen: list[torc
         out = backbone(input_ids=p_ids, attention_mask=p_mask, use_cache=True)
         cache = out.cache if "cache" in out else out.past_key_values
         p_len = torch.tensor([len(p) for p in prompts], device=device)
-        last_hidden = out.last_hidden_state[torch.arange(n, device=device), p_len - 1]  # predicts completion token 0
+        last_hidden = out.last_hidden_state[torch.arange(n, device=device), p_len - 1]  # predicts token 0
         cache.batch_repeat_interleave(2)  # rows: chosen_0, rejected_0, chosen_1, ...
         completions = [c for pair in zip(chosen, rejected) for c in pair]
         c_ids, c_mask = _pad(completions, pad_id, device)
-        width = c_ids.shape[1]
-        positions = p_len.repeat_interleave(2)[:, None] + torch.arange(width, device=device)[None, :]
+        positions = p_len.repeat_interleave(2)[:, None] + torch.arange(c_ids.shape[1], device=device)[None, :]
         full_mask = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
         hidden = backbone(input_ids=c_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                           **{_cache_kwarg(backbone): cache}).last_hidden_state
         first = _head_logps(last_hidden.repeat_interleave(2, dim=0), c_ids[:, 0], head, config)
         scored = c_mask[:, 1:].bool()
         rest = _head_logps(hidden[:, :-1][scored], c_ids[:, 1:][scored], head, config)
-        lengths = scored.sum(dim=1).tolist()
-        pieces = torch.split(rest.detach().cpu(), lengths)
+        pieces = torch.split(rest.detach().cpu(), scored.sum(dim=1).tolist())
         rows = [torch.cat([first[i:i + 1].detach().cpu(), pieces[i]]) for i in range(2 * n)]
     return rows[0::2], rows[1::2]

@@ -17,7 +17,7 @@ import torch
 
 import logitstore
 from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, LogitstoreError
-from logitstore.loader import make_loader
+from logitstore.loader import Prefetcher, make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -208,7 +208,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
     model.train()
-    batches = iter(loader)
+    # Without worker processes, a background thread keeps the next batches ready while the model computes.
+    fetch = (lambda: iter(Prefetcher(loader))) if cfg.num_workers == 0 else (lambda: iter(loader))
+    batches = fetch()
     history: list[dict[str, Any]] = []
 
     while step < total_steps:
@@ -224,7 +226,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             if batch is None:  # epoch boundary: a fresh, deterministic order
                 epoch, position = epoch + 1, 0
                 sampler.set_epoch(epoch)
-                batches = iter(loader)
+                batches = fetch()
                 batch = next(batches)
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch

@@ -287,3 +287,23 @@ def test_datasets_folder_with_splits(mistral_model, tmp_path):
     with pytest.raises(InputDataError, match=r"choose a split with --split \(it has train, test\)"):
         build(BuildConfig(model=str(mistral_model), data=str(tmp_path / "dd"), split="dev", out=str(tmp_path / "x"),
                           max_length=64), progress=False)
+
+
+def test_shared_prompt_path_matches_one_pass_where_it_is_taken(mistral_model):
+    import torch
+
+    from dpo.logps import padded_positions, pair_logps_full, pair_logps_shared
+    from dpo.models import load_model
+
+    model = load_model(mistral_model)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 32000, (n,), generator=g) for n in (40, 37, 40, 33)]
+    chosen = [torch.randint(3, 32000, (n,), generator=g) for n in (3, 5, 1, 4)]
+    rejected = [torch.randint(3, 32000, (n,), generator=g) for n in (4, 2, 5, 5)]
+    assert padded_positions(prompts, chosen, rejected, True) < padded_positions(prompts, chosen, rejected, False)
+    shared = pair_logps_shared(model, prompts, chosen, rejected, pad_id=0)
+    full = pair_logps_full(model, prompts, chosen, rejected, pad_id=0)
+    for side in (0, 1):
+        for a, b in zip(shared[side], full[side]):
+            assert a.shape == b.shape and torch.max(torch.abs(a - b)) < 1e-4
