@@ -207,7 +207,8 @@ def render(benches: list[dict], machine: dict) -> str:
                   "| run | pairs | tokens/s | vs TRL | peak memory |", "|---|---:|---:|---:|---:|"]
         for b in builds:
             e = b["extra_info"]
-            vs = f"{e['tokens_per_second'] / trl['extra_info']['tokens_per_second']:.2f}x" if trl else ""
+            same_model = not param(b, "variant").startswith("deeper")  # TRL ran on the small model only
+            vs = f"{e['tokens_per_second'] / trl['extra_info']['tokens_per_second']:.2f}x" if trl and same_model else ""
             lines.append(f"| {param(b, 'variant')} | {e['pairs']} | {e['tokens_per_second']:,.0f} | {vs} | "
                          f"{human(e['peak_rss_bytes'])} |")
         lines.append("")
