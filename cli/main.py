@@ -141,8 +141,10 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
 
         opened = logitstore.open(store, storage_options=options)
         precision = opened.fingerprint.get("precision", {})
+        tokenization = opened.fingerprint.get("tokenization", {})
         cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter,
-                          dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"))
+                          dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"),
+                          max_prompt_length=tokenization.get("max_prompt_length"))
         report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(report.as_dict()))
