@@ -305,3 +305,13 @@ def test_fixed_point_clips_explicitly_and_counts(tmp_path):
 
     codes, clipped = encode_fixed(np.array([-1.0, -500.0, -2.0]), np.array([3]), -(2.0**-8))
     assert clipped == 1 and codes.max() <= 65535
+
+
+def test_a_torn_commit_record_counts_as_not_committed(tmp_path):
+    fill(tmp_path / "s", n=40)
+    record = tmp_path / "s" / "commits" / "c" / "1" / "0"
+    record.write_bytes(record.read_bytes()[:-3])
+    store = logitstore.open(tmp_path / "s")
+    assert store.missing_shards == [1] and not store.complete
+    fill(tmp_path / "s", n=40)  # resuming rewrites just that shard
+    assert logitstore.open(tmp_path / "s").missing_shards == []
