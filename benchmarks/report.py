@@ -216,6 +216,21 @@ def render(benches: list[dict], machine: dict) -> str:
                          f"{e['bytes_per_pair']:,.0f} | {e['max_sum_error']:.4f} |")
         lines.append("")
 
+    chunks = group("chunks")
+    if chunks:
+        lines += ["### Choosing the inner chunk size", "",
+                  "Compressed store (defaults), random 32-example batches decoding every chunk (no chunk cache): "
+                  "the worst case a larger chunk makes slower. 8,192 values is the default.", "",
+                  "| inner chunk (values) | per-token values, B/token | token ids, B/token | examples/s, no cache |",
+                  "|---:|---:|---:|---:|"]
+        for b in sorted(chunks, key=lambda b: b["extra_info"]["inner_chunk"]):
+            e = b["extra_info"]
+            lines.append(f"| {e['inner_chunk']:,} | {e['per_token_value_bytes']:.2f} | {e['token_id_bytes']:.2f} | "
+                         f"{e['examples'] / b['stats']['mean']:,.0f} |")
+        lines += ["", "Shards of 1,024 rows (the default) keep a shard's files around a megabyte at hh-rlhf lengths: "
+                  "small enough that a killed build loses little, large enough that a million pairs make under a "
+                  "thousand shards (docs/scaling.md).", ""]
+
     formats = group("formats")
     if formats:
         lines += ["## Disk size against other formats", "",

@@ -250,3 +250,29 @@ def test_read_batch_size(benchmark, readers, corpus, quick, reader, batch):
 
     benchmark.extra_info.update(examples=sum(map(len, work)), group="read-batch", batch=batch)
     benchmark.pedantic(run, rounds=1 if quick else 3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("inner_chunk", [2048, 8192, 32768])
+def test_inner_chunk_size(benchmark, corpus, tmp_path, quick, inner_chunk):
+    """The layout choice: bigger inner chunks compress better but cost more to decode on a cache miss."""
+    import logitstore as ls
+
+    writer = ls.create(tmp_path / "s", corpus.ids, fingerprint={"benchmark": "chunks"}, vocab_size=32000,
+                       max_length=1024, rows_per_shard=256, per_token=True, inner_chunk=inner_chunk)
+    for shard in writer.missing_shards():
+        writer.write_shard(shard, corpus.shard(writer.shard_rows(shard)))
+    writer.finalize()
+    values = sum(p.stat().st_size for f in ("chosen_token_logps", "rejected_token_logps")
+                 for p in (tmp_path / "s" / f).rglob("*") if p.is_file())
+    ids = sum(p.stat().st_size for f in ("prompt_ids", "chosen_ids", "rejected_ids")
+              for p in (tmp_path / "s" / f).rglob("*") if p.is_file())
+    impl = Logitstore(tmp_path / "s", cache_bytes=0)
+    work = batches(corpus, "random", 2 if quick else 16)
+
+    def run():
+        for batch_ids in work:
+            impl.read(batch_ids)
+
+    benchmark.extra_info.update(group="chunks", inner_chunk=inner_chunk, examples=len(work) * BATCH,
+                                per_token_value_bytes=values / corpus.scored_tokens(), token_id_bytes=ids / corpus.tokens())
+    benchmark.pedantic(run, rounds=1 if quick else 3)
