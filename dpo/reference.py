@@ -195,9 +195,10 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
     if writer.complete:
         return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes())
-    todo = [k for k in writer.missing_shards() if k % world == rank]
-    if rank == 0 and len(todo) < writer.geometry.num_shards:
-        log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(writer.missing_shards())} of "
+    missing = writer.missing_shards()
+    todo = [k for k in missing if k % world == rank]
+    if rank == 0 and len(missing) < writer.geometry.num_shards:
+        log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(missing)} of "
             f"{writer.geometry.num_shards} shards already written.")
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
     model.eval()
