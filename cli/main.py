@@ -35,6 +35,13 @@ def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     return out or None
 
 
+def _quiet(quiet: bool) -> None:
+    if quiet:  # also silences the progress bars of transformers and datasets, which use tqdm
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                               help="fsspec option for s3:// and other URLs (repeatable).")
 
@@ -97,6 +104,7 @@ def build(**kw: Any) -> None:
     """
     from dpo.reference import BuildConfig, build as run_build
 
+    _quiet(kw["quiet"])
     cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
                       quantize=kw["quantize"], device=kw["device"], split=kw["split"], max_length=kw["max_length"],
                       max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
@@ -262,6 +270,7 @@ def train(**kw: Any) -> None:
 
     options = _storage_options(kw.pop("storage_options"))
     quiet = kw.pop("quiet")
+    _quiet(quiet)
     cfg = TrainConfig(**kw, storage_options=options)
     result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
@@ -285,6 +294,7 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
     """
     from dpo.demo import run_demo
 
+    _quiet(quiet)
     run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
 
 

@@ -82,7 +82,7 @@ def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: 
         stores[name] = result
     log(f"2/4 {stores['train'].summary()}")
     report = logitstore.verify(out / "train.lstore")
-    log(f"3/4 Verified {report.files_checked} files of {report.shards} shards: "
+    log(f"3/4 Verified {report.files_checked} files of {report.shards} shard{'' if report.shards == 1 else 's'}: "
         f"{'sound' if report.ok else '; '.join(report.problems)}.")
     result = train(TrainConfig(model=str(model), store=str(out / "train.lstore"), out=str(out / "run"),
                                eval_store=str(out / "eval.lstore"), max_steps=steps, batch_size=batch_size,

@@ -68,7 +68,8 @@ class BuildResult:
         per_pair = self.store_bytes / max(self.examples, 1)
         rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
         skipped = f", {self.skipped} skipped" if self.skipped else ""
-        return (f"Built {self.path}: {self.examples} pairs{skipped}, {self.shards_written} shards written, "
+        return (f"Built {self.path}: {self.examples} pairs{skipped}, {self.shards_written} "
+                f"shard{'' if self.shards_written == 1 else 's'} written, "
                 f"{self.tokens:,} tokens scored in {self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
                 f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per pair).")
 
