@@ -64,6 +64,19 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def log_bars(name: str, labels: list[str], values: list[float], xlabel: str, color: str) -> None:
+    """A horizontal bar chart on a log scale, saved as docs/img/NAME."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.barh(labels, values, color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    fig.tight_layout()
+    fig.savefig(IMG / name, dpi=110)
+    plt.close(fig)
+
+
 def goal_lines(benches: list[dict]) -> list[str]:
     """The targets the suite exists to check, with the figure that decides each."""
     def find(group: str, **params: str) -> dict | None:
@@ -158,14 +171,9 @@ def render(benches: list[dict], machine: dict) -> str:
             zp = rate.get((f"zarr-python {codec}", "random"))
             vs_zarr = f"{r / zp:.0f}x" if name.startswith("logitstore") and zp else ""
             lines.append(f"| {name} | {r:,.0f} | {r / ceiling['random']:.0%} | {vs_zarr} | {s:,.0f} |")
-        fig, ax = plt.subplots(figsize=(8, 3.2))
-        names = [n for n in dict.fromkeys(k[0] for k in rate)]
-        ax.barh(names, [rate[(n, "random")] for n in names], color="tab:blue")
-        ax.set_xscale("log")
-        ax.set_xlabel("examples/s, random 32-example batches (log scale)")
-        fig.tight_layout()
-        fig.savefig(IMG / "read.png", dpi=110)
-        plt.close(fig)
+        names = list(dict.fromkeys(k[0] for k in rate))
+        log_bars("read.png", names, [rate[(n, "random")] for n in names],
+                 "examples/s, random 32-example batches (log scale)", "tab:blue")
         lines += ["", "![read throughput](img/read.png)", ""]
 
     cold = group("read-cold")
@@ -244,14 +252,9 @@ def render(benches: list[dict], machine: dict) -> str:
             e = b["extra_info"]
             lines.append(f"| {param(b, 'name')} | {e['bytes_per_pair']:,.0f} | {e['bytes_per_token']:,.2f} | "
                          f"{human(e['extrapolated_17k_pairs_1k_tokens'])} |")
-        fig, ax = plt.subplots(figsize=(8, 3.4))
-        ax.barh([param(b, "name") for b in formats], [b["extra_info"]["bytes_per_token"] for b in formats],
-                color="tab:orange")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per stored token (log scale)")
-        fig.tight_layout()
-        fig.savefig(IMG / "sizes.png", dpi=110)
-        plt.close(fig)
+        log_bars("sizes.png", [param(b, "name") for b in formats],
+                 [b["extra_info"]["bytes_per_token"] for b in formats], "bytes per stored token (log scale)",
+                 "tab:orange")
         lines += ["", "![sizes](img/sizes.png)", ""]
 
     writes = group("write")

@@ -44,20 +44,16 @@ def describe(path: str, storage_options: dict[str, Any] | None = None) -> dict[s
     }
 
 
-def _human(n: float) -> str:
+def render(s: dict[str, Any]) -> str:
     from dpo.reference import human_bytes
 
-    return human_bytes(n)
-
-
-def render(s: dict[str, Any]) -> str:
     state = "complete" if s["complete"] else f"INCOMPLETE: {len(s['missing_shards'])} of {s['shards']} shards missing"
     fp = s["fingerprint"]
     model = fp.get("model", {})
     lines = [
         f"{s['path']}  (format v{s['format_version']}, {state})",
         f"  examples      {s['examples']:,} in {s['shards']} shards" + (f", {s['skipped']} skipped" if s["skipped"] else ""),
-        f"  size          {_human(s['bytes'])}  ({_human(s['bytes_per_pair'])} per pair, "
+        f"  size          {human_bytes(s['bytes'])}  ({human_bytes(s['bytes_per_pair'])} per pair, "
         f"{s['bytes_per_token']:.2f} B per token)",
         "  fields        " + ", ".join(f"{k} ({v['dtype']}{', ' + v['codec'] if 'codec' in v else ''})"
                                       for k, v in s["fields"].items()),

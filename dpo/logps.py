@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from logitstore.loader import pad_pairs
+
 LOGIT_BYTES = 256 << 20  # float32 logits held at once
 
 
@@ -97,15 +99,12 @@ def pair_logps_full(model: Any, prompts: list[torch.Tensor], chosen: list[torch.
                     rejected: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-token log-probs of every scored chosen and rejected token: one forward over prompt+completion."""
     device = next(model.parameters()).device
-    seqs = [torch.cat([p, c]) for p, c in zip(prompts, chosen)] + [torch.cat([p, r]) for p, r in zip(prompts, rejected)]
-    ids, attn = _pad(seqs, pad_id, device)
-    comp = torch.zeros_like(attn)
-    for i, (p, c) in enumerate(zip(prompts + prompts, list(chosen) + list(rejected))):
-        comp[i, len(p):len(p) + len(c)] = 1
+    batch = pad_pairs(prompts, chosen, rejected, pad_id)
+    ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
     with torch.no_grad(), exact_4bit(model):
         per_token, _ = sequence_logps(model, ids, attn, comp)
     scored = comp[:, 1:].bool()
-    rows = [per_token[i][scored[i]].detach().cpu() for i in range(len(seqs))]
+    rows = [per_token[i][scored[i]].detach().cpu() for i in range(2 * len(prompts))]
     n = len(prompts)
     return rows[:n], rows[n:]
 

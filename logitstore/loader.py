@@ -48,8 +48,8 @@ class PairDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> np.ndarray:
         """Prompt + longer completion, per row: what padding depends on."""
-        s = self.store
-        lens = [s.offsets(f)[:, 1] - s.offsets(f)[:, 0] for f in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        spans = [self.store.offsets(f) for f in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        lens = [o[:, 1] - o[:, 0] for o in spans]
         return lens[0] + np.maximum(lens[1], lens[2])
 
     def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
@@ -64,9 +64,10 @@ class PairDataset(torch.utils.data.Dataset):
         return self.__getitems__([row])
 
 
-def collate(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors in TRL's layout: chosen sequences first, then rejected ones."""
-    prompts, chosen, rejected = batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"]
+def pad_pairs(prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[Any],
+              pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask`, `completion_mask` in TRL's layout: prompt+chosen rows first, then
+    prompt+rejected, right-padded. The reference pass and training both score exactly this layout."""
     n = len(prompts)
     lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)] + [len(p) + len(r) for p, r in zip(prompts, rejected)]
     width = max(lengths)
@@ -79,16 +80,20 @@ def collate(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]
         input_ids[i, lp:end] = comp
         attention[i, :end] = 1
         completion[i, lp:end] = 1
-    out = {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention),
-        "completion_mask": torch.from_numpy(completion),
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "completion_mask": torch.from_numpy(completion)}
+
+
+def collate(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A batch of store rows as tensors: :func:`pad_pairs` plus the reference values and token counts."""
+    out = pad_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_token_id)
+    out.update({
         "ref_chosen_logps": torch.from_numpy(np.asarray(batch["chosen_logps"], dtype=np.float32)),
         "ref_rejected_logps": torch.from_numpy(np.asarray(batch["rejected_logps"], dtype=np.float32)),
         "chosen_tokens": torch.from_numpy(np.asarray(batch["chosen_tokens"], dtype=np.int64)),
         "rejected_tokens": torch.from_numpy(np.asarray(batch["rejected_tokens"], dtype=np.int64)),
         "rows": torch.from_numpy(np.asarray(batch["rows"], dtype=np.int64)),
-    }
+    })
     return out
 
 

@@ -33,7 +33,7 @@ class VerifyReport:
         return dict(dataclasses.asdict(self), ok=self.ok)
 
 
-def _sum_tolerance(spec: fmt.RaggedSpec, tokens: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+def _sum_tolerance(spec: fmt.RaggedSpec, magnitude: np.ndarray) -> np.ndarray:
     """How far the sum of stored per-token values may be from the stored float32 sum."""
     eps32 = 1e-6 * magnitude + 1e-4
     if spec.codec == "fixed":
@@ -129,7 +129,7 @@ def _check_values(store: Any, report: VerifyReport) -> None:
             seqs = store.ragged(field, rows)
             sums = np.array([float(np.sum(s, dtype=np.float64)) for s in seqs])
             magnitude = np.array([float(np.abs(s).sum(dtype=np.float64)) for s in seqs])
-            off = np.abs(sums - logps) > _sum_tolerance(spec, tokens, magnitude)
+            off = np.abs(sums - logps) > _sum_tolerance(spec, magnitude)
             if off.any():
                 report.problems.append(f"{field}: {int(off.sum())} sums disagree with {side}_logps "
                                        f"(first: {store.id_of(int(rows[np.flatnonzero(off)[0]]))})")
