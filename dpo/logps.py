@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from logitstore.loader import pad_pairs
 
@@ -43,6 +44,13 @@ def exact_4bit(model: Any) -> Iterator[None]:
         handle.remove()
 
 
+def mixed_precision(device: Any, dtype: str) -> contextlib.AbstractContextManager:
+    """The autocast every scoring forward runs under, reference pass and training alike: on CUDA in bfloat16 or
+    float16 the policy at step 0 then computes exactly the numerics the store was filled with."""
+    enabled = torch.device(device).type == "cuda" and dtype in ("bfloat16", "float16")
+    return torch.autocast("cuda", dtype=getattr(torch, dtype) if enabled else torch.bfloat16, enabled=enabled)
+
+
 def split_lm(model: Any) -> tuple[Any, Any, Any]:
     """(backbone, lm_head, config) of a causal LM, looking through a peft wrapper."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -57,15 +65,20 @@ def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: A
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text_config, "final_logit_softcapping", None)
     scale = getattr(text_config, "logit_scale", None)
-    out = []
-    for start in range(0, hidden.shape[0], step):
-        logits = head(hidden[start:start + step]).float()
+
+    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
         if scale is not None:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        picked = logits.gather(1, labels[start:start + step, None]).squeeze(1)
-        out.append(picked - torch.logsumexp(logits, dim=-1))
+        return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    # Under autograd each slice is recomputed in the backward pass instead of keeping its [rows, vocab] logits
+    # (and their float32 copy) alive until then: one extra LM-head matmul buys the memory of every slice but one.
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    out = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
+           if keep else piece(hidden[i:i + step], labels[i:i + step]) for i in range(0, hidden.shape[0], step)]
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 

@@ -21,6 +21,7 @@ from logitstore.errors import InputDataError
 
 from . import distributed
 from .data import PreferenceExample, Skipped, data_digest, load_examples
+from .logps import mixed_precision
 from .models import load_model, load_tokenizer, model_fingerprint
 from .tokenize import TokenizedPair, tokenize_pair
 
@@ -215,7 +216,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(n_pairs)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(next(model.parameters()).device, cfg.dtype):
         for shard in todo:
             rows = writer.shard_rows(shard)
             pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
@@ -257,7 +258,7 @@ def recompute_sample(store: Any, cfg: BuildConfig, sample: int, seed: int = 0,
         return problems
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), mixed_precision(next(model.parameters()).device, cfg.dtype):
         chosen, rejected = score_pairs(model, [p for _, p in pairs], pad_id=tokenizer.pad_token_id,
                                        batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
     stored = store.row_values([r for r, _ in pairs])

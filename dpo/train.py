@@ -21,7 +21,7 @@ from logitstore.loader import Prefetcher, make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, sequence_logps
+from .logps import exact_4bit, mixed_precision, sequence_logps
 from .losses import LOSSES, dpo_loss
 from .models import load_model, model_fingerprint
 
@@ -90,16 +90,16 @@ def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
 
 
 def setup_policy(cfg: TrainConfig) -> Any:
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                        trainable_adapter=True)
-    if cfg.quantize:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
-    elif cfg.gradient_checkpointing:
+    # Not peft's prepare_model_for_kbit_training: its float32 copies of norms, embeddings and LM head would make
+    # the policy compute other numerics than the reference pass did (step-0 loss off ln 2 in bf16) and cost memory.
+    if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if cfg.quantize or cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # 4-bit: bitsandbytes' float32 path on CPU (see exact_4bit)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -123,8 +123,7 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.dtype != "float32")
-    with autocast:
+    with mixed_precision(device, cfg.dtype):
         _, logps = sequence_logps(model, ids, attention, completion)
     chosen, rejected = logps.chunk(2)
     out = dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device),
@@ -205,6 +204,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             log(f"Resumed from {checkpoint} at step {step}.")
     else:
         sampler.set_epoch(0)
+    cuda = device.type == "cuda"
+    if cuda:  # the peak logged below is the training steps' own, not the model load's
+        torch.cuda.reset_peak_memory_stats(device)
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
     model.train()
@@ -249,6 +251,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         elapsed = time.perf_counter() - t_step
         record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
+        if cuda:
+            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         step += 1
         eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
