@@ -82,8 +82,10 @@ def cli() -> None:
               show_default=True, help="Per-token codec preset (docs/FORMAT.md).")
 @click.option("--token-codec", type=click.Choice(["zstd", "raw"]), default="zstd", show_default=True)
 @click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--no-prompt-sharing", is_flag=True, help="Score prompt+completion in one pass instead of reusing "
-              "the prompt's KV cache.")
+@click.option("--prompt-sharing/--no-prompt-sharing", default=False, show_default=True,
+              help="Run each prompt once and score both completions from its KV cache, where that saves padded "
+              "positions. Off by default: one pass over prompt+completion measured faster on GPU and CPU "
+              "(docs/benchmarks.md).")
 @click.option("--no-length-bucketing", is_flag=True, help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
@@ -110,7 +112,7 @@ def build(**kw: Any) -> None:
                       max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
                       batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
                       token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
-                      share_prompt=not kw["no_prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
+                      share_prompt=kw["prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
     result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
