@@ -42,7 +42,7 @@ def _int(header: dict[str, Any], key: str, low: int, high: int) -> int:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    text = fmt.canonical_json(value).decode() if isinstance(value, (dict, list)) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -99,7 +99,7 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
         raise FormatError("header fields must be an object")
     for name, (dtype, _) in fmt.ROW_FIELDS.items():
         if fields.get(name) != {"kind": "row", "dtype": dtype}:
-            raise FormatError(f"header field {name} must be {{'kind': 'row', 'dtype': '{dtype}'}}, got "
+            raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
                               f"{_short(fields.get(name))}")
     ragged: dict[str, fmt.RaggedSpec] = {}
     for name, entry in fields.items():
@@ -222,7 +222,9 @@ def _first_difference(got: Any, want: Any, path: str = "") -> str:
                 return f"no {path}{key}"
             if fmt.canonical_json(got[key]) != fmt.canonical_json(want[key]):
                 return _first_difference(got[key], want[key], f"{path}{key}.")
-    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return f"{path.rstrip('.')} has {len(got)} entries, expected {len(want)}"
         for i, (a, b) in enumerate(zip(got, want)):
             if fmt.canonical_json(a) != fmt.canonical_json(b):
                 return _first_difference(a, b, f"{path}{i}.")

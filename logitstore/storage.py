@@ -49,11 +49,11 @@ def _read_exactly(fd: int, size: int, key: str) -> bytes:
     return data
 
 
-def _check_size(key: str, actual: int, limit: int, size: int | None) -> None:
+def _check_size(url: str, key: str, actual: int, limit: int, size: int | None) -> None:
     if size is not None and actual != size:
         raise DamagedFileError(f"it has {actual} bytes, its record says {size}")
     if actual > limit:
-        raise FormatError(f"{key} has {actual} bytes, more than the {limit} a file of its kind may have")
+        raise FormatError(f"{url}: {key} has {actual} bytes, more than the {limit} a file of its kind may have")
 
 
 def map_bytes(fd: int, size: int) -> mmap.mmap:
@@ -105,14 +105,16 @@ class LocalLocation:
             return None
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
-                raise FormatError(f"refusing {key}: a symbolic link or not a regular file inside the store") from None
-            raise FormatError(f"cannot open {key}: {exc.strerror}") from None
+                raise FormatError(f"{self.url}: refusing {key}: a symbolic link or not a regular file inside the "
+                                  "store") from None
+            raise FormatError(f"{self.url}: cannot open {key}: {exc.strerror}") from None
         finally:
             os.close(folder)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
-            raise FormatError(f"refusing {key}: not a regular file (a FIFO, device or folder inside the store)")
+            raise FormatError(f"{self.url}: refusing {key}: not a regular file (a FIFO, device or folder inside the "
+                              "store)")
         return fd
 
     def read_file(self, key: str, *, limit: int, size: int | None = None) -> bytes | None:
@@ -122,7 +124,7 @@ class LocalLocation:
             return None
         try:
             actual = os.fstat(fd).st_size
-            _check_size(key, actual, limit, size)
+            _check_size(self.url, key, actual, limit, size)
             return _read_exactly(fd, actual, key)
         finally:
             os.close(fd)
@@ -133,7 +135,7 @@ class LocalLocation:
         if fd is None:
             return None
         try:
-            _check_size(key, os.fstat(fd).st_size, size, size)
+            _check_size(self.url, key, os.fstat(fd).st_size, size, size)
             return map_bytes(fd, size)
         finally:
             os.close(fd)
@@ -235,7 +237,7 @@ class RemoteLocation:
         actual = self.file_size(key)
         if actual is None:
             return None
-        _check_size(key, actual, limit, size)
+        _check_size(self.url, key, actual, limit, size)
         data = self.read_bytes(key)
         if data is None:
             return None

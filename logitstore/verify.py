@@ -63,8 +63,12 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
         return report
     loc, g, header = store.location, store.geometry, store.header
     report.path, report.examples, report.shards = loc.url, len(store), g.num_shards
-    report.digest = store.digest
-    committed = store.committed
+    try:
+        report.digest = store.digest
+        committed = store.committed
+    except LogitstoreError as exc:  # a commit record that is a link, FIFO, ...
+        report.problems.append(str(exc))
+        return report
     report.committed_shards = int(committed.sum())
     if not committed.all():
         missing = np.flatnonzero(~committed).tolist()
