@@ -131,10 +131,10 @@ def build(**kw: Any) -> None:
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
     result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
-    click.echo(result.summary())
     import logitstore
 
     click.echo(f"Store digest: {logitstore.open(cfg.out, storage_options=cfg.storage_options).digest}")
+    click.echo(result.summary())
 
 
 @cli.command()

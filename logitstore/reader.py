@@ -316,6 +316,8 @@ class Store:
             raise FormatError(f"{self.location.url}: the ID of row {row} is not UTF-8") from None
 
     def id_of(self, row: int) -> str:
+        if not 0 <= row < len(self):
+            raise RowOutOfRangeError(f"row {row} out of range for a store of {len(self)} examples")
         plan = self._plan_arrays()
         a, b = plan["ids/offsets"][row]
         return self._decode_id(plan["ids/values"][a:b].tobytes(), row)

@@ -136,7 +136,10 @@ class LocalLocation:
             return None
         try:
             _check_size(self.url, key, os.fstat(fd).st_size, size, size)
-            return map_bytes(fd, size)
+            try:
+                return map_bytes(fd, size)
+            except (OSError, ValueError) as exc:  # address space exhausted, or a file system without mmap
+                raise FormatError(f"{self.url}: cannot map {key} ({exc})") from None
         finally:
             os.close(fd)
 
