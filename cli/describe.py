@@ -7,10 +7,10 @@ from typing import Any
 import numpy as np
 
 
-def describe(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+def describe(path: str, storage_options: dict[str, Any] | None = None, digest: str | None = None) -> dict[str, Any]:
     import logitstore
 
-    store = logitstore.open(path, storage_options=storage_options)
+    store = logitstore.open(path, storage_options=storage_options, digest=digest)
     header = store.header
     total = store.location.total_bytes()
     n = len(store)
@@ -36,6 +36,7 @@ def describe(path: str, storage_options: dict[str, Any] | None = None) -> dict[s
         "tokens": tokens,
         "fingerprint": header["fingerprint"],
         "fingerprint_digest": header["fingerprint_digest"],
+        "digest": store.digest,
         "settings": header.get("settings", {}),
         "tokenizer": header.get("tokenizer", {}),
         "created": header.get("created"),
@@ -64,7 +65,10 @@ def render(s: dict[str, Any]) -> str:
         f"  tokenization  {fp.get('tokenization')}",
         f"  data          {fp.get('data')}",
         f"  fingerprint   {s['fingerprint_digest'][:16]}",
+        f"  digest        {s['digest']}",
         f"  settings      {s['settings']}",
         f"  created       {s['created']}",
     ]
-    return "\n".join(lines)
+    from logitstore.errors import printable
+
+    return "\n".join(printable(line) for line in lines)  # IDs and fingerprint values cannot drive the terminal

@@ -7,6 +7,7 @@ Errors: a LogitstoreError (or a bad input caught by the library) prints one line
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,22 @@ def _quiet(quiet: bool) -> None:
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                               help="fsspec option for s3:// and other URLs (repeatable).")
+expect_digest_option = click.option("--expect-digest", metavar="SHA256",
+                                    help="Refuse the store unless its digest (printed by build and info) is this.")
+
+
+def _json(value: Any) -> str:
+    """JSON that every parser accepts: NaN and infinities become null."""
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -116,6 +133,9 @@ def build(**kw: Any) -> None:
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
     result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
+    import logitstore
+
+    click.echo(f"Store digest: {logitstore.open(cfg.out, storage_options=cfg.storage_options).digest}")
     click.echo(result.summary())
 
 
@@ -127,10 +147,11 @@ def build(**kw: Any) -> None:
 @click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Nats per sequence sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@expect_digest_option
 @storage_option
 @debug_option
 def verify(store: str, model: str | None, data: str | None, adapter: str | None, sample: int, tolerance: float,
-           as_json: bool, storage_options: tuple[str, ...]) -> None:
+           as_json: bool, expect_digest: str | None, storage_options: tuple[str, ...]) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
     Exit status: 0 sound, 1 problems found, 2 usage error.
@@ -139,17 +160,18 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
     Examples:
       logitstore verify pairs.lstore
       logitstore verify pairs.lstore --model ./tiny --data pairs.jsonl --sample 32
+      logitstore verify pairs.lstore --expect-digest 3f2a...c9
     """
     import logitstore
 
     if (model is None) != (data is None):
         raise click.UsageError("--model and --data go together")
     options = _storage_options(storage_options)
-    report = logitstore.verify(store, storage_options=options)
+    report = logitstore.verify(store, storage_options=options, digest=expect_digest)
     if model is not None and report.ok:
         from dpo.reference import BuildConfig, recompute_sample
 
-        opened = logitstore.open(store, storage_options=options)
+        opened = logitstore.open(store, storage_options=options, digest=expect_digest)
         precision = opened.fingerprint.get("precision", {})
         tokenization = opened.fingerprint.get("tokenization", {})
         cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter,
@@ -157,12 +179,14 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
                           max_prompt_length=tokenization.get("max_prompt_length"))
         report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
     if as_json:
-        click.echo(json.dumps(report.as_dict()))
+        click.echo(_json(report.as_dict()))
     else:
-        click.echo(f"{report.path}: {report.examples} examples, {report.committed_shards}/{report.shards} shards, "
-                   f"{report.files_checked} files checked")
+        from logitstore.errors import printable
+
+        click.echo(printable(f"{report.path}: {report.examples} examples, {report.committed_shards}/{report.shards} "
+                             f"shards, {report.files_checked} files checked"))
         for problem in report.problems:
-            click.echo(f"  problem: {problem}")
+            click.echo(f"  problem: {printable(problem)}")
         click.echo("sound" if report.ok else f"{len(report.problems)} problem(s) found")
     sys.exit(0 if report.ok else 1)
 
@@ -170,20 +194,22 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
 @cli.command()
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@expect_digest_option
 @storage_option
 @debug_option
-def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
+def info(store: str, as_json: bool, expect_digest: str | None, storage_options: tuple[str, ...]) -> None:
     """Describe a store: size, completeness, fields, fingerprint, settings.
 
     \b
     Examples:
       logitstore info pairs.lstore
       logitstore info pairs.lstore --json | jq .bytes
+      logitstore info pairs.lstore --expect-digest 3f2a...c9
     """
     from cli.describe import describe, render
 
-    summary = describe(store, _storage_options(storage_options))
-    click.echo(json.dumps(summary) if as_json else render(summary))
+    summary = describe(store, _storage_options(storage_options), digest=expect_digest)
+    click.echo(_json(summary) if as_json else render(summary))
 
 
 @cli.command()
@@ -192,9 +218,11 @@ def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
 @click.option("--data", required=True, type=click.Path(), help="The data the store was built from.")
 @click.option("--split")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (trl) or file.")
+@expect_digest_option
 @storage_option
 @debug_option
-def export(store: str, to: str, data: str, split: str | None, out: str, storage_options: tuple[str, ...]) -> None:
+def export(store: str, to: str, data: str, split: str | None, out: str, expect_digest: str | None,
+           storage_options: tuple[str, ...]) -> None:
     """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns, matched by example ID.
 
     \b
@@ -214,7 +242,8 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
             record["prompt"] = ex.prompt
         record.update(chosen=ex.chosen, rejected=ex.rejected)
         records.append(record)
-    result = run_export(logitstore.open(store, storage_options=_storage_options(storage_options)), records, to, out)
+    opened = logitstore.open(store, storage_options=_storage_options(storage_options), digest=expect_digest)
+    result = run_export(opened, records, to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
 
@@ -255,6 +284,7 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
+@expect_digest_option
 @storage_option
 @click.option("--quiet", is_flag=True)
 @debug_option
@@ -271,6 +301,11 @@ def train(**kw: Any) -> None:
     from dpo.train import TrainConfig, train as run_train
 
     options = _storage_options(kw.pop("storage_options"))
+    expect_digest = kw.pop("expect_digest")
+    if expect_digest is not None:
+        import logitstore
+
+        logitstore.open(kw["store"], storage_options=options, digest=expect_digest)
     quiet = kw.pop("quiet")
     _quiet(quiet)
     cfg = TrainConfig(**kw, storage_options=options)
@@ -304,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group and turn errors into one line."""
     import logging
 
-    from logitstore.errors import LogitstoreError
+    from logitstore.errors import LogitstoreError, printable
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice is not the user's concern
     try:
@@ -325,12 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     except (LogitstoreError, OSError) as exc:
         if _DEBUG:
             raise
-        click.echo(f"Error: {exc}", err=True)
+        click.echo(f"Error: {printable(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:
             raise
-        click.echo(f"Error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        click.echo(f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

@@ -6,6 +6,8 @@ working. The CLI turns any :class:`LogitstoreError` into one line on stderr and 
 
 from __future__ import annotations
 
+import unicodedata
+
 
 class LogitstoreError(Exception):
     """Base class: a refusal with a message meant for a person."""
@@ -17,6 +19,18 @@ class StoreNotFoundError(LogitstoreError, FileNotFoundError):
 
 class FormatError(LogitstoreError, ValueError):
     """The store's files break the format (unknown version, sizes out of range, undecodable chunk)."""
+
+
+class DamagedFileError(FormatError):
+    """A file differs from its record (size or SHA-256), or a committed file is missing."""
+
+
+class DigestMismatchError(LogitstoreError, ValueError):
+    """The store is not the one a pinned digest names."""
+
+
+class RowOutOfRangeError(LogitstoreError, IndexError):
+    """A row number outside the store."""
 
 
 class FingerprintMismatchError(LogitstoreError, ValueError):
@@ -40,3 +54,13 @@ class InputDataError(LogitstoreError, ValueError):
 
 class ModelError(LogitstoreError, ValueError):
     """The model or tokenizer folder cannot be used as given."""
+
+
+def printable(text: object) -> str:
+    """`text` safe for a terminal: control and formatting characters (escape sequences, bidirectional overrides)
+    are written as Python escapes, so a store's IDs or fingerprint cannot drive the terminal."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+                   if unicodedata.category(ch)[0] in "CZ" else ch for ch in text)

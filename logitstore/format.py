@@ -6,11 +6,13 @@ Every other module takes names and keys from here, so the layout is written down
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 HEADER_KEY = "logitstore"
 
 # Per-row arrays: name -> (dtype, fill value). NaN marks a sum that was never written.
@@ -31,6 +33,22 @@ FIXED_MAX_CODE = np.iinfo(np.uint16).max
 ROWS_PER_SHARD = 1024
 INNER_CHUNK = 8192
 
+# ---- limits the reader owns (docs/FORMAT.md, "Reader limits"): whatever a header says, nothing beyond these is
+# allocated, mapped or decoded. Each bound keeps one allocation or one file under a few hundred megabytes.
+MAX_HEADER_BYTES = 8 << 20          # the root zarr.json (header, fingerprint, skipped inputs)
+MAX_METADATA_BYTES = 64 << 10       # any other zarr.json
+MAX_EXAMPLES = 1 << 31
+MAX_ROWS_PER_SHARD = 1 << 20
+MAX_SHARDS = 1 << 18                # the commit table: at most 2^18 rows
+MAX_LENGTH = 1 << 20                # tokens per sequence
+MAX_INNER_CHUNK = 1 << 22           # values per inner chunk (16 MiB decoded at 4 bytes per value)
+MAX_SHARD_CAPACITY = (1 << 32) - 1  # values per shard of a ragged field (shard-local offsets fit in uint32)
+MAX_INNER_PER_SHARD = 1 << 20       # inner chunks per shard (a 16 MiB shard index)
+MAX_ID_BYTES = 1 << 34              # all example IDs together
+MIN_FIXED_SCALE, MAX_FIXED_SCALE = -1.0, -(2.0**-24)
+ZSTD_LEVEL = 3
+BLOSC_CLEVEL = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class RaggedSpec:
@@ -46,6 +64,17 @@ class RaggedSpec:
         if self.scale is not None:
             out["scale"] = self.scale
         return out
+
+
+def id_hashes(ids: Any) -> np.ndarray:
+    """64-bit hashes of example IDs: the first 8 bytes of BLAKE2b (digest size 8) of the UTF-8 bytes, read as a
+    little-endian unsigned integer."""
+    import hashlib
+
+    out = np.empty(len(ids), dtype=np.uint64)
+    for i, key in enumerate(ids):
+        out[i] = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
+    return out
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -75,22 +104,11 @@ def spec_from_header(name: str, entry: dict[str, Any]) -> RaggedSpec:
     return RaggedSpec(name, entry["dtype"], entry["codec"], entry.get("scale"))
 
 
-def inner_codecs(spec: RaggedSpec) -> dict[str, Any]:
-    """zarr-python keyword arguments (serializer/compressors) for a ragged field's inner chunks."""
-    from zarr.codecs import BloscCodec, ZstdCodec
-
-    if spec.codec == "raw":
-        return {"compressors": None}
-    if spec.codec == "zstd":
-        return {"compressors": [ZstdCodec(level=3)]}
-    typesize = np.dtype(spec.dtype).itemsize
-    return {"compressors": [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle", typesize=typesize)]}
-
-
-def row_compressors() -> list[Any]:
-    from zarr.codecs import ZstdCodec
-
-    return [ZstdCodec(level=3)]
+def ragged_from_header(header: dict[str, Any]) -> list[RaggedSpec]:
+    """The ragged fields of a header in the format's order (token ids, then per-token values), whatever the order
+    of the header's keys (canonical JSON sorts them)."""
+    fields = header["fields"]
+    return [spec_from_header(name, fields[name]) for name in TOKEN_FIELDS + PER_TOKEN_FIELDS if name in fields]
 
 
 # ---- file keys -------------------------------------------------------------------------------------------------
@@ -118,11 +136,152 @@ def chunk_key(array: str, shard: int) -> str:
     return f"{array}/c/{shard}"
 
 
-PLAN_ARRAYS = ("ids/values", "ids/offsets", "id_index/hash", "id_index/row")
+# The arrays written once when a store is planned, stored uncompressed (memory-mapped by the reader): each is one
+# chunk, so one file, of exactly `items * itemsize` bytes.
+PLAN_FILES = {  # file key -> (array, dtype, values per example or None for the ID bytes)
+    "ids/values/c/0": ("ids/values", "uint8", None),
+    "ids/offsets/c/0/0": ("ids/offsets", "int64", 2),
+    "id_index/hash/c/0": ("id_index/hash", "uint64", 1),
+    "id_index/row/c/0": ("id_index/row", "int64", 1),
+}
 
 
 def plan_file_keys() -> list[str]:
-    return ["ids/values/c/0", "ids/offsets/c/0/0", "id_index/hash/c/0", "id_index/row/c/0"]
+    return list(PLAN_FILES)
+
+
+def plan_file_size(key: str, num_examples: int, id_bytes: int) -> int:
+    _, dtype, per_example = PLAN_FILES[key]
+    items = id_bytes if per_example is None else num_examples * per_example
+    return items * np.dtype(dtype).itemsize
+
+
+# ---- the completeness record -----------------------------------------------------------------------------------
+
+COMMIT_FILE_WORDS = 5  # per shard file: byte size, then its SHA-256 as four little-endian uint64 words
+
+
+def commit_width(num_files: int) -> int:
+    return 2 + COMMIT_FILE_WORDS * num_files
+
+
+def commit_entry(data: bytes | memoryview | None) -> list[int]:
+    """The commit words of one file: [size, sha256 words]; all zeros for an absent file."""
+    import hashlib
+
+    if data is None:
+        return [0] * COMMIT_FILE_WORDS
+    digest = hashlib.sha256(data).digest()
+    return [len(data), *np.frombuffer(digest, dtype="<u8").tolist()]
+
+
+def commit_file(row: np.ndarray, column: int) -> tuple[int, bytes]:
+    """(size, sha256 digest) of file `column` of a commit row."""
+    start = 2 + COMMIT_FILE_WORDS * column
+    return int(row[start]), np.asarray(row[start + 1:start + 5], dtype="<u8").tobytes()
+
+
+# ---- canonical JSON and the metadata every array must have -----------------------------------------------------
+
+def canonical_json(value: Any) -> bytes:
+    """Sorted keys, no whitespace, ASCII only (other characters as \\uXXXX), no NaN or infinity, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse UTF-8 JSON, refusing NaN/Infinity, duplicate keys and absurd nesting (raises ValueError)."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+
+
+def _bytes_codec(dtype: str) -> dict[str, Any]:
+    if np.dtype(dtype).itemsize == 1:
+        return {"name": "bytes"}
+    return {"name": "bytes", "configuration": {"endian": "little"}}
+
+
+def _zstd_codec() -> dict[str, Any]:
+    return {"name": "zstd", "configuration": {"level": ZSTD_LEVEL, "checksum": False}}
+
+
+def _fill_json(fill: Any) -> Any:
+    return "NaN" if isinstance(fill, float) and math.isnan(fill) else fill
+
+
+def _array(shape: list[int], dtype: str, chunks: list[int], codecs: list[dict[str, Any]], fill: Any = 0,
+           attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "zarr_format": 3, "node_type": "array", "shape": shape, "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": _fill_json(fill), "codecs": codecs, "attributes": attributes or {},
+        "storage_transformers": [],
+    }
+
+
+def _inner_codecs_json(spec: RaggedSpec) -> list[dict[str, Any]]:
+    codecs = [_bytes_codec(spec.dtype)]
+    if spec.codec == "zstd":
+        codecs.append(_zstd_codec())
+    elif spec.codec != "raw":
+        codecs.append({"name": "blosc", "configuration": {"typesize": np.dtype(spec.dtype).itemsize, "cname": "zstd",
+                                                           "clevel": BLOSC_CLEVEL, "shuffle": "shuffle",
+                                                           "blocksize": 0}})
+    return codecs
+
+
+GROUP_METADATA = {"zarr_format": 3, "node_type": "group", "attributes": {}}
+
+
+def root_metadata(header: dict[str, Any]) -> dict[str, Any]:
+    return {"zarr_format": 3, "node_type": "group", "attributes": {HEADER_KEY: header}}
+
+
+def metadata_documents(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every zarr.json of a store except the root, keyed by file key: exactly what the header implies.
+
+    The writer writes these documents and the reader requires them, so no store content chooses a dtype, codec,
+    chunk grid or key encoding.
+    """
+    n, rps, shards = header["num_examples"], header["rows_per_shard"], header["num_shards"]
+    cap, inner, id_bytes = header["shard_capacity"], header["inner_chunk"], header["id_bytes"]
+    ragged = ragged_from_header(header)
+    docs: dict[str, dict[str, Any]] = {}
+    for group in ("ids", "id_index", *(spec.name for spec in ragged)):
+        docs[f"{group}/zarr.json"] = dict(GROUP_METADATA)
+    docs["ids/values/zarr.json"] = _array([id_bytes], "uint8", [max(id_bytes, 1)], [_bytes_codec("uint8")])
+    docs["ids/offsets/zarr.json"] = _array([n, 2], "int64", [n, 2], [_bytes_codec("int64")])
+    docs["id_index/hash/zarr.json"] = _array([n], "uint64", [n], [_bytes_codec("uint64")])
+    docs["id_index/row/zarr.json"] = _array([n], "int64", [n], [_bytes_codec("int64")])
+    for name, (dtype, fill) in ROW_FIELDS.items():
+        docs[f"{name}/zarr.json"] = _array([n], dtype, [rps], [_bytes_codec(dtype), _zstd_codec()], fill)
+    for spec in ragged:
+        docs[f"{offsets_array(spec.name)}/zarr.json"] = _array([n, 2], "int64", [rps, 2],
+                                                               [_bytes_codec("int64"), _zstd_codec()])
+        sharding = {"name": "sharding_indexed", "configuration": {
+            "chunk_shape": [inner], "codecs": _inner_codecs_json(spec),
+            "index_codecs": [_bytes_codec("uint64"), {"name": "crc32c"}], "index_location": "end"}}
+        docs[f"{values_array(spec.name)}/zarr.json"] = _array(
+            [shards * cap], spec.dtype, [cap], [sharding], 0, {"scale": spec.scale} if spec.scale is not None else None)
+    width = commit_width(len(header["shard_files"]))
+    docs["commits/zarr.json"] = _array([shards, width], "uint64", [1, width],
+                                       [_bytes_codec("uint64"), {"name": "crc32c"}])
+    return docs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import threading
 from collections import OrderedDict
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,8 +70,27 @@ def zstd_content_size(frame: bytes | memoryview) -> int | None:
     return value + 256 if size == 2 else value
 
 
+def zstd_bound(size: int) -> int:
+    """The largest zstd frame a `size`-byte input can compress to (ZSTD_COMPRESSBOUND), plus a frame header."""
+    return size + (size >> 8) + ((128 << 10) - size >> 11 if size < 128 << 10 else 0) + 64
+
+
+def blosc_bound(size: int) -> int:
+    return size + _BLOSC_MAX_OVERHEAD
+
+
 def decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes: int) -> np.ndarray:
-    """Decode one inner chunk, refusing any chunk that declares a size other than `expected_bytes`."""
+    """Decode one chunk into exactly `expected_bytes`, refusing any chunk that declares another size before it is
+    decompressed; a chunk that does not decode is a FormatError, whatever the codec library raises."""
+    try:
+        return _decode_chunk(codec, data, dtype, expected_bytes)
+    except FormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - codec libraries raise RuntimeError, ValueError, ...
+        raise FormatError(f"{codec} chunk does not decode ({exc})") from None
+
+
+def _decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes: int) -> np.ndarray:
     if codec == "raw":
         if len(data) != expected_bytes:
             raise FormatError(f"raw chunk of {len(data)} bytes, expected {expected_bytes}")
@@ -100,8 +119,8 @@ def decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes: 
 class ShardValues:
     """Values of one ragged field in one shard, addressed by position inside the shard."""
 
-    def __init__(self, path: Path, spec: RaggedSpec, capacity: int, inner_chunk: int, cache: ChunkCache,
-                 cache_key: tuple):
+    def __init__(self, buffer: Any, name: str, spec: RaggedSpec, capacity: int, inner_chunk: int,
+                 cache: ChunkCache, cache_key: tuple):
         import google_crc32c
 
         self.spec = spec
@@ -112,20 +131,20 @@ class ShardValues:
         self.cache_key = cache_key
         n_inner = capacity // inner_chunk
         index_size = 16 * n_inner + 4
-        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self._map = np.frombuffer(buffer, dtype=np.uint8)
         if self._map.size < index_size:
-            raise FormatError(f"{path.name}: shard file of {self._map.size} bytes cannot hold its index")
+            raise FormatError(f"{name}: shard file of {self._map.size} bytes cannot hold its index")
         raw_index = bytes(self._map[-index_size:])
         if google_crc32c.value(raw_index[:-4]) != int.from_bytes(raw_index[-4:], "little"):
-            raise FormatError(f"{path.name}: shard index fails its crc32c checksum")
+            raise FormatError(f"{name}: shard index fails its crc32c checksum")
         index = np.frombuffer(raw_index[:-4], dtype="<u8").reshape(n_inner, 2)
         present = index[:, 0] != _MISSING
         data_end = self._map.size - index_size
         offs, sizes = index[present, 0], index[present, 1]
         if np.any(offs > data_end) or np.any(sizes > data_end - np.minimum(offs, data_end)):
-            raise FormatError(f"{path.name}: shard index points outside the file")
+            raise FormatError(f"{name}: shard index points outside the file")
         if spec.codec == "raw" and np.any(sizes != self.chunk_bytes):
-            raise FormatError(f"{path.name}: raw chunk sizes differ from {self.chunk_bytes} bytes")
+            raise FormatError(f"{name}: raw chunk sizes differ from {self.chunk_bytes} bytes")
         self.index = index
         self.present = present
         # Uncompressed shards written in order are one flat array: reads become plain slices of the map.

@@ -1,20 +1,27 @@
 """Where a store lives: a local folder or an fsspec URL, behind one function, :func:`location`.
 
-A location hands out a zarr store for metadata and arrays, and whole files by key for the hot read path
-(memory-mapped locally; fetched once into a local cache for remote URLs).
+A location hands out whole files by key, read with a size limit the caller sets or memory-mapped at a size the
+caller expects (fetched once into a local cache for remote URLs), and a zarr store for the writer. Local files are
+opened without following a symbolic link in any part of the key and without blocking, and only regular files are
+read: a link, FIFO or device inside a store is refused, never followed or waited on.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 import re
-import tempfile
-import zlib
+import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import FormatError, StoreNotFoundError
+from .errors import DamagedFileError, FormatError, StoreNotFoundError
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
 
 _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*(/[A-Za-z0-9_][A-Za-z0-9_.]*)*$")  # no "..", no absolute paths
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
@@ -31,8 +38,26 @@ def is_url(path: str | os.PathLike[str]) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def file_crc(data: bytes | memoryview) -> int:
-    return zlib.crc32(data) & 0xFFFFFFFF
+def file_sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_exactly(fd: int, size: int, key: str) -> bytes:
+    data = os.pread(fd, size, 0) if size else b""
+    if len(data) != size:
+        raise FormatError(f"{key} changed size while it was read")
+    return data
+
+
+def _check_size(url: str, key: str, actual: int, limit: int, size: int | None) -> None:
+    if size is not None and actual != size:
+        raise DamagedFileError(f"it has {actual} bytes, its record says {size}")
+    if actual > limit:
+        raise FormatError(f"{url}: {key} has {actual} bytes, more than the {limit} a file of its kind may have")
+
+
+def map_bytes(fd: int, size: int) -> mmap.mmap:
+    return mmap.mmap(fd, size, access=mmap.ACCESS_READ)
 
 
 class LocalLocation:
@@ -57,24 +82,100 @@ class LocalLocation:
     def path(self, key: str) -> Path:
         return self.root / check_key(key)
 
-    def local_file(self, key: str) -> Path | None:
-        """A local path to the file `key`, or None when it does not exist."""
-        p = self.path(key)
-        return p if p.is_file() else None
+    def open_file(self, key: str) -> int | None:
+        """A read-only descriptor of the regular file `key`, or None when there is nothing at `key`.
+
+        Every folder of the key is opened relative to the one before it with O_NOFOLLOW, and the file itself with
+        O_NOFOLLOW | O_NONBLOCK, so no symbolic link is followed and no FIFO or device is waited on.
+        """
+        parts = check_key(key).split("/")
+        try:
+            folder = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise FormatError(f"cannot open the store folder {self.root}: {exc.strerror}") from None
+        try:
+            for name in parts[:-1]:
+                inner = os.open(name, _DIR_FLAGS, dir_fd=folder)
+                os.close(folder)
+                folder = inner
+            fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                raise FormatError(f"{self.url}: refusing {key}: a symbolic link or not a regular file inside the "
+                                  "store") from None
+            raise FormatError(f"{self.url}: cannot open {key}: {exc.strerror}") from None
+        finally:
+            os.close(folder)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise FormatError(f"{self.url}: refusing {key}: not a regular file (a FIFO, device or folder inside the "
+                              "store)")
+        return fd
+
+    def read_file(self, key: str, *, limit: int, size: int | None = None) -> bytes | None:
+        """The bytes of `key` (None when absent), refusing a file above `limit` bytes or other than `size`."""
+        fd = self.open_file(key)
+        if fd is None:
+            return None
+        try:
+            actual = os.fstat(fd).st_size
+            _check_size(self.url, key, actual, limit, size)
+            return _read_exactly(fd, actual, key)
+        finally:
+            os.close(fd)
+
+    def map_file(self, key: str, size: int) -> mmap.mmap | None:
+        """A read-only memory map of `key`, which must have exactly `size` (> 0) bytes; None when absent."""
+        fd = self.open_file(key)
+        if fd is None:
+            return None
+        try:
+            _check_size(self.url, key, os.fstat(fd).st_size, size, size)
+            try:
+                return map_bytes(fd, size)
+            except (OSError, ValueError) as exc:  # address space exhausted, or a file system without mmap
+                raise FormatError(f"{self.url}: cannot map {key} ({exc})") from None
+        finally:
+            os.close(fd)
+
+    def lexists(self, key: str) -> bool:
+        """Whether anything (a file, folder, link, ...) is at `key`, without following links."""
+        return os.path.lexists(self.path(key))
+
+    def write_file(self, key: str, data: bytes) -> None:
+        """Write `key` atomically (temporary name, then rename)."""
+        import uuid
+
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")  # removed by remove_partials
+        with tmp.open("wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
 
     def read_bytes(self, key: str) -> bytes | None:
-        p = self.local_file(key)
-        return p.read_bytes() if p is not None else None
+        """A file the writer wrote itself (no size limit; links and special files are still refused)."""
+        return self.read_file(key, limit=1 << 62)
 
     def file_size(self, key: str) -> int | None:
-        p = self.local_file(key)
-        return p.stat().st_size if p is not None else None
+        fd = self.open_file(key)
+        if fd is None:
+            return None
+        try:
+            return os.fstat(fd).st_size
+        finally:
+            os.close(fd)
 
     def exists(self) -> bool:
         return self.root.exists()
 
     def has_key(self, key: str) -> bool:
-        return self.path(key).is_file()
+        return os.path.isfile(self.path(key)) and not os.path.islink(self.path(key))
 
     def top_level_names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
@@ -90,7 +191,9 @@ class LocalLocation:
         return removed
 
     def total_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file()) if self.root.is_dir() else 0
+        if not self.root.is_dir():
+            return 0
+        return sum(p.lstat().st_size for p in self.root.rglob("*") if stat.S_ISREG(p.lstat().st_mode))
 
 
 class RemoteLocation:
@@ -132,25 +235,46 @@ class RemoteLocation:
         except FileNotFoundError:
             return None
 
+    def read_file(self, key: str, *, limit: int, size: int | None = None) -> bytes | None:
+        """The object `key` (None when absent), refusing one above `limit` bytes or other than `size`."""
+        actual = self.file_size(key)
+        if actual is None:
+            return None
+        _check_size(self.url, key, actual, limit, size)
+        data = self.read_bytes(key)
+        if data is None:
+            return None
+        if len(data) != actual:
+            raise FormatError(f"{key} changed size while it was read")
+        return data
+
     def file_size(self, key: str) -> int | None:
         try:
             return int(self.fs.size(self._remote(key)))
         except FileNotFoundError:
             return None
 
-    def local_file(self, key: str) -> Path | None:
-        target = self.cache_root / check_key(key)
-        if target.is_file():
-            return target
-        data = self.read_bytes(key)
+    def map_file(self, key: str, size: int) -> mmap.mmap | None:
+        """A memory map of a local copy of `key` (fetched once into the cache); the reader checks it against the
+        commit record and drops the copy when it differs."""
+        cache = LocalLocation(self.cache_root)
+        try:
+            mapped = cache.map_file(key, size) if cache.has_key(key) else None
+        except DamagedFileError:  # a stale copy: fetch again
+            mapped = None
+        if mapped is not None:
+            return mapped
+        data = self.read_file(key, limit=size, size=size)
         if data is None:
             return None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".download")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-        return target
+        cache.write_file(key, data)
+        return cache.map_file(key, size)
+
+    def lexists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._remote(key)))
+
+    def write_file(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._remote(key), data)
 
     def drop_cached(self, key: str) -> None:
         (self.cache_root / check_key(key)).unlink(missing_ok=True)
@@ -186,5 +310,5 @@ def location(path: str | os.PathLike[str], storage_options: dict[str, Any] | Non
 
 
 def require_store(loc: Location) -> None:
-    if not loc.has_key("zarr.json"):
+    if not loc.lexists("zarr.json"):
         raise StoreNotFoundError(f"no logitstore store at {loc.url}")

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import stat
 from typing import Any
 
 import numpy as np
 
 from . import format as fmt
-from .errors import FormatError, LogitstoreError
-from .storage import file_crc
+from .errors import LogitstoreError, StoreNotFoundError, printable
 
 
 @dataclasses.dataclass
@@ -22,6 +23,7 @@ class VerifyReport:
     shards: int = 0
     committed_shards: int = 0
     files_checked: int = 0
+    digest: str | None = None
     problems: list[str] = dataclasses.field(default_factory=list)
     damaged_examples: list[str] = dataclasses.field(default_factory=list)
 
@@ -43,54 +45,110 @@ def _sum_tolerance(spec: fmt.RaggedSpec, magnitude: np.ndarray) -> np.ndarray:
     return eps32
 
 
-def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> VerifyReport:
-    """Verify the store at `path` and return a report (raises only when the path holds no store at all)."""
+def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None,
+           digest: str | None = None) -> VerifyReport:
+    """Verify the store at `path` and return a report (raises only when the path holds no store at all).
+
+    With `digest`, a store whose digest differs is a problem (and nothing else is checked).
+    """
     from .reader import open as open_store
 
     report = VerifyReport(str(path))
     try:
-        store = open_store(path, storage_options=storage_options)
-    except FormatError as exc:
+        store = open_store(path, storage_options=storage_options, digest=digest)
+    except StoreNotFoundError:
+        raise
+    except LogitstoreError as exc:
         report.problems.append(str(exc))
         return report
     loc, g, header = store.location, store.geometry, store.header
     report.path, report.examples, report.shards = loc.url, len(store), g.num_shards
-    report.committed_shards = int(store.committed.sum())
-    if store.missing_shards:
-        missing = store.missing_shards
+    try:
+        report.digest = store.digest
+        committed = store.committed
+    except LogitstoreError as exc:  # a commit record that is a link, FIFO, ...
+        report.problems.append(str(exc))
+        return report
+    report.committed_shards = int(committed.sum())
+    if not committed.all():
+        missing = np.flatnonzero(~committed).tolist()
         report.problems.append(f"incomplete: {len(missing)} of {g.num_shards} shards not written "
                                f"(first: {missing[0]})")
     elif not header.get("complete"):
         report.problems.append("incomplete: every shard is written but the store was never finalised")
+    report.problems += _stray_entries(store)
 
-    for key, (size, crc) in header.get("plan_files", {}).items():
-        data = loc.read_bytes(key)
+    plan_ok = True
+    for key, (size, sha) in header["plan_files"].items():
         report.files_checked += 1
-        if (data is None and size) or (data is not None and (len(data) != size or file_crc(data) != crc)):
+        if _file_problem(loc, key, size, bytes.fromhex(sha)):
             report.problems.append(f"damaged file {key} (example IDs / ID index)")
+            plan_ok = False
+    if plan_ok:
+        try:
+            store.ids  # noqa: B018 - decodes and checks every ID
+        except LogitstoreError as exc:
+            report.problems.append(str(exc))
+            plan_ok = False
 
-    commits = store.commit_table()
     damaged_rows: list[int] = []
-    for shard in np.flatnonzero(store.committed).tolist():
-        for j, array in enumerate(header["shard_files"]):
+    for shard in np.flatnonzero(committed).tolist():
+        row = store.commit_row(shard)
+        for j, array in enumerate(store._meta.shard_files):
             key = fmt.chunk_key(array, shard)
-            size, crc = int(commits[shard, 2 + 2 * j]), int(commits[shard, 3 + 2 * j])
-            data = loc.read_bytes(key)
+            size, sha = fmt.commit_file(row, j)
             report.files_checked += 1
-            bad = (data is None) if size else (data is not None)
-            bad = bad or (data is not None and (len(data) != size or file_crc(data) != crc))
-            if bad:
+            if _file_problem(loc, key, size, sha):
                 rows = g.shard_rows(shard)
-                ids = [store.id_of(r) for r in rows]
+                ids = [printable(store.id_of(r)) if plan_ok else f"row {r}" for r in rows]
                 shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
                 report.problems.append(f"damaged file {key}: shard {shard}, {len(ids)} examples ({shown})")
                 damaged_rows.extend(rows)
-    report.damaged_examples = [store.id_of(r) for r in sorted(set(damaged_rows))]
-    if damaged_rows:
+    report.damaged_examples = [store.id_of(r) if plan_ok else f"row {r}" for r in sorted(set(damaged_rows))]
+    if damaged_rows or not plan_ok:
         return report  # values of damaged shards would only repeat the same finding
 
-    _check_values(store, report)
+    try:
+        _check_values(store, report)
+    except LogitstoreError as exc:
+        report.problems.append(str(exc))
     return report
+
+
+def _file_problem(loc: Any, key: str, size: int, sha: bytes) -> bool:
+    """Whether `key` differs from its record (size 0: absent)."""
+    try:
+        if size == 0:
+            return bool(loc.lexists(key))
+        data = loc.map_file(key, size)
+    except LogitstoreError:
+        return True
+    return data is None or hashlib.sha256(data).digest() != sha
+
+
+def _stray_entries(store: Any) -> list[str]:
+    """Links, special files and files the format does not name, anywhere in a local store."""
+    loc = store.location
+    if not loc.is_local:
+        return []
+    expected = set(store._meta.documents) | set(store.header["plan_files"])
+    expected |= {f"commits/c/{k}/0" for k in range(store.geometry.num_shards)}
+    expected |= {fmt.chunk_key(a, k) for a in store._meta.shard_files for k in range(store.geometry.num_shards)}
+    problems = []
+    for folder, dirs, files in os.walk(loc.root, followlinks=False):
+        for name in sorted(dirs + files):
+            full = os.path.join(folder, name)
+            key = os.path.relpath(full, loc.root).replace(os.sep, "/")
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"symbolic link in the store: {printable(key)}")
+            elif stat.S_ISDIR(mode):
+                continue
+            elif not stat.S_ISREG(mode):
+                problems.append(f"not a regular file: {printable(key)}")
+            elif key not in expected and not name.endswith(".partial"):
+                problems.append(f"file the format does not name: {printable(key)}")
+    return problems[:20]
 
 
 def _check_values(store: Any, report: VerifyReport) -> None:

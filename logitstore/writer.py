@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,20 +17,16 @@ import numpy as np
 
 from . import format as fmt
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .format import id_hashes
+from .header import parse_root
 from .quantize import encode_fixed
-from .storage import Location, file_crc, location
+from .reader import read_commit_row
+from .storage import Location, file_sha256, location
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def id_hashes(ids: Sequence[str]) -> np.ndarray:
-    """64-bit hashes of example IDs (the first 8 bytes of BLAKE2b, little-endian)."""
-    out = np.empty(len(ids), dtype=np.uint64)
-    for i, key in enumerate(ids):
-        out[i] = int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little")
-    return out
+    """SHA-256 (hex) of the canonical JSON of a fingerprint (docs/FORMAT.md)."""
+    return hashlib.sha256(fmt.canonical_json(dict(fingerprint))).hexdigest()
 
 
 def _created_time() -> str:
@@ -44,22 +39,15 @@ def _created_time() -> str:
 
 def read_header(loc: Location) -> dict[str, Any] | None:
     """The store header, or None when the location holds no group metadata."""
-    raw = loc.read_bytes("zarr.json")
+    raw = loc.read_file("zarr.json", limit=fmt.MAX_HEADER_BYTES)
     if raw is None:
         return None
-    try:
-        meta = json.loads(raw)
-    except ValueError as exc:
-        raise FormatError(f"{loc.url}/zarr.json is not valid JSON") from exc
-    header = meta.get("attributes", {}).get(fmt.HEADER_KEY) if isinstance(meta, dict) else None
-    if not isinstance(header, dict):
-        raise FormatError(f"{loc.url} is a Zarr group without a logitstore header (another tool's store, or a "
-                          "build interrupted while planning: run the build again)")
-    version = header.get("format_version")
-    if version != fmt.FORMAT_VERSION:
-        raise FormatError(f"{loc.url} has format version {version!r}; this logitstore reads version "
-                          f"{fmt.FORMAT_VERSION}")
-    return header
+    return parse_root(raw, loc.url)
+
+
+def write_root(loc: Location, header: Mapping[str, Any]) -> None:
+    """Write the root zarr.json holding `header` (atomically where the file system allows)."""
+    loc.write_file("zarr.json", fmt.canonical_json(fmt.root_metadata(dict(header))))
 
 
 class StoreWriter:
@@ -72,8 +60,7 @@ class StoreWriter:
         self.header = header
         self.geometry = fmt.Geometry(header["num_examples"], header["rows_per_shard"], header["max_length"],
                                      header["inner_chunk"])
-        self.ragged = [fmt.spec_from_header(name, entry) for name, entry in header["fields"].items()
-                       if entry["kind"] == "ragged"]
+        self.ragged = fmt.ragged_from_header(header)
         self._group = zarr.open_group(loc.zarr_store(read_only=False), mode="r+")
 
     # ---- opening ----------------------------------------------------------------------------------------------
@@ -99,7 +86,9 @@ class StoreWriter:
 
     def committed(self) -> np.ndarray:
         """Boolean mask over shards: True where the shard's commit record is present and intact."""
-        return committed_shards(self._group, self.geometry.num_shards)
+        width = fmt.commit_width(len(self.header["shard_files"]))
+        return np.array([read_commit_row(self.loc, k, width) is not None for k in range(self.geometry.num_shards)],
+                        dtype=bool)
 
     def missing_shards(self) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.committed())]
@@ -133,9 +122,7 @@ class StoreWriter:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
         record = [1, clipped]
         for array in fmt.shard_file_arrays(self.ragged):
-            key = fmt.chunk_key(array, shard)
-            data = self.loc.read_bytes(key)
-            record += [0, 0] if data is None else [len(data), file_crc(data)]
+            record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
@@ -186,26 +173,9 @@ class StoreWriter:
         summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": clipped,
                    "data_bytes": int(data_bytes)}
         header = dict(self.header, complete=True, summary=summary)
-        self._group.attrs[fmt.HEADER_KEY] = header
+        write_root(self.loc, header)
         self.header = header
         return summary
-
-
-def committed_shards(group: Any, num_shards: int) -> np.ndarray:
-    """Which shards have an intact commit record (a torn record fails its crc32c and counts as absent)."""
-    commits = group["commits"]
-    try:  # one read of the whole table (zarr fetches its chunks concurrently)
-        return np.asarray(commits[:, 0]) == 1
-    except Exception:  # noqa: BLE001 - a damaged record somewhere: find which, shard by shard
-        pass
-    mask = np.zeros(num_shards, dtype=bool)
-    for k in range(num_shards):
-        try:
-            row = commits[k]
-        except Exception:  # noqa: BLE001 - a damaged commit chunk means: not committed
-            continue
-        mask[k] = bool(row[0] == 1)
-    return mask
 
 
 def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
@@ -257,16 +227,13 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     geometry = fmt.Geometry(len(ids), rows_per_shard, max_length, inner_chunk)
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale)
     loc.remove_partials()
-    _write_plan(loc, ids, geometry, ragged)
-    plan_files = {}
-    for key in fmt.plan_file_keys():
-        data = loc.read_bytes(key)
-        plan_files[key] = [0, 0] if data is None else [len(data), file_crc(data)]
+    encoded = [i.encode("utf-8") for i in ids]
     fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype} for name, (dtype, _) in fmt.ROW_FIELDS.items()}
     fields.update({spec.name: spec.header() for spec in ragged})
     header = {
         "format_version": fmt.FORMAT_VERSION,
         **geometry.header(),
+        "id_bytes": sum(len(b) for b in encoded),
         "fields": fields,
         "shard_files": fmt.shard_file_arrays(ragged),
         "fingerprint": dict(fingerprint),
@@ -274,12 +241,10 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "tokenizer": dict(tokenizer or {"vocab_size": vocab_size}),
         "settings": dict(settings or {}),
         "created": _created_time(),
-        "plan_files": plan_files,
         "skipped": [dict(s) for s in skipped],
     }
-    import zarr
-
-    zarr.open_group(loc.zarr_store(read_only=False), mode="a", zarr_format=3).attrs[fmt.HEADER_KEY] = header
+    header["plan_files"] = _write_plan(loc, header, encoded)
+    write_root(loc, header)  # last: a store whose header exists is planned
     return StoreWriter(loc, header)
 
 
@@ -293,43 +258,28 @@ def _planned_header(loc: Location) -> dict[str, Any] | None:
         raise
 
 
-def _write_plan(loc: Location, ids: list[str], g: fmt.Geometry, ragged: list[fmt.RaggedSpec]) -> None:
+def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> dict[str, list[Any]]:
+    """Write every metadata document but the root's, and the ID files; return `plan_files` for the header."""
     import zarr
 
-    store = loc.zarr_store(read_only=False)
-    # The root group's metadata is written only at the end (by the caller) together with the header; arrays can be
-    # created under it first because zarr writes each array's own zarr.json.
-    root = zarr.open_group(store, mode="w", zarr_format=3)
-    comp = fmt.row_compressors()
-    n, rps = g.num_examples, g.rows_per_shard
-    encoded = [i.encode("utf-8") for i in ids]
-    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=n)
+    # Clear whatever an interrupted plan left (zarr's "w" mode); the root's own document is written last.
+    zarr.open_group(loc.zarr_store(read_only=False), mode="w", zarr_format=3)
+    for key, doc in fmt.metadata_documents(header).items():
+        loc.write_file(key, fmt.canonical_json(doc))
+    lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     ends = np.cumsum(lengths)
-    id_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    total = max(int(id_bytes.size), 1)
-    a = root.create_array("ids/values", shape=(int(id_bytes.size),), chunks=(total,), dtype="uint8",
-                          compressors=comp, fill_value=0)
-    a[:] = id_bytes
-    root.create_array("ids/offsets", shape=(n, 2), chunks=(n, 2), dtype="int64", compressors=comp,
-                      fill_value=0)[:] = np.stack([ends - lengths, ends], axis=1)
-    hashes = id_hashes(ids)
+    hashes = id_hashes([b.decode("utf-8") for b in encoded])
     order = np.argsort(hashes, kind="stable")
-    root.create_array("id_index/hash", shape=(n,), chunks=(n,), dtype="uint64", compressors=comp,
-                      fill_value=0)[:] = hashes[order]
-    root.create_array("id_index/row", shape=(n,), chunks=(n,), dtype="int64", compressors=comp,
-                      fill_value=0)[:] = order.astype(np.int64)
-    for name, (dtype, fill) in fmt.ROW_FIELDS.items():
-        root.create_array(name, shape=(n,), chunks=(rps,), dtype=dtype, compressors=comp, fill_value=fill)
-    cap = g.shard_capacity
-    for spec in ragged:
-        root.create_array(fmt.offsets_array(spec.name), shape=(n, 2), chunks=(rps, 2), dtype="int64",
-                          compressors=comp, fill_value=0)
-        arr = root.create_array(fmt.values_array(spec.name), shape=(g.num_shards * cap,), chunks=(g.inner_chunk,),
-                                shards=(cap,), dtype=spec.dtype, fill_value=0, **fmt.inner_codecs(spec))
-        if spec.scale is not None:
-            arr.attrs["scale"] = spec.scale
-    from zarr.codecs import BytesCodec, Crc32cCodec
-
-    width = 2 + 2 * len(fmt.shard_file_arrays(ragged))
-    root.create_array("commits", shape=(g.num_shards, width), chunks=(1, width), dtype="uint64",
-                      serializer=BytesCodec(), compressors=[Crc32cCodec()], fill_value=0)
+    content = {
+        "ids/values/c/0": b"".join(encoded),
+        "ids/offsets/c/0/0": np.stack([ends - lengths, ends], axis=1).astype("<i8").tobytes(),
+        "id_index/hash/c/0": hashes[order].astype("<u8").tobytes(),
+        "id_index/row/c/0": order.astype("<i8").tobytes(),
+    }
+    plan_files: dict[str, list[Any]] = {}
+    for key in fmt.plan_file_keys():
+        data = content[key]
+        if data:  # an empty array has no chunk file
+            loc.write_file(key, data)
+            plan_files[key] = [len(data), file_sha256(data)]
+    return plan_files

@@ -105,6 +105,7 @@ def test_a_damaged_remote_file_is_refused_by_the_cache(s3, mistral_model, tmp_pa
     blob[3] ^= 0x40
     fs.pipe_file(key, bytes(blob))
     store = logitstore.open(url)
-    with pytest.raises(logitstore.FormatError, match="chosen_ids shard 0 fetched from s3://pairs/run2.lstore fails"):
+    with pytest.raises(logitstore.FormatError, match=r"^s3://pairs/run2.lstore: damaged file chosen_ids/values/c/0 "
+                                                     r"\(its SHA-256 differs from the commit record\): shard 0, 8 "):
         store.ragged("chosen_ids", [0])
     assert run("verify", url, env=s3).returncode == 1

@@ -20,6 +20,7 @@ from logitstore import format as fmt
 from logitstore.shards import decode_chunk
 from logitstore.storage import check_key
 
+from forge import recommit
 from synthetic import fill, plan, shard_rows
 
 HERE = Path(__file__).parent
@@ -96,7 +97,7 @@ def test_a_twenty_line_reader_with_plain_zarr_agrees(tmp_path):
     # ---- the reference reader: zarr + numpy only ----
     g = zarr.open_group(str(path), mode="r")
     header = g.attrs["logitstore"]
-    assert header["format_version"] == 1 and header["complete"]
+    assert header["format_version"] == 2 and header["complete"]
     ids_values, ids_offsets = g["ids/values"][:], g["ids/offsets"][:]
     ids = [ids_values[a:b].tobytes().decode() for a, b in ids_offsets]
     chosen_logps, rejected_logps = g["chosen_logps"][:], g["rejected_logps"][:]
@@ -247,6 +248,7 @@ def test_a_shard_index_pointing_outside_its_file_is_refused(tmp_path):
 
     data[-4:] = google_crc32c.value(bytes(data[index_start:-4])).to_bytes(4, "little")
     path.write_bytes(bytes(data))
+    recommit(tmp_path / "s", "prompt_ids/values/c/0")  # as a hostile author would
     with pytest.raises(logitstore.FormatError, match="shard index points outside the file"):
         logitstore.open(tmp_path / "s").ragged("prompt_ids", [0])
 
@@ -265,7 +267,7 @@ def test_an_unknown_format_version_is_refused(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["logitstore"]["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(logitstore.FormatError, match="has format version 99; this logitstore reads version 1"):
+    with pytest.raises(logitstore.FormatError, match="has format version 99; this logitstore reads version 2"):
         logitstore.open(tmp_path / "s")
 
 

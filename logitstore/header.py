@@ -1,0 +1,231 @@
+"""The root of trust: the store header, checked against the reader's own limits, and every other metadata document
+checked to be exactly what the header implies.
+
+Nothing here hands store content to zarr-python. A store whose metadata differs in any way from what the writer
+writes for its header (another dtype, codec, chunk grid, key encoding or fill value, Zarr v2 or consolidated
+metadata) is refused before a byte of its data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any
+
+from . import format as fmt
+from .errors import FormatError
+from .storage import Location
+
+_V2_NAMES = (".zarray", ".zgroup", ".zattrs", ".zmetadata")
+_TOKEN_DTYPES = ("uint16", "uint32")
+_LOGP_DTYPES = {"fixed": "uint16", "float16": "float16", "float32": "float32", "raw": "float32"}
+_ROOT_KEYS = {"zarr_format", "node_type", "attributes"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreMeta:
+    """A checked header with what follows from it, and the metadata bytes as stored (for the digest)."""
+
+    header: dict[str, Any]
+    geometry: fmt.Geometry
+    fields: dict[str, fmt.RaggedSpec]  # ragged fields
+    shard_files: list[str]
+    documents: dict[str, bytes]  # file key -> stored zarr.json bytes, the root included
+
+
+def _int(header: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = header.get(key)
+    if type(value) is not int or not low <= value <= high:
+        raise FormatError(f"header {key} must be an integer in [{low}, {high}], got {_short(value)}")
+    return value
+
+
+def _short(value: Any) -> str:
+    text = fmt.canonical_json(value).decode() if isinstance(value, (dict, list)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_root(raw: bytes, url: str) -> dict[str, Any]:
+    """The header held in a root zarr.json's bytes (raises FormatError)."""
+    try:
+        meta = fmt.strict_json(raw)
+    except ValueError as exc:
+        raise FormatError(f"{url}/zarr.json is not valid JSON ({exc})") from None
+    header = meta.get("attributes", {}).get(fmt.HEADER_KEY) if isinstance(meta, dict) and isinstance(
+        meta.get("attributes"), dict) else None
+    if not isinstance(header, dict):
+        raise FormatError(f"{url} is a Zarr group without a logitstore header (another tool's store, or a "
+                          "build interrupted while planning: run the build again)")
+    version = header.get("format_version")
+    if version != fmt.FORMAT_VERSION or type(version) is not int:
+        raise FormatError(f"{url} has format version {_short(version)}; this logitstore reads version "
+                          f"{fmt.FORMAT_VERSION}")
+    if set(meta) != _ROOT_KEYS or meta != fmt.root_metadata(header):
+        raise FormatError(f"{url}/zarr.json holds more than the header (consolidated metadata or other keys: "
+                          f"{', '.join(sorted(set(meta) - _ROOT_KEYS)) or 'attributes'})")
+    return header
+
+
+def check_header(header: dict[str, Any], url: str) -> tuple[fmt.Geometry, dict[str, fmt.RaggedSpec], list[str]]:
+    """Check every value the reader relies on against its limits; return the geometry, ragged specs, shard files."""
+    try:
+        return _check_header(header)
+    except FormatError as exc:
+        raise FormatError(f"{url}: {exc}") from None
+
+
+def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.RaggedSpec], list[str]]:
+    n = _int(header, "num_examples", 1, fmt.MAX_EXAMPLES)
+    rps = _int(header, "rows_per_shard", 1, fmt.MAX_ROWS_PER_SHARD)
+    max_length = _int(header, "max_length", 1, fmt.MAX_LENGTH)
+    inner = _int(header, "inner_chunk", 1, fmt.MAX_INNER_CHUNK)
+    _int(header, "id_bytes", 0, fmt.MAX_ID_BYTES)
+    geometry = fmt.Geometry(n, rps, max_length, inner)
+    if _int(header, "num_shards", 1, fmt.MAX_SHARDS) != geometry.num_shards:
+        raise FormatError(f"header num_shards {header['num_shards']} differs from num_examples / rows_per_shard "
+                          f"({geometry.num_shards})")
+    if geometry.shard_capacity > fmt.MAX_SHARD_CAPACITY:
+        raise FormatError(f"rows_per_shard * max_length = {rps * max_length} values per shard is above the limit "
+                          f"of {fmt.MAX_SHARD_CAPACITY}")
+    if geometry.shard_capacity // inner > fmt.MAX_INNER_PER_SHARD:
+        raise FormatError(f"{geometry.shard_capacity // inner} inner chunks per shard is above the limit of "
+                          f"{fmt.MAX_INNER_PER_SHARD}")
+    if header.get("shard_capacity") != geometry.shard_capacity:
+        raise FormatError(f"header shard_capacity {_short(header.get('shard_capacity'))} differs from "
+                          f"rows_per_shard * max_length rounded up to whole inner chunks ({geometry.shard_capacity})")
+    fields = header.get("fields")
+    if not isinstance(fields, dict):
+        raise FormatError("header fields must be an object")
+    for name, (dtype, _) in fmt.ROW_FIELDS.items():
+        if fields.get(name) != {"kind": "row", "dtype": dtype}:
+            raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
+                              f"{_short(fields.get(name))}")
+    ragged: dict[str, fmt.RaggedSpec] = {}
+    for name, entry in fields.items():
+        if name in fmt.ROW_FIELDS:
+            continue
+        if name not in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS:
+            raise FormatError(f"unknown field {_short(name)} in the header")
+        ragged[name] = _ragged_spec(name, entry)
+    missing = [name for name in fmt.TOKEN_FIELDS if name not in ragged]
+    if missing:
+        raise FormatError(f"header lacks the field {missing[0]}")
+    per_token = [ragged.get(name) for name in fmt.PER_TOKEN_FIELDS]
+    if any(per_token) and not (all(per_token) and per_token[0].codec == per_token[1].codec  # type: ignore[union-attr]
+                               and per_token[0].scale == per_token[1].scale):  # type: ignore[union-attr]
+        raise FormatError("per-token fields must come as a pair with the same codec")
+    if len({ragged[name].dtype for name in fmt.TOKEN_FIELDS}) != 1:
+        raise FormatError("token id fields must share one dtype")
+    order = [name for name in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS if name in ragged]  # the format's order
+    specs = [ragged[name] for name in order]
+    shard_files = fmt.shard_file_arrays(specs)
+    if header.get("shard_files") != shard_files:
+        raise FormatError(f"header shard_files must be {shard_files}")
+    _check_plan_files(header, n)
+    for key, kind in (("fingerprint", dict), ("tokenizer", dict), ("settings", dict), ("skipped", list)):
+        if not isinstance(header.get(key), kind):
+            raise FormatError(f"header {key} must be {'an object' if kind is dict else 'a list'}")
+    if not isinstance(header.get("fingerprint_digest"), str) or len(header["fingerprint_digest"]) != 64:
+        raise FormatError("header fingerprint_digest must be a SHA-256 in hex")
+    tokenizer = header["tokenizer"]
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = tokenizer.get(key)
+        if value is not None and (type(value) is not int or not 0 <= value < 1 << 32):
+            raise FormatError(f"header tokenizer.{key} must be a token id or null, got {_short(value)}")
+    vocab = tokenizer.get("vocab_size")
+    if vocab is not None and (type(vocab) is not int or not 0 < vocab <= 1 << 32):
+        raise FormatError(f"header tokenizer.vocab_size must be a positive integer, got {_short(vocab)}")
+    if "complete" in header and header["complete"] is not True:
+        raise FormatError("header complete must be true when present")
+    return geometry, {spec.name: spec for spec in specs}, shard_files
+
+
+def _ragged_spec(name: str, entry: Any) -> fmt.RaggedSpec:
+    if not isinstance(entry, dict) or entry.get("kind") != "ragged":
+        raise FormatError(f"header field {name} must be a ragged field")
+    dtype, codec, scale = entry.get("dtype"), entry.get("codec"), entry.get("scale")
+    allowed = set(entry) <= {"kind", "dtype", "codec", "scale"}
+    if name in fmt.TOKEN_FIELDS:
+        ok = allowed and dtype in _TOKEN_DTYPES and codec in fmt.TOKEN_CODECS and "scale" not in entry
+    else:
+        ok = allowed and codec in fmt.LOGP_CODECS and dtype == _LOGP_DTYPES[codec] and (
+            ("scale" in entry) == (codec == "fixed"))
+    if not ok:
+        raise FormatError(f"header field {name} has an unsupported dtype, codec or key: {_short(entry)}")
+    if scale is not None and (type(scale) is not float or not math.isfinite(scale)
+                              or not fmt.MIN_FIXED_SCALE <= scale <= fmt.MAX_FIXED_SCALE):
+        raise FormatError(f"header field {name}: fixed-point scale must be a finite float in "
+                          f"[{fmt.MIN_FIXED_SCALE}, {fmt.MAX_FIXED_SCALE}], got {_short(scale)}")
+    return fmt.RaggedSpec(name, dtype, codec, scale)
+
+
+def _check_plan_files(header: dict[str, Any], n: int) -> None:
+    plan = header.get("plan_files")
+    keys = [key for key in fmt.plan_file_keys() if fmt.plan_file_size(key, n, header["id_bytes"])]
+    if not isinstance(plan, dict) or sorted(plan) != sorted(keys):
+        raise FormatError(f"header plan_files must name exactly {keys}")
+    for key in keys:
+        entry = plan[key]
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] == fmt.plan_file_size(
+                key, n, header["id_bytes"]) and isinstance(entry[1], str) and len(entry[1]) == 64):
+            raise FormatError(f"header plan_files[{key!r}] must be [its size in bytes, its SHA-256 in hex]")
+
+
+def read_meta(loc: Location) -> StoreMeta:
+    """Read and check the root header and every other metadata document of the store at `loc`."""
+    raw = loc.read_file("zarr.json", limit=fmt.MAX_HEADER_BYTES)
+    if raw is None:
+        from .errors import StoreNotFoundError
+
+        raise StoreNotFoundError(f"no logitstore store at {loc.url}")
+    header = parse_root(raw, loc.url)
+    geometry, fields, shard_files = check_header(header, loc.url)
+    documents = {"zarr.json": raw}
+    expected = fmt.metadata_documents(header)
+    folders = [""] + [key[:-len("/zarr.json")] for key in expected]
+    _refuse_v2(loc, folders)
+    for key, doc in expected.items():
+        stored = loc.read_file(key, limit=fmt.MAX_METADATA_BYTES)
+        if stored is None:
+            raise FormatError(f"{loc.url}: {key} is missing")
+        try:
+            parsed = fmt.strict_json(stored)
+        except ValueError as exc:
+            raise FormatError(f"{loc.url}: {key} is not valid JSON ({exc})") from None
+        if not isinstance(parsed, dict) or fmt.canonical_json(parsed) != fmt.canonical_json(doc):
+            raise FormatError(f"{loc.url}: {key} differs from the metadata the header implies "
+                              f"({_first_difference(parsed, doc)})")
+        documents[key] = stored
+    return StoreMeta(header, geometry, fields, shard_files, dict(sorted(documents.items())))
+
+
+def _refuse_v2(loc: Location, folders: list[str]) -> None:
+    """Zarr v2 metadata next to the v3 documents would let another Zarr reader see other arrays."""
+    if not loc.is_local:
+        folders = [""]  # one request per name on an object store; the whole tree is checked by `verify`
+    for folder in folders:
+        for name in _V2_NAMES:
+            key = f"{folder}/{name}" if folder else name  # built here from constants: no check_key needed
+            there = os.path.lexists(os.path.join(loc.root, key)) if loc.is_local else loc.fs.exists(
+                f"{loc._root}/{key}")
+            if there:
+                raise FormatError(f"{loc.url}: refusing Zarr v2 metadata {key} in a Zarr v3 store")
+
+
+def _first_difference(got: Any, want: Any, path: str = "") -> str:
+    if isinstance(got, dict) and isinstance(want, dict):
+        for key in sorted(set(got) | set(want)):
+            if key not in want:
+                return f"unexpected {path}{key}"
+            if key not in got:
+                return f"no {path}{key}"
+            if fmt.canonical_json(got[key]) != fmt.canonical_json(want[key]):
+                return _first_difference(got[key], want[key], f"{path}{key}.")
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return f"{path.rstrip('.')} has {len(got)} entries, expected {len(want)}"
+        for i, (a, b) in enumerate(zip(got, want)):
+            if fmt.canonical_json(a) != fmt.canonical_json(b):
+                return _first_difference(a, b, f"{path}{i}.")
+    return f"{path.rstrip('.') or 'document'} is {_short(got)}, expected {_short(want)}"

@@ -1,0 +1,39 @@
+"""What a hostile store's author can do: change a file and recompute every record that covers it, so that only the
+reader's own checks (limits, pinned metadata, decoded sizes, a pinned digest) stand in the way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+
+from logitstore import format as fmt
+
+
+def header(store: Path) -> dict:
+    return json.loads((store / "zarr.json").read_text())["attributes"]["logitstore"]
+
+
+def write_header(store: Path, value: dict) -> None:
+    (store / "zarr.json").write_bytes(fmt.canonical_json(fmt.root_metadata(value)))
+
+
+def recommit(store: Path, key: str) -> None:
+    """Rewrite the record of `key` (a shard file or an ID file) to match the file as it is now."""
+    data = (store / key).read_bytes() if (store / key).is_file() else None
+    h = header(store)
+    if key in h["plan_files"]:
+        h["plan_files"][key] = [len(data), hashlib.sha256(data).hexdigest()]
+        write_header(store, h)
+        return
+    array, shard = key.split("/c/")[0], int(key.split("/c/")[1].split("/")[0])
+    column = h["shard_files"].index(array)
+    record = store / "commits" / "c" / str(shard) / "0"
+    row = np.frombuffer(record.read_bytes()[:-4], dtype="<u8").copy()
+    start = 2 + fmt.COMMIT_FILE_WORDS * column
+    row[start:start + fmt.COMMIT_FILE_WORDS] = fmt.commit_entry(data)
+    payload = row.astype("<u8").tobytes()
+    record.write_bytes(payload + google_crc32c.value(payload).to_bytes(4, "little"))
