@@ -1,57 +1,291 @@
-"""DPO losses as pure functions over per-sequence log-probs, matching TRL 1.16's formulas.
+"""DPO objectives as pure functions, formula for formula TRL 1.16's ``DPOTrainer._compute_loss``.
 
-Each returns per-example losses and rewards; the training loop takes the mean.
+An :class:`Objective` says what to optimise (loss types and their weights, β, the f-divergence, label smoothing,
+DiscoPOP's τ, LD-DPO's α, WPO weighting) and refuses, on construction, every combination TRL refuses, with TRL's
+reason, and every option that would have no effect. :func:`dpo_loss` takes one batch's per-pair log-probs
+(:class:`PairLogps`) and returns per-example losses and rewards; the training loop takes the mean.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+from logitstore.errors import LogitstoreError
+
+# TRL 1.16's loss types, in its order, with the paper each comes from.
+PAPERS = {
+    "sigmoid": "DPO, Rafailov et al. 2023, arXiv:2305.18290",
+    "hinge": "SLiC, Zhao et al. 2023, arXiv:2305.10425",
+    "ipo": "IPO, Azar et al. 2023, arXiv:2310.12036",
+    "exo_pair": "EXO, Ji et al. 2024, arXiv:2402.00856",
+    "nca_pair": "NCA, Chen et al. 2024, arXiv:2402.05369",
+    "robust": "Robust DPO, Chowdhury et al. 2024, arXiv:2403.00409",
+    "bco_pair": "BCO, Jung et al. 2024, arXiv:2404.04656",
+    "sppo_hard": "SPPO, Wu et al. 2024, arXiv:2405.00675",
+    "aot": "AOT, Melnyk et al. 2024, arXiv:2406.05882",
+    "aot_unpaired": "AOT, Melnyk et al. 2024, arXiv:2406.05882",
+    "apo_zero": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
+    "apo_down": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
+    "discopop": "DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414",
+    "sft": "negative log-likelihood of the chosen tokens, as mixed in by MPO (Wang et al. 2024, arXiv:2411.10442)",
+    "sigmoid_norm": "DPO on per-token-averaged log-ratios (length-normalised DPO)",
+}
+LOSS_TYPES = tuple(PAPERS)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO, arXiv:2309.16240
+# Only these are built on the chosen-rejected reward difference, where f-DPO's β·log Z(x) term cancels.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm")  # divide by the completion's token count
+SORTING_LOSSES = ("aot", "aot_unpaired")
+DEFAULT_DISCOPOP_TAU = 0.05
+DEFAULT_F_ALPHA = 0.5
+
+
+class ObjectiveError(LogitstoreError, ValueError):
+    """A loss, or a combination of loss options, that cannot be trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What DPO optimises. Defaults are TRL 1.16's; ``None`` means TRL's default for an option that only one loss
+    or divergence reads (so that setting it elsewhere can be refused as meaningless)."""
+
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None  # None: 1.0 each
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha_coef: float | None = None  # α of alpha_divergence (TRL's f_alpha_divergence_coef, default 0.5)
+    ld_alpha: float | None = None  # LD-DPO's α, arXiv:2409.06411
+    use_weighting: bool = False  # WPO, arXiv:2406.11827
+    discopop_tau: float | None = None  # DiscoPOP's τ (default 0.05)
+
+    def __post_init__(self) -> None:
+        types = parse_loss_types(self.loss_types)
+        object.__setattr__(self, "loss_types", types)
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        _check(self)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
+
+    @property
+    def tau(self) -> float:
+        return DEFAULT_DISCOPOP_TAU if self.discopop_tau is None else self.discopop_tau
+
+    @property
+    def alpha_coef(self) -> float:
+        return DEFAULT_F_ALPHA if self.f_alpha_coef is None else self.f_alpha_coef
+
+
+def parse_loss_types(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"sigmoid,sft"`` or ``["sigmoid", "sft"]`` as a tuple of known loss types."""
+    types = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else tuple(value)
+    if not types or any(not t for t in types):
+        raise ObjectiveError(f"expected one or more loss types separated by commas, got {value!r}")
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown:
+        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(LOSS_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ObjectiveError(f"loss type {next(t for t in types if types.count(t) > 1)!r} is listed twice; give "
+                             "it one weight instead")
+    return types
+
+
+def _check(o: Objective) -> None:
+    types = o.loss_types
+    if o.loss_weights is not None and len(o.loss_weights) != len(types):
+        # TRL's message (DPOConfig.__post_init__)
+        raise ObjectiveError(f"`loss_weights` must have the same length as `loss_type` when combining multiple "
+                             f"losses. Got {len(o.loss_weights)} weights for {len(types)} loss types.")
+    if not all(math.isfinite(w) for w in o.weights):
+        raise ObjectiveError(f"loss weights must be finite numbers, got {list(o.weights)}")
+    if not (math.isfinite(o.beta) and o.beta > 0):
+        raise ObjectiveError(f"beta must be a positive number, got {o.beta}")
+    if o.f_divergence not in F_DIVERGENCES:
+        raise ObjectiveError(f"unknown f-divergence {o.f_divergence!r}; choose from {', '.join(F_DIVERGENCES)}")
+    if o.f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSSES):
+        # TRL's message and reason (DPOTrainer.__init__)
+        raise ObjectiveError(
+            f"`f_divergence_type='{o.f_divergence}'` is only supported for the following loss types: "
+            f"{sorted(F_DIVERGENCE_LOSSES)}. You provided {list(types)}. Use the default "
+            "`f_divergence_type='reverse_kl'` with these losses (the f-DPO reparameterization leaves a β·log Z(x) "
+            "term that only cancels in the chosen-rejected reward difference).")
+    if o.f_alpha_coef is not None and o.f_divergence != "alpha_divergence":
+        raise ObjectiveError("the alpha coefficient only applies to the alpha_divergence f-divergence")
+    if o.f_alpha_coef is not None and not math.isfinite(o.f_alpha_coef):
+        raise ObjectiveError(f"the alpha coefficient must be finite, got {o.f_alpha_coef}")
+    if o.use_weighting and any(t in SORTING_LOSSES for t in types):
+        # TRL's message (DPOTrainer.__init__ raises NotImplementedError)
+        raise ObjectiveError("WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' because those "
+                             "losses sort samples, which would misalign per-pair weights.")
+    if o.use_weighting and "sft" in types:
+        # TRL 1.16 fails here with a RuntimeError (an in-place product on the expanded batch-level SFT term).
+        raise ObjectiveError("WPO-style weighting does not apply to the 'sft' loss: it is one batch-level "
+                             "average, not a per-pair value to weight")
+    ls = o.label_smoothing
+    if ls != 0.0 and not any(t in LABEL_SMOOTHING_LOSSES for t in types):
+        raise ObjectiveError(f"label smoothing has no effect on {', '.join(types)}; only "
+                             f"{', '.join(LABEL_SMOOTHING_LOSSES)} use it")
+    if not (math.isfinite(ls) and 0.0 <= ls < 1.0):
+        raise ObjectiveError(f"label smoothing is a probability in [0, 1), got {ls}")
+    if "robust" in types and not ls < 0.5:
+        # TRL only warns; at 0.5 the robust loss divides by zero and above it flips sign.
+        raise ObjectiveError(f"The `label_smoothing` parameter should lie in [0.0, 0.5) for the 'robust' loss. "
+                             f"You provided {ls}.")
+    if "exo_pair" in types and ls == 0.0:
+        # TRL's message (DPOTrainer.__init__)
+        raise ObjectiveError("Label smoothing must be greater than 0.0 when using 'exo_pair' loss. The EXO paper "
+                             "recommends a value of 1e-3.")
+    if o.discopop_tau is not None:
+        if "discopop" not in types:
+            raise ObjectiveError("discopop_tau only applies to the discopop loss")
+        if not (math.isfinite(o.discopop_tau) and o.discopop_tau > 0):
+            raise ObjectiveError(f"discopop_tau must be a positive number, got {o.discopop_tau}")
+    if o.ld_alpha is not None and not (math.isfinite(o.ld_alpha) and 0.0 <= o.ld_alpha <= 1.0):
+        # TRL documents the range; 1.0 weighs the tail fully (plain DPO), 0.0 drops it.
+        raise ObjectiveError(f"ld_alpha must be in [0.0, 1.0], got {o.ld_alpha}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLogps:
+    """One batch of B pairs as the losses see it; every tensor is [B] unless noted.
+
+    ``chosen``/``rejected`` are the policy's sequence log-probs and ``ref_*`` the reference's, both LD-weighted
+    when LD-DPO is on. The rest is needed only by some objectives (see :func:`needed_inputs`)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+    chosen_tokens: torch.Tensor | None = None  # completion tokens, prompt excluded (ipo, sigmoid_norm)
+    rejected_tokens: torch.Tensor | None = None
+    chosen_token_mean: torch.Tensor | None = None  # scalar: mean log-prob over all scored chosen tokens (sft)
+    pair_weights: torch.Tensor | None = None  # WPO weights, detached (use_weighting)
 
 
 @dataclasses.dataclass(frozen=True)
 class DPOLossOutput:
-    losses: torch.Tensor  # [B]
+    losses: torch.Tensor  # [B], weighted sum over the loss types; its mean is TRL's loss
     chosen_rewards: torch.Tensor  # [B], beta * (policy - reference), detached
     rejected_rewards: torch.Tensor  # [B]
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, chosen_tokens: torch.Tensor | None = None,
-             rejected_tokens: torch.Tensor | None = None) -> DPOLossOutput:
-    """Per-example DPO losses.
+def needed_inputs(objective: Objective) -> set[str]:
+    """Optional :class:`PairLogps` fields that `objective` reads."""
+    need = set()
+    if any(t in PER_TOKEN_LOSSES for t in objective.loss_types):
+        need |= {"chosen_tokens", "rejected_tokens"}
+    if "sft" in objective.loss_types:
+        need.add("chosen_token_mean")
+    if objective.use_weighting:
+        need.add("pair_weights")
+    return need
 
-    - ``sigmoid``: -log σ(β Δ), Δ = (π_c - ref_c) - (π_r - ref_r)   (Rafailov et al. 2023)
-    - ``robust``: label-smoothed sigmoid, unbiased for flip rate ε  (Chowdhury et al. 2024)
-    - ``hinge``: relu(1 - β Δ)                                       (SLiC)
-    - ``ipo``: (Δ/len - 1/(2β))², log-ratios averaged per token     (Azar et al. 2023, as TRL normalises it)
-    - ``sigmoid_norm``: sigmoid on per-token-averaged log-ratios (length-normalised DPO)
-    """
-    chosen_ratio = policy_chosen - ref_chosen
-    rejected_ratio = policy_rejected - ref_rejected
-    if loss_type in ("ipo", "sigmoid_norm"):
-        if chosen_tokens is None or rejected_tokens is None:
-            raise ValueError(f"the {loss_type} loss needs the completion token counts")
-        delta = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
-    else:
-        delta = chosen_ratio - rejected_ratio
-    if loss_type == "sigmoid" or loss_type == "sigmoid_norm":
-        losses = -F.logsigmoid(beta * delta)
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    elif loss_type == "ipo":
-        losses = (delta - 1 / (2 * beta)) ** 2
-    elif loss_type == "robust":
-        if not 0 <= label_smoothing < 0.5:
-            raise ValueError(f"label smoothing must be in [0, 0.5) for the robust loss, got {label_smoothing}")
-        clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
-        flipped = -label_smoothing * F.logsigmoid(-beta * delta)
-        losses = (clean - flipped) / (1 - 2 * label_smoothing)
-    else:
-        raise ValueError(f"unknown loss {loss_type!r}; choose one of {', '.join(LOSSES)}")
-    return DPOLossOutput(losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+def f_scores(chosen_ratio: torch.Tensor, rejected_ratio: torch.Tensor, objective: Objective,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """f'(π/π_ref) of each side's log-ratio (f-DPO); reverse KL gives the log-ratios themselves."""
+    kind = objective.f_divergence
+    if kind == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - torch.exp(-chosen_ratio), 1 - torch.exp(-rejected_ratio)
+    if kind == "js_divergence":  # f'(t) = log(2t/(t+1)) = log 2 + log σ(log t)
+        return math.log(2) + F.logsigmoid(chosen_ratio), math.log(2) + F.logsigmoid(rejected_ratio)
+    if kind == "alpha_divergence" and abs(objective.alpha_coef - 1.0) >= 1e-6:  # f'(t) = (t^(α-1) - 1)/(α-1)
+        a = objective.alpha_coef
+        coef = 1.0 / (a - 1.0)
+        t_chosen, t_rejected = (a - 1.0) * chosen_ratio, (a - 1.0) * rejected_ratio
+        dtype = t_chosen.dtype
+        clamp_max = {torch.float16: 11.0}.get(dtype, 80.0)  # exp(.) stays representable after casting back
+        chosen = (torch.exp(torch.clamp(t_chosen.float(), max=clamp_max)) - 1.0).to(dtype) * coef
+        rejected = (torch.exp(torch.clamp(t_rejected.float(), max=clamp_max)) - 1.0).to(dtype) * coef
+        return chosen, rejected
+    return chosen_ratio, rejected_ratio  # reverse_kl, and alpha_divergence's limit α → 1
+
+
+def _conservative(delta: torch.Tensor, beta: float, smoothing: float) -> torch.Tensor:
+    return -F.logsigmoid(beta * delta) * (1 - smoothing) - F.logsigmoid(-beta * delta) * smoothing
+
+
+def _per_token(scores: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    return scores / tokens.clamp(min=1.0)  # type: ignore[union-attr]
+
+
+def single_loss(loss_type: str, x: PairLogps, objective: Objective, chosen_scores: torch.Tensor,
+                rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Per-example loss of one loss type (before WPO weighting)."""
+    beta, ls = objective.beta, objective.label_smoothing
+    chosen_ratio, rejected_ratio = x.chosen - x.ref_chosen, x.rejected - x.ref_rejected
+    delta = chosen_scores - rejected_scores
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * delta)
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if loss_type == "ipo":  # TRL averages the log-ratios per token (confirmed with the IPO authors)
+        ipo_delta = _per_token(chosen_scores, x.chosen_tokens) - _per_token(rejected_scores, x.rejected_tokens)
+        return (ipo_delta - 1 / (2 * beta)) ** 2
+    if loss_type == "exo_pair":  # KL(softmax(β·scores) || [1-ε, ε]) over {chosen, rejected}
+        epsilon = torch.tensor(ls, device=delta.device)
+        log_pw, log_pl = torch.log1p(-epsilon), torch.log(epsilon)
+        return (torch.sigmoid(beta * delta) * (F.logsigmoid(beta * delta) - log_pw)
+                + torch.sigmoid(-beta * delta) * (F.logsigmoid(-beta * delta) - log_pl))
+    if loss_type == "nca_pair":
+        chosen_rewards, rejected_rewards = beta * chosen_ratio, beta * rejected_ratio
+        return (-F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards)
+                - 0.5 * F.logsigmoid(-rejected_rewards))
+    if loss_type == "robust":  # unbiased for labels flipped with probability ε
+        clean = -(1 - ls) * F.logsigmoid(beta * delta)
+        flipped = -ls * F.logsigmoid(-beta * delta)
+        return (clean - flipped) / (1 - 2 * ls)
+    if loss_type == "bco_pair":  # TRL 1.16's form has no running reward mean: nothing to checkpoint
+        return -F.logsigmoid(beta * chosen_ratio) - F.logsigmoid(-beta * rejected_ratio)
+    if loss_type == "sppo_hard":  # P = 1 for the winner, 0 for the loser
+        return (chosen_ratio - 0.5 / beta) ** 2 + (rejected_ratio + 0.5 / beta) ** 2
+    if loss_type == "aot":  # the batch's sorted policy log-ratio margins against the sorted reference ones
+        policy_sorted, _ = torch.sort(x.chosen - x.rejected, dim=0)
+        ref_sorted, _ = torch.sort(x.ref_chosen - x.ref_rejected, dim=0)
+        return _conservative(policy_sorted - ref_sorted, beta, ls)
+    if loss_type == "aot_unpaired":
+        chosen_sorted, _ = torch.sort(chosen_ratio, dim=0)
+        rejected_sorted, _ = torch.sort(rejected_ratio, dim=0)
+        return _conservative(chosen_sorted - rejected_sorted, beta, ls)
+    if loss_type == "apo_zero":  # chosen better than the model's own outputs: raise chosen, lower rejected
+        return 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
+    if loss_type == "apo_down":  # chosen worse than the model's own outputs: lower both, rejected more
+        return torch.sigmoid(beta * chosen_ratio) + 1 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio))
+    if loss_type == "discopop":  # logistic and exponential losses blended by σ(logits / τ)
+        logits = delta * beta
+        modulation = torch.sigmoid(logits / objective.tau)
+        return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
+    if loss_type == "sft":  # one batch-level value; expanded so that its mean is that value
+        return (-x.chosen_token_mean).expand(x.chosen.shape[0])  # type: ignore[operator]
+    if loss_type == "sigmoid_norm":
+        norm_delta = _per_token(chosen_scores, x.chosen_tokens) - _per_token(rejected_scores, x.rejected_tokens)
+        return -F.logsigmoid(beta * norm_delta)
+    raise ObjectiveError(f"unknown loss type {loss_type!r}; choose from {', '.join(LOSS_TYPES)}")
+
+
+def dpo_loss(x: PairLogps, objective: Objective = Objective()) -> DPOLossOutput:
+    """Per-example losses of `objective` on one batch: Σ_k w_k · loss_k (· WPO weight), and the rewards."""
+    missing = sorted(name for name in needed_inputs(objective) if getattr(x, name) is None)
+    if missing:
+        raise ValueError(f"{', '.join(objective.loss_types)} needs {', '.join(missing)}")
+    chosen_ratio, rejected_ratio = x.chosen - x.ref_chosen, x.rejected - x.ref_rejected
+    chosen_scores, rejected_scores = f_scores(chosen_ratio, rejected_ratio, objective)
+    total: torch.Tensor | float = 0.0
+    for loss_type, weight in zip(objective.loss_types, objective.weights):
+        per_pair = single_loss(loss_type, x, objective, chosen_scores, rejected_scores)
+        if objective.use_weighting:
+            per_pair = per_pair * x.pair_weights
+        total = total + per_pair * weight
+    beta = objective.beta
+    return DPOLossOutput(total, beta * chosen_ratio.detach(), beta * rejected_ratio.detach())  # type: ignore[arg-type]
