@@ -118,8 +118,8 @@ def _check(o: Objective) -> None:
         raise ObjectiveError(
             f"`f_divergence_type='{o.f_divergence}'` is only supported for the following loss types: "
             f"{sorted(F_DIVERGENCE_LOSSES)}. You provided {list(types)}. Use the default "
-            "`f_divergence_type='reverse_kl'` with these losses (the f-DPO reparameterization leaves a β·log Z(x) "
-            "term that only cancels in the chosen-rejected reward difference).")
+            "`f_divergence_type='reverse_kl'` with these losses. The f-DPO reparameterization leaves a β·log Z(x) "
+            "term that only cancels in the chosen-rejected reward difference.")
     if o.f_alpha_coef is not None and o.f_divergence != "alpha_divergence":
         raise ObjectiveError("the alpha coefficient only applies to the alpha_divergence f-divergence")
     if o.f_alpha_coef is not None and not math.isfinite(o.f_alpha_coef):
