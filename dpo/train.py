@@ -301,7 +301,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             check_batch(batch, store, vocab)
             loss, metrics = dpo_batch(model, batch, cfg, device, objective)
             if not torch.isfinite(loss):  # stop before it reaches the weights
-                raise NonFiniteLossError(f"training stopped at step {step}: the loss is {float(loss)} on "
+                raise NonFiniteLossError(f"training stopped at step {step}: the loss is {float(loss.detach())} on "
                                          f"{_examples(store, batch['rows'])}; {_last_good(out)}")
             (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())

@@ -395,3 +395,10 @@ def test_sft_starts_at_the_mean_token_nll():
     x = PairLogps(torch.zeros(2), torch.zeros(2), torch.zeros(2), torch.zeros(2),
                   chosen_token_mean=torch.tensor(-2.5))
     assert float(dpo_loss(x, Objective(loss_types=("sft",))).losses.mean()) == 2.5
+
+
+def test_sigmoid_loss_reference_formula():
+    x = PairLogps(torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]))
+    out = dpo_loss(x, Objective(beta=0.5))
+    assert float(out.losses[0]) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 2.0))))
+    assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and float(out.rejected_rewards[0]) == pytest.approx(-0.5)
