@@ -16,7 +16,8 @@ import torch
 
 from logitstore.loader import pad_pairs
 
-from .losses import Objective, PairLogps, needed_inputs
+from .losses import PairLogps, needed_inputs
+from .objective import Objective
 
 LOGIT_BYTES = 256 << 20  # float32 logits held at once
 

@@ -23,7 +23,8 @@ from logitstore.loader import Prefetcher, make_loader
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps, token_logps
-from .losses import Objective, dpo_loss
+from .losses import dpo_loss
+from .objective import Objective
 from .models import load_model, model_fingerprint
 
 

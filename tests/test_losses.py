@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dpo.logps import TokenLogps, ld_weighted_sums, pair_logps, token_logps
-from dpo.losses import (F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError, PairLogps,
-                        dpo_loss)
+from dpo.losses import PairLogps, dpo_loss
+from dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError
 from logitstore.ld_dpo import ld_reference
 
 TOLERANCE = 1e-6

@@ -329,3 +329,47 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(byt
     assert not (tmp_path / "run" / "adapter").exists()  # the run did not claim to be complete
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1]
+
+
+# ---- the train command's objective options ---------------------------------------------------------------------
+
+def test_cli_trains_a_weighted_combination_with_ld_alpha(mistral_model, ld_setup, tmp_path, capsys):
+    from cli.main import main
+
+    folder, rows = ld_setup
+    common = dict(adapter=str(folder / "adapter"), max_steps=1, batch_size=len(rows), beta=0.5, ld_alpha=0.3,
+                  loss="sigmoid,bco_pair,sft", loss_weights=[0.8, 0.2, 1.0])
+    expected = run(mistral_model, folder / "s", tmp_path / "library", **common)["history"][0]
+    main(["train", "--model", str(mistral_model), "--store", str(folder / "s"), "--out", str(tmp_path / "cli"),
+          "--adapter", str(folder / "adapter"), "--max-steps", "1", "--batch-size", str(len(rows)), "--beta", "0.5",
+          "--ld-alpha", "0.3", "--loss", "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1.0", "--quiet"])
+    assert capsys.readouterr().out.startswith("Trained 1 steps; last logged loss ")
+    record = json.loads((tmp_path / "cli" / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["loss"] == expected["loss"] and record["grad_norm"] == expected["grad_norm"]
+    assert record["loss"] > 1.0  # the SFT term (mean NLL of the chosen tokens) is in it
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--loss", "sigmoid,dpo"], "Invalid value for '--loss': unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, "
+                                "exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
+                                "apo_down, discopop, sft, sigmoid_norm"),
+    (["--loss-weights", "1,x"], "Invalid value for '--loss-weights': expected numbers separated by commas, got '1,x'"),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "`loss_weights` must have the same length as `loss_type` when "
+                                                       "combining multiple losses. Got 1 weights for 2 loss types."),
+    (["--loss", "aot", "--use-weighting"], "WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' "
+                                           "because those losses sort samples, which would misalign per-pair weights."),
+    (["--label-smoothing", "0.1"], "label smoothing has no effect on sigmoid; only robust, exo_pair, aot, aot_unpaired "
+                                   "use it"),
+    (["--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0], got 2.0"),
+    (["--discopop-tau", "0.1"], "discopop_tau only applies to the discopop loss"),
+    (["--f-divergence", "js_divergence", "--loss", "nca_pair"], "`f_divergence_type='js_divergence'` is only "
+                                                                "supported for the following loss types: "),
+])
+def test_cli_refuses_objectives_as_usage_errors(args, message, capsys, tmp_path):
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--model", str(tmp_path), "--store", str(tmp_path / "s"), "--out", str(tmp_path / "run"), *args])
+    assert done.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"Error: {message}")
+    assert not (tmp_path / "run").exists()
