@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+
 _DEBUG = False
 
 
@@ -41,6 +43,24 @@ def _quiet(quiet: bool) -> None:
         import os
 
         os.environ["TQDM_DISABLE"] = "1"
+
+
+def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from dpo.objective import ObjectiveError, parse_loss_types
+
+    try:
+        return ",".join(parse_loss_types(value))
+    except ObjectiveError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _float_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected numbers separated by commas, got {value!r}") from None
 
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
@@ -264,10 +284,27 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True)
-@click.option("--beta", type=float, default=0.1, show_default=True)
-@click.option("--loss", type=click.Choice(["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"]), default="sigmoid",
-              show_default=True)
-@click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--beta", type=float, default=0.1, show_default=True, help="Strength of the pull to the reference "
+              "(IPO's τ for ipo).")
+@click.option("--loss", default="sigmoid", show_default=True, callback=_loss_types, metavar="TYPE[,TYPE...]",
+              help="TRL 1.16's loss type, or several separated by commas, summed with --loss-weights: "
+              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md).")
+@click.option("--loss-weights", callback=_float_list, metavar="W[,W...]", help="One weight per --loss type (default "
+              "1 each); MPO (arXiv:2411.10442) is --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0.")
+@click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="Probability that a label is "
+              "flipped: robust (Chowdhury et al. 2024, arXiv:2403.00409; below 0.5), exo_pair (Ji et al. 2024, "
+              "arXiv:2402.00856; above 0, the paper uses 1e-3), aot and aot_unpaired; refused for other losses.")
+@click.option("--f-divergence", type=click.Choice(F_DIVERGENCES), default="reverse_kl", show_default=True,
+              help="f-DPO's divergence to the reference (Wang et al. 2023, arXiv:2309.16240); other than reverse_kl "
+              f"only with {', '.join(F_DIVERGENCE_LOSSES)}.")
+@click.option("--f-alpha", "f_alpha_coef", type=float, help="α of --f-divergence alpha_divergence (default 0.5).")
+@click.option("--ld-alpha", type=float, help="LD-DPO (Liu et al. 2024, arXiv:2409.06411): weight in [0, 1] of the "
+              "longer completion's tokens past the pair's shared length. Needs a store built with --per-token; any "
+              "value is served from the same store.")
+@click.option("--use-weighting", is_flag=True, help="WPO (Zhou et al. 2024, arXiv:2406.11827): weight each pair by "
+              "the policy's length-normalised probability of both completions.")
+@click.option("--discopop-tau", type=float, help="τ of the discopop loss (DiscoPOP, Lu et al. 2024, "
+              "arXiv:2406.08414; default 0.05).")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
@@ -297,8 +334,12 @@ def train(**kw: Any) -> None:
       logitstore train --model ./mistral-7b --quantize 4bit --store hh.lstore --eval-store hh-eval.lstore \\
           --out run --batch-size 8 --grad-accum 4 --lr 5e-6 --eval-every 100 --save-every 200
       logitstore train --model ./tiny --store pairs.lstore --out run --resume
+      logitstore train --model ./tiny --store pairs.lstore --out run --loss sigmoid,bco_pair,sft \\
+          --loss-weights 0.8,0.2,1.0
+      logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
     """
-    from dpo.train import TrainConfig, train as run_train
+    from dpo.objective import ObjectiveError
+    from dpo.train import TrainConfig, objective_of, train as run_train
 
     options = _storage_options(kw.pop("storage_options"))
     expect_digest = kw.pop("expect_digest")
@@ -309,6 +350,10 @@ def train(**kw: Any) -> None:
     quiet = kw.pop("quiet")
     _quiet(quiet)
     cfg = TrainConfig(**kw, storage_options=options)
+    try:
+        objective_of(cfg)
+    except ObjectiveError as exc:
+        raise click.UsageError(str(exc)) from None
     result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "

@@ -8,6 +8,7 @@ these functions, so cached and live log-probs are computed the same way.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,9 @@ import torch
 import torch.utils.checkpoint
 
 from logitstore.loader import pad_pairs
+
+from .losses import PairLogps, needed_inputs
+from .objective import Objective
 
 LOGIT_BYTES = 256 << 20  # float32 logits held at once
 
@@ -58,44 +62,116 @@ def split_lm(model: Any) -> tuple[Any, Any, Any]:
     return backbone, lm.get_output_embeddings(), lm.config
 
 
-def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: Any) -> torch.Tensor:
-    """log p(label | hidden) for rows of `hidden` [M, H], computed in slices of at most LOGIT_BYTES."""
+def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: Any, *,
+                sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(label | hidden) for rows of `hidden` [M, H], computed in slices of at most LOGIT_BYTES, and, with
+    `sum_sq`, log Σ_v p_v² of each row (detached; WPO's weights)."""
     vocab = head.weight.shape[0]
     step = max(1, LOGIT_BYTES // (4 * vocab))
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     softcap = getattr(text_config, "final_logit_softcapping", None)
     scale = getattr(text_config, "logit_scale", None)
 
-    def piece(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def piece(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = head(h).float()
         if scale is not None:
             logits = logits * scale
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        return logits.gather(1, y[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        log_z = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(1, y[:, None]).squeeze(1) - log_z
+        if not sum_sq:
+            return (picked,)
+        with torch.no_grad():
+            return picked, torch.logsumexp(2 * logits, dim=-1) - 2 * log_z
 
     # Under autograd each slice is recomputed in the backward pass instead of keeping its [rows, vocab] logits
     # (and their float32 copy) alive until then: one extra LM-head matmul buys the memory of every slice but one.
     keep = torch.is_grad_enabled() and hidden.requires_grad
-    out = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
-           if keep else piece(hidden[i:i + step], labels[i:i + step]) for i in range(0, hidden.shape[0], step)]
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    pieces = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
+              if keep else piece(hidden[i:i + step], labels[i:i + step]) for i in range(0, hidden.shape[0], step)]
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    values = torch.cat([p[0] for p in pieces]) if pieces else empty
+    if not sum_sq:
+        return values, None
+    return values, torch.cat([p[1] for p in pieces]) if pieces else empty
 
 
-def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs [B, T-1] (zero off the completion) and their sums [B] for right-padded sequences.
+@dataclasses.dataclass(frozen=True)
+class TokenLogps:
+    """Per-token values of a padded batch of 2B rows (chosen rows, then rejected), each [2B, T-1], zero off the
+    completion. Position t scores token t+1 given tokens <= t, as in TRL (`completion_mask[:, 1:]`)."""
 
-    Position t of the result scores token t+1 given tokens <= t, as in TRL (`completion_mask[:, 1:]`).
-    """
+    per_token: torch.Tensor
+    scored: torch.Tensor  # bool: positions that score a completion token
+    log_sum_sq: torch.Tensor | None = None  # log Σ_v p_v², detached (WPO)
+
+
+def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
+                *, sum_sq: bool = False) -> TokenLogps:
+    """Per-token log-probs of the completion tokens of right-padded sequences (and log Σ p² with `sum_sq`)."""
     backbone, head, config = split_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     scored = completion_mask[:, 1:].bool()
     labels = input_ids[:, 1:][scored]
-    values = _head_logps(hidden[:, :-1][scored], labels, head, config)
-    per_token = hidden.new_zeros(scored.shape, dtype=torch.float32)
-    per_token = per_token.masked_scatter(scored, values)
-    return per_token, per_token.sum(dim=1)
+    values, squares = _head_logps(hidden[:, :-1][scored], labels, head, config, sum_sq=sum_sq)
+    per_token = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, values)
+    if squares is not None:
+        squares = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, squares)
+    return TokenLogps(per_token, scored, squares)
+
+
+def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [B, T-1] (zero off the completion) and their sums [B] for right-padded sequences."""
+    tokens = token_logps(model, input_ids, attention_mask, completion_mask)
+    return tokens.per_token, tokens.per_token.sum(dim=1)
+
+
+def ld_weighted_sums(per_token: torch.Tensor, scored: torch.Tensor, ld_alpha: float) -> torch.Tensor:
+    """LD-DPO's sequence log-probs [2B]: the first min(|chosen|, |rejected|) scored tokens of each pair count
+    fully, the longer completion's tail is weighted by `ld_alpha` (TRL 1.16's formula, term for term)."""
+    position = scored.long().cumsum(dim=1)
+    chosen_lens, rejected_lens = scored.sum(dim=1).chunk(2, dim=0)
+    shared = torch.minimum(chosen_lens, rejected_lens).repeat(2).unsqueeze(1)
+    shared_logps = (per_token * ((position > 0) & (position <= shared))).sum(dim=1)
+    tail_logps = (per_token * (position > shared)).sum(dim=1)
+    return shared_logps + ld_alpha * tail_logps
+
+
+def wpo_weights(per_token: torch.Tensor, log_sum_sq: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """WPO's pair weights [B] (Eq. 2 of arXiv:2406.11827, as TRL 1.16 computes them): exp of each completion's mean
+    of log p(token) - log Σ_v p_v², chosen times rejected; no gradient flows through them."""
+    lengths = scored.sum(dim=1).clamp_min(1)
+    with torch.no_grad():
+        aligned = (per_token - log_sum_sq) * scored
+    weights = torch.exp(aligned.sum(dim=1) / lengths)
+    chosen, rejected = weights.chunk(2, dim=0)
+    return chosen * rejected
+
+
+def pair_logps(tokens: TokenLogps, completion_mask: torch.Tensor, ref_chosen: torch.Tensor,
+               ref_rejected: torch.Tensor, objective: Objective) -> PairLogps:
+    """What `objective`'s losses read from one batch: policy and reference log-probs (LD-weighted with
+    ``ld_alpha``; the reference must then already be), token counts, the SFT term, WPO weights."""
+    if objective.ld_alpha is None:
+        logps = tokens.per_token.sum(dim=1)
+    else:
+        logps = ld_weighted_sums(tokens.per_token, tokens.scored, objective.ld_alpha)
+    chosen, rejected = logps.chunk(2, dim=0)
+    need = needed_inputs(objective)
+    extra: dict[str, Any] = {}
+    if "chosen_tokens" in need:
+        extra["chosen_tokens"], extra["rejected_tokens"] = completion_mask.sum(dim=1).chunk(2, dim=0)
+    if "chosen_token_mean" in need:
+        chosen_rows, _ = tokens.per_token.chunk(2, dim=0)
+        chosen_scored, _ = tokens.scored.chunk(2, dim=0)
+        extra["chosen_token_mean"] = chosen_rows[chosen_scored].mean()
+    if "pair_weights" in need:
+        if tokens.log_sum_sq is None:
+            raise ValueError("WPO weighting needs token_logps(..., sum_sq=True)")
+        extra["pair_weights"] = wpo_weights(tokens.per_token, tokens.log_sum_sq, tokens.scored)
+    return PairLogps(chosen, rejected, ref_chosen, ref_rejected, **extra)
 
 
 def _pad(rows: list[torch.Tensor], value: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,9 +238,9 @@ def pair_logps_shared(model: Any, prompts: list[torch.Tensor], chosen: list[torc
         full_mask = torch.cat([p_mask.repeat_interleave(2, dim=0), c_mask], dim=1)
         hidden = backbone(input_ids=c_ids, attention_mask=full_mask, position_ids=positions, use_cache=True,
                           **{_cache_kwarg(backbone): cache}).last_hidden_state
-        first = _head_logps(last_hidden.repeat_interleave(2, dim=0), c_ids[:, 0], head, config)
+        first = _head_logps(last_hidden.repeat_interleave(2, dim=0), c_ids[:, 0], head, config)[0]
         scored = c_mask[:, 1:].bool()
-        rest = _head_logps(hidden[:, :-1][scored], c_ids[:, 1:][scored], head, config)
+        rest = _head_logps(hidden[:, :-1][scored], c_ids[:, 1:][scored], head, config)[0]
         pieces = torch.split(rest.detach().cpu(), scored.sum(dim=1).tolist())
         rows = [torch.cat([first[i:i + 1].detach().cpu(), pieces[i]]) for i in range(2 * n)]
     return rows[0::2], rows[1::2]

@@ -16,13 +16,15 @@ from typing import Any, Callable
 import torch
 
 import logitstore
-from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, LogitstoreError
+from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, InputDataError, LogitstoreError
+from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, mixed_precision, sequence_logps
-from .losses import LOSSES, dpo_loss
+from .logps import exact_4bit, mixed_precision, pair_logps, token_logps
+from .losses import dpo_loss
+from .objective import Objective
 from .models import load_model, model_fingerprint
 
 
@@ -44,8 +46,14 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "paged_adamw_8bit" (bitsandbytes)
     grad_clip: float = 1.0
     beta: float = 0.1
-    loss: str = "sigmoid"
+    loss: str | list[str] = "sigmoid"  # a loss type, or several ("sigmoid,sft") summed with loss_weights
+    loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha_coef: float | None = None
+    ld_alpha: float | None = None  # LD-DPO; the reference comes from the store's per-token values
+    use_weighting: bool = False  # WPO
+    discopop_tau: float | None = None
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -64,6 +72,13 @@ class TrainConfig:
     allow_fingerprint_mismatch: bool = False
     plot: bool = True
     storage_options: dict[str, Any] | None = None
+
+
+def objective_of(cfg: TrainConfig) -> Objective:
+    """The DPO objective a config asks for (refusing what TRL 1.16 refuses, and options without effect)."""
+    return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
+                     label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
+                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -118,38 +133,77 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any) -> tuple[torch.Tensor, dict]:
+def vocabulary_size(model: Any) -> int:
+    """Token ids the model can embed and score."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embed, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    return min(embed.num_embeddings, getattr(head, "out_features", embed.num_embeddings))
+
+
+def _examples(store: logitstore.Store, rows: torch.Tensor) -> str:
+    names = [repr(store.id_of(int(r))) for r in rows[:3]]
+    more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+    return f"example{'s' if len(rows) > 1 else ''} {', '.join(names)}{more}"
+
+
+def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_size: int) -> None:
+    """Refuse a batch whose reference values are not finite or whose token ids the model does not have, naming
+    the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch)."""
+    rows = batch["rows"]
+    refs = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], dim=1)
+    bad = ~torch.isfinite(refs).all(dim=1)
+    if bad.any():
+        first = refs[bad][0]
+        raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad])} "
+                             f"{'have' if int(bad.sum()) > 1 else 'has'} a non-finite reference log-prob "
+                             f"(chosen {float(first[0])}, rejected {float(first[1])}); the store cannot be trained on")
+    ids = batch["input_ids"]
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        per_row = outside.any(dim=1)
+        bad_rows = per_row[:len(rows)] | per_row[len(rows):]  # chosen rows, then rejected rows
+        token = int(ids[outside][0])
+        raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
+                             f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} token id {token}, outside the "
+                             f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
+
+
+def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
+              objective: Objective) -> tuple[torch.Tensor, dict]:
     """Mean DPO loss of one batch and its metrics (as tensors; averaged later)."""
     ids = batch["input_ids"].to(device, non_blocking=True)
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
     with mixed_precision(device, cfg.dtype):
-        _, logps = sequence_logps(model, ids, attention, completion)
-    chosen, rejected = logps.chunk(2)
-    out = dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device),
-                   beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                   chosen_tokens=batch["chosen_tokens"].to(device), rejected_tokens=batch["rejected_tokens"].to(device))
+        tokens = token_logps(model, ids, attention, completion, sum_sq=objective.use_weighting)
+    pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device),
+                      objective)
+    out = dpo_loss(pair, objective)
     metrics = {
         "loss": out.losses.detach().mean(),
         "rewards/chosen": out.chosen_rewards.mean(),
         "rewards/rejected": out.rejected_rewards.mean(),
         "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().mean(),
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-        "logps/chosen": chosen.detach().mean(),
-        "logps/rejected": rejected.detach().mean(),
+        "logps/chosen": pair.chosen.detach().mean(),
+        "logps/rejected": pair.rejected.detach().mean(),
     }
     return out.losses.mean(), metrics
 
 
 def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
-    loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options)
+    objective = objective_of(cfg)
+    loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
+                            ld_alpha=objective.ld_alpha)
+    store, vocab = logitstore.open(path, storage_options=cfg.storage_options), vocabulary_size(model)
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
+        check_batch(batch, store, vocab)
         with torch.no_grad(), exact_4bit(model):
-            _, metrics = dpo_batch(model, batch, cfg, device)
+            _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
         count += n
@@ -157,11 +211,20 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, 
     return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
 
 
+class NonFiniteLossError(LogitstoreError, ArithmeticError):
+    """The loss or its gradient stopped being a number; nothing from that step reached the weights."""
+
+
+def _last_good(out: Path) -> str:
+    last = latest_checkpoint(out)
+    return (f"nothing from this step was applied; the last good checkpoint is {last}" if last is not None
+            else "nothing from this step was applied; no checkpoint had been saved (see --save-every)")
+
+
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     from tqdm import tqdm
 
-    if cfg.loss not in LOSSES:
-        raise LogitstoreError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSSES)}")
+    objective = objective_of(cfg)
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.out)
@@ -170,8 +233,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    if objective.ld_alpha is not None:
+        require_per_token(store)
     if cfg.eval_store:
-        check_store_matches(logitstore.open(cfg.eval_store, storage_options=cfg.storage_options), cfg)
+        eval_store = logitstore.open(cfg.eval_store, storage_options=cfg.storage_options)
+        check_store_matches(eval_store, cfg)
+        if objective.ld_alpha is not None:
+            require_per_token(eval_store)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise LogitstoreError(f"--resume: no checkpoint in {out}")
@@ -181,13 +249,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     torch.manual_seed(cfg.seed)
     model = setup_policy(cfg)
     device = next(model.parameters()).device
+    vocab = vocabulary_size(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
     # Every rank sees the same global batch order and takes its own slice of each batch.
     loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
                                   rank=rank, world_size=world, num_workers=cfg.num_workers,
-                                  storage_options=cfg.storage_options)
+                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha)
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
@@ -232,7 +301,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                 batch = next(batches)
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
-            loss, metrics = dpo_batch(model, batch, cfg, device)
+            check_batch(batch, store, vocab)
+            loss, metrics = dpo_batch(model, batch, cfg, device, objective)
+            if not torch.isfinite(loss):  # stop before it reaches the weights
+                raise NonFiniteLossError(f"training stopped at step {step}: the loss is {float(loss.detach())} on "
+                                         f"{_examples(store, batch['rows'])}; {_last_good(out)}")
             (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
@@ -243,6 +316,9 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"training stopped at step {step}: the gradient norm is {grad_norm}; "
+                                     f"{_last_good(out)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .format import PER_TOKEN_FIELDS
+from .ld_dpo import ld_reference, require_per_token
 from .reader import Store
 from .reader import open as open_store
 
@@ -84,12 +86,17 @@ def pad_pairs(prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[
             "completion_mask": torch.from_numpy(completion)}
 
 
-def collate(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """A batch of store rows as tensors: :func:`pad_pairs` plus the reference values and token counts."""
+def collate(batch: dict[str, Any], pad_token_id: int, ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
+    """A batch of store rows as tensors: :func:`pad_pairs` plus the reference values and token counts. With
+    `ld_alpha`, the reference values are LD-DPO's for that α, from the per-token values (:mod:`.ld_dpo`)."""
     out = pad_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_token_id)
+    ref_chosen, ref_rejected = batch["chosen_logps"], batch["rejected_logps"]
+    if ld_alpha is not None:
+        ref_chosen, ref_rejected = ld_reference(*(batch[f] for f in PER_TOKEN_FIELDS), ref_chosen, ref_rejected,
+                                                ld_alpha)
     out.update({
-        "ref_chosen_logps": torch.from_numpy(np.asarray(batch["chosen_logps"], dtype=np.float32)),
-        "ref_rejected_logps": torch.from_numpy(np.asarray(batch["rejected_logps"], dtype=np.float32)),
+        "ref_chosen_logps": torch.from_numpy(np.asarray(ref_chosen, dtype=np.float32)),
+        "ref_rejected_logps": torch.from_numpy(np.asarray(ref_rejected, dtype=np.float32)),
         "chosen_tokens": torch.from_numpy(np.asarray(batch["chosen_tokens"], dtype=np.int64)),
         "rejected_tokens": torch.from_numpy(np.asarray(batch["rejected_tokens"], dtype=np.int64)),
         "rows": torch.from_numpy(np.asarray(batch["rows"], dtype=np.int64)),
@@ -181,17 +188,22 @@ class Prefetcher:
 
 def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                prefetch: int = 2, storage_options: dict[str, Any] | None = None,
+                prefetch: int = 2, storage_options: dict[str, Any] | None = None, ld_alpha: float | None = None,
                 ) -> tuple[Any, PairBatchSampler]:
-    """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position)."""
-    dataset = PairDataset(path, storage_options=storage_options)
+    """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position). With
+    `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values)."""
+    fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
+    dataset = PairDataset(path, storage_options=storage_options, fields=fields)
+    if ld_alpha is not None:
+        require_per_token(dataset.store)
     lengths = dataset.lengths() if group_by_length else None
     sampler = PairBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                                lengths=lengths, group_size=50 if group_by_length else 0, rank=rank,
                                world_size=world_size)
     pad = dataset.pad_token_id
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_token_id=pad), num_workers=num_workers,
+        dataset, batch_sampler=sampler, num_workers=num_workers,
+        collate_fn=functools.partial(collate, pad_token_id=pad, ld_alpha=ld_alpha),
         prefetch_factor=prefetch if num_workers else None, pin_memory=torch.cuda.is_available(),
         persistent_workers=False, multiprocessing_context="spawn" if num_workers else None,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run

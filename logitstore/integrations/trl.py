@@ -9,6 +9,10 @@ example ID, and keys TRL's cache on the store's fingerprint instead of hashing t
     trainer = StoreDPOTrainer(store="pairs.lstore", model=model, args=DPOConfig(...), train_dataset=ds, ...)
 
 The datasets need an ``id`` column with the store's example IDs (``logitstore export --to trl`` writes one).
+
+With ``DPOConfig(ld_alpha=...)`` (LD-DPO), TRL's reference values depend on α, and TRL's own precompute bakes one α
+into its cache (whose key does not include α). Here they are computed from the store's per-token values for the
+configured α when the trainer starts, so changing α needs no new reference pass (the store needs ``--per-token``).
 """
 
 from __future__ import annotations
@@ -19,20 +23,26 @@ from typing import Any
 import numpy as np
 
 from ..errors import LogitstoreError
+from ..ld_dpo import require_per_token, store_ld_reference
 from ..reader import Store
 from ..reader import open as open_store
 
 
-def reference_columns(store: Store, ids: list[str]) -> dict[str, np.ndarray]:
-    values = store.get(ids)
-    return {"ref_chosen_logps": values["chosen_logps"], "ref_rejected_logps": values["rejected_logps"]}
+def reference_columns(store: Store, ids: list[str], ld_alpha: float | None = None) -> dict[str, np.ndarray]:
+    """TRL's ``ref_chosen_logps``/``ref_rejected_logps`` for `ids`: the stored sums, or LD-DPO's values for
+    `ld_alpha` from the per-token values."""
+    if ld_alpha is None:
+        values = store.get(ids)
+        return {"ref_chosen_logps": values["chosen_logps"], "ref_rejected_logps": values["rejected_logps"]}
+    chosen, rejected = store_ld_reference(store, store.rows(ids), ld_alpha)
+    return {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
 
 
-def with_reference(dataset: Any, store: Store) -> Any:
+def with_reference(dataset: Any, store: Store, ld_alpha: float | None = None) -> Any:
     """`dataset` (a datasets.Dataset with an ``id`` column) plus the store's reference columns."""
     if "id" not in dataset.column_names:
         raise LogitstoreError("the dataset needs an 'id' column holding the store's example IDs")
-    columns = reference_columns(store, [str(i) for i in dataset["id"]])
+    columns = reference_columns(store, [str(i) for i in dataset["id"]], ld_alpha)
     for name in columns:
         if name in dataset.column_names:
             dataset = dataset.remove_columns(name)
@@ -55,6 +65,12 @@ def _trainer_class() -> Any:
             args_obj = kwargs.get("args", args[1] if len(args) > 1 else None)
             if args_obj is None or not getattr(args_obj, "precompute_ref_log_probs", False):
                 raise LogitstoreError("pass a DPOConfig with precompute_ref_log_probs=True")
+            if args_obj.ld_alpha is not None:
+                require_per_token(self.logitstore)
+            built_for = self.logitstore.fingerprint.get("tokenization", {}).get("max_length")
+            if built_for is not None and args_obj.max_length != built_for:
+                raise LogitstoreError(f"{self.logitstore.location.url} holds reference values for sequences cut at "
+                                      f"{built_for} tokens; pass DPOConfig(max_length={built_for})")
             digest = self.logitstore.header["fingerprint_digest"]
             original = dpo_module.hash_module
             dpo_module.hash_module = lambda module: digest  # the store identifies the reference
@@ -64,7 +80,7 @@ def _trainer_class() -> Any:
                 dpo_module.hash_module = original
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
-            return with_reference(dataset, self.logitstore)
+            return with_reference(dataset, self.logitstore, self.ld_alpha)
 
     return StoreDPOTrainer
 

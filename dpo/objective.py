@@ -1,0 +1,153 @@
+"""What DPO optimises, checked the way TRL 1.16 checks it: loss types and weights, β, the f-divergence, label
+smoothing, DiscoPOP's τ, LD-DPO's α and WPO weighting.
+
+An :class:`Objective` refuses, on construction, every combination TRL refuses (with TRL's words and reason), what
+TRL accepts and then fails on, and every option that would have no effect. No torch here: the CLI checks its
+options with it before anything heavy is loaded. :mod:`dpo.losses` computes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from logitstore.errors import LogitstoreError
+
+# TRL 1.16's loss types, in its order, with the paper each comes from.
+PAPERS = {
+    "sigmoid": "DPO, Rafailov et al. 2023, arXiv:2305.18290",
+    "hinge": "SLiC, Zhao et al. 2023, arXiv:2305.10425",
+    "ipo": "IPO, Azar et al. 2023, arXiv:2310.12036",
+    "exo_pair": "EXO, Ji et al. 2024, arXiv:2402.00856",
+    "nca_pair": "NCA, Chen et al. 2024, arXiv:2402.05369",
+    "robust": "Robust DPO, Chowdhury et al. 2024, arXiv:2403.00409",
+    "bco_pair": "BCO, Jung et al. 2024, arXiv:2404.04656",
+    "sppo_hard": "SPPO, Wu et al. 2024, arXiv:2405.00675",
+    "aot": "AOT, Melnyk et al. 2024, arXiv:2406.05882",
+    "aot_unpaired": "AOT, Melnyk et al. 2024, arXiv:2406.05882",
+    "apo_zero": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
+    "apo_down": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
+    "discopop": "DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414",
+    "sft": "negative log-likelihood of the chosen tokens, as mixed in by MPO (Wang et al. 2024, arXiv:2411.10442)",
+    "sigmoid_norm": "DPO on per-token-averaged log-ratios (length-normalised DPO)",
+}
+LOSS_TYPES = tuple(PAPERS)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO, arXiv:2309.16240
+# Only these are built on the chosen-rejected reward difference, where f-DPO's β·log Z(x) term cancels.
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+LABEL_SMOOTHING_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
+PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm")  # divide by the completion's token count
+SORTING_LOSSES = ("aot", "aot_unpaired")
+DEFAULT_DISCOPOP_TAU = 0.05
+DEFAULT_F_ALPHA = 0.5
+
+
+class ObjectiveError(LogitstoreError, ValueError):
+    """A loss, or a combination of loss options, that cannot be trained."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What DPO optimises. Defaults are TRL 1.16's; ``None`` means TRL's default for an option that only one loss
+    or divergence reads (so that setting it elsewhere can be refused as meaningless)."""
+
+    loss_types: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None  # None: 1.0 each
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence: str = "reverse_kl"
+    f_alpha_coef: float | None = None  # α of alpha_divergence (TRL's f_alpha_divergence_coef, default 0.5)
+    ld_alpha: float | None = None  # LD-DPO's α, arXiv:2409.06411
+    use_weighting: bool = False  # WPO, arXiv:2406.11827
+    discopop_tau: float | None = None  # DiscoPOP's τ (default 0.05)
+
+    def __post_init__(self) -> None:
+        types = parse_loss_types(self.loss_types)
+        object.__setattr__(self, "loss_types", types)
+        if self.loss_weights is not None:
+            object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        object.__setattr__(self, "beta", float(self.beta))
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        _check(self)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
+
+    @property
+    def tau(self) -> float:
+        return DEFAULT_DISCOPOP_TAU if self.discopop_tau is None else self.discopop_tau
+
+    @property
+    def alpha_coef(self) -> float:
+        return DEFAULT_F_ALPHA if self.f_alpha_coef is None else self.f_alpha_coef
+
+
+def parse_loss_types(value: str | Sequence[str]) -> tuple[str, ...]:
+    """``"sigmoid,sft"`` or ``["sigmoid", "sft"]`` as a tuple of known loss types."""
+    types = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else tuple(value)
+    if not types or any(not t for t in types):
+        raise ObjectiveError(f"expected one or more loss types separated by commas, got {value!r}")
+    unknown = [t for t in types if t not in LOSS_TYPES]
+    if unknown:
+        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(LOSS_TYPES)}")
+    if len(set(types)) != len(types):
+        raise ObjectiveError(f"loss type {next(t for t in types if types.count(t) > 1)!r} is listed twice; give "
+                             "it one weight instead")
+    return types
+
+
+def _check(o: Objective) -> None:
+    types = o.loss_types
+    if o.loss_weights is not None and len(o.loss_weights) != len(types):
+        # TRL's message (DPOConfig.__post_init__)
+        raise ObjectiveError(f"`loss_weights` must have the same length as `loss_type` when combining multiple "
+                             f"losses. Got {len(o.loss_weights)} weights for {len(types)} loss types.")
+    if not all(math.isfinite(w) for w in o.weights):
+        raise ObjectiveError(f"loss weights must be finite numbers, got {list(o.weights)}")
+    if not (math.isfinite(o.beta) and o.beta > 0):
+        raise ObjectiveError(f"beta must be a positive number, got {o.beta}")
+    if o.f_divergence not in F_DIVERGENCES:
+        raise ObjectiveError(f"unknown f-divergence {o.f_divergence!r}; choose from {', '.join(F_DIVERGENCES)}")
+    if o.f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSSES):
+        # TRL's message and reason (DPOTrainer.__init__)
+        raise ObjectiveError(
+            f"`f_divergence_type='{o.f_divergence}'` is only supported for the following loss types: "
+            f"{sorted(F_DIVERGENCE_LOSSES)}. You provided {list(types)}. Use the default "
+            "`f_divergence_type='reverse_kl'` with these losses. The f-DPO reparameterization leaves a β·log Z(x) "
+            "term that only cancels in the chosen-rejected reward difference.")
+    if o.f_alpha_coef is not None and o.f_divergence != "alpha_divergence":
+        raise ObjectiveError("the alpha coefficient only applies to the alpha_divergence f-divergence")
+    if o.f_alpha_coef is not None and not math.isfinite(o.f_alpha_coef):
+        raise ObjectiveError(f"the alpha coefficient must be finite, got {o.f_alpha_coef}")
+    if o.use_weighting and any(t in SORTING_LOSSES for t in types):
+        # TRL's message (DPOTrainer.__init__ raises NotImplementedError)
+        raise ObjectiveError("WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' because those "
+                             "losses sort samples, which would misalign per-pair weights.")
+    if o.use_weighting and "sft" in types:
+        # TRL 1.16 fails here with a RuntimeError (an in-place product on the expanded batch-level SFT term).
+        raise ObjectiveError("WPO-style weighting does not apply to the 'sft' loss: it is one batch-level "
+                             "average, not a per-pair value to weight")
+    ls = o.label_smoothing
+    if ls != 0.0 and not any(t in LABEL_SMOOTHING_LOSSES for t in types):
+        raise ObjectiveError(f"label smoothing has no effect on {', '.join(types)}; only "
+                             f"{', '.join(LABEL_SMOOTHING_LOSSES)} use it")
+    if not (math.isfinite(ls) and 0.0 <= ls < 1.0):
+        raise ObjectiveError(f"label smoothing is a probability in [0, 1), got {ls}")
+    if "robust" in types and not ls < 0.5:
+        # TRL only warns; at 0.5 the robust loss divides by zero and above it flips sign.
+        raise ObjectiveError(f"The `label_smoothing` parameter should lie in [0.0, 0.5) for the 'robust' loss. "
+                             f"You provided {ls}.")
+    if "exo_pair" in types and ls == 0.0:
+        # TRL's message (DPOTrainer.__init__)
+        raise ObjectiveError("Label smoothing must be greater than 0.0 when using 'exo_pair' loss. The EXO paper "
+                             "recommends a value of 1e-3.")
+    if o.discopop_tau is not None:
+        if "discopop" not in types:
+            raise ObjectiveError("discopop_tau only applies to the discopop loss")
+        if not (math.isfinite(o.discopop_tau) and o.discopop_tau > 0):
+            raise ObjectiveError(f"discopop_tau must be a positive number, got {o.discopop_tau}")
+    if o.ld_alpha is not None and not (math.isfinite(o.ld_alpha) and 0.0 <= o.ld_alpha <= 1.0):
+        # TRL documents the range; 1.0 weighs the tail fully (plain DPO), 0.0 drops it.
+        raise ObjectiveError(f"ld_alpha must be in [0.0, 1.0], got {o.ld_alpha}")
