@@ -36,14 +36,40 @@ def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
 
 
 def _quiet(quiet: bool) -> None:
-    if quiet:  # also silences the progress bars of transformers and datasets, which use tqdm
-        import os
+    """Under --quiet only errors and the command's last line reach the terminal: no progress bar of ours,
+    transformers' (loading weights) or huggingface_hub's (downloads), and no library warning or log line."""
+    if not quiet:
+        return
+    import logging
+    import os
+    import warnings
 
-        os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm bars made without an explicit `disable=`
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()  # in case it was imported already
+    transformers_logging.disable_progress_bar()
+    warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings of transformers, peft, bitsandbytes
+    logging.disable(logging.WARNING)  # every library's log records up to WARNING; errors still show
+
+
+def _silent(line: str) -> None:
+    """Where progress lines go under --quiet."""
 
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
                               help="fsspec option for s3:// and other URLs (repeatable).")
+revision_option = click.option("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
+adapter_revision_option = click.option("--adapter-revision", help="Branch, tag or commit of a Hub --adapter.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    help="auto: float32 on CPU; on a GPU the checkpoint's bfloat16/float16 where the GPU has it (also the 4-bit "
+         "compute dtype).")
+attention_option = click.option(
+    "--attn-implementation", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa",
+    show_default=True, help="flash_attention_2 needs the flash-attn package and a CUDA GPU.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -61,13 +87,16 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(), help="Local Hugging Face causal-LM folder.")
+@click.option("--model", required=True, help="Causal LM: a local folder or a Hugging Face Hub name.")
+@revision_option
 @click.option("--data", required=True, type=click.Path(), help="JSONL(.gz), Parquet, or a datasets folder.")
 @click.option("--out", required=True, help="Store folder or fsspec URL (s3://bucket/path).")
-@click.option("--adapter", type=click.Path(), help="peft LoRA folder applied to the model (e.g. an SFT adapter).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--adapter", help="peft LoRA folder or Hub name applied to the model (e.g. an SFT adapter).")
+@adapter_revision_option
+@dtype_option
 @click.option("--quantize", type=click.Choice(["4bit"]), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Tokens of prompt + completion (TRL's default).")
@@ -88,7 +117,7 @@ def cli() -> None:
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
 @debug_option
 def build(**kw: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
@@ -98,6 +127,7 @@ def build(**kw: Any) -> None:
     \b
     Examples:
       logitstore build --model ./tiny --data pairs.jsonl --out pairs.lstore
+      logitstore build --model mistralai/Mistral-7B-v0.1 --quantize 4bit --data pairs.jsonl --out pairs.lstore
       logitstore build --model ./mistral-7b --adapter ./sft-lora --quantize 4bit \\
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
@@ -106,29 +136,34 @@ def build(**kw: Any) -> None:
 
     _quiet(kw["quiet"])
     cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
-                      quantize=kw["quantize"], device=kw["device"], split=kw["split"], max_length=kw["max_length"],
+                      quantize=kw["quantize"], device=kw["device"], revision=kw["revision"],
+                      adapter_revision=kw["adapter_revision"], attn_implementation=kw["attn_implementation"],
+                      split=kw["split"], max_length=kw["max_length"],
                       max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
                       batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
                       token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
                       share_prompt=not kw["no_prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
-    result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
+    result = run_build(cfg, progress=not kw["quiet"], log=_silent if kw["quiet"] else click.echo)
     click.echo(result.summary())
 
 
 @cli.command()
 @click.argument("store")
-@click.option("--model", type=click.Path(), help="Recompute a sample with this model folder.")
+@click.option("--model", help="Recompute a sample with this model (local folder or Hub name).")
+@revision_option
 @click.option("--data", type=click.Path(), help="The data the store was built from (with --model).")
-@click.option("--adapter", type=click.Path())
+@click.option("--adapter", help="The adapter the store was built with (local folder or Hub name).")
+@adapter_revision_option
 @click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Nats per sequence sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @storage_option
 @debug_option
-def verify(store: str, model: str | None, data: str | None, adapter: str | None, sample: int, tolerance: float,
-           as_json: bool, storage_options: tuple[str, ...]) -> None:
+def verify(store: str, model: str | None, revision: str | None, data: str | None, adapter: str | None,
+           adapter_revision: str | None, sample: int, tolerance: float, as_json: bool,
+           storage_options: tuple[str, ...]) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
     Exit status: 0 sound, 1 problems found, 2 usage error.
@@ -150,7 +185,8 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
         opened = logitstore.open(store, storage_options=options)
         precision = opened.fingerprint.get("precision", {})
         tokenization = opened.fingerprint.get("tokenization", {})
-        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter,
+        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter, revision=revision,
+                          adapter_revision=adapter_revision,
                           dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"),
                           max_prompt_length=tokenization.get("max_prompt_length"))
         report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
@@ -218,11 +254,13 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(), help="Policy base model folder (the store's model).")
+@click.option("--model", required=True, help="Policy base model (the store's): a local folder or a Hub name.")
+@revision_option
 @click.option("--store", required=True, help="Training store.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder.")
 @click.option("--eval-store", help="Store to evaluate on.")
-@click.option("--adapter", type=click.Path(), help="Continue training this peft adapter.")
+@click.option("--adapter", help="Continue training this peft adapter (local folder or Hub name).")
+@adapter_revision_option
 @click.option("--max-steps", type=click.IntRange(min=1))
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
@@ -237,14 +275,18 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 @click.option("--loss", type=click.Choice(["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"]), default="sigmoid",
               show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
+@click.option("--no-lora", is_flag=True, help="Train every weight instead of a LoRA adapter (not with --quantize); "
+              "the store replaces the reference model's copy.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
-@click.option("--quantize", type=click.Choice(["4bit"]))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(["4bit"]), help="Train LoRA on the model in bitsandbytes NF4 (QLoRA).")
+@dtype_option
 @click.option("--device", default="auto", show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
+@attention_option
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less "
+              "memory, same loss.")
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -254,14 +296,16 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @storage_option
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
 @debug_option
 def train(**kw: Any) -> None:
-    """Train a LoRA policy with DPO against the reference log-probs in a store.
+    """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store.
 
     \b
     Examples:
       logitstore train --model ./tiny --store pairs.lstore --out run --max-steps 100
+      logitstore train --model mistralai/Mistral-7B-v0.1 --quantize 4bit --gradient-checkpointing \\
+          --optimizer paged_adamw_8bit --store pairs.lstore --out run --batch-size 2 --grad-accum 8
       logitstore train --model ./mistral-7b --quantize 4bit --store hh.lstore --eval-store hh-eval.lstore \\
           --out run --batch-size 8 --grad-accum 4 --lr 5e-6 --eval-every 100 --save-every 200
       logitstore train --model ./tiny --store pairs.lstore --out run --resume
@@ -271,11 +315,13 @@ def train(**kw: Any) -> None:
     options = _storage_options(kw.pop("storage_options"))
     quiet = kw.pop("quiet")
     _quiet(quiet)
-    cfg = TrainConfig(**kw, storage_options=options)
-    result = run_train(cfg, progress=not quiet, log=click.echo)
+    lora = not kw.pop("no_lora")
+    cfg = TrainConfig(**kw, lora=lora, storage_options=options)
+    result = run_train(cfg, progress=not quiet, log=_silent if quiet else click.echo)
     last = result["history"][-1] if result.get("history") else {}
+    saved = f"Adapter in {Path(result['out']) / 'adapter'}" if lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
-               f"Adapter in {Path(result['out']) / 'adapter'}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
+               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
 
 
 @cli.command()
