@@ -6,8 +6,10 @@ Errors: a LogitstoreError (or a bad input caught by the library) prints one line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,28 +37,36 @@ def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     return out or None
 
 
-def _quiet(quiet: bool) -> None:
-    """Under --quiet only errors and the command's last line reach the terminal: no progress bar of ours,
-    transformers' (loading weights) or huggingface_hub's (downloads), and no library warning or log line."""
+@contextlib.contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """Under --quiet only errors and the command's own lines (whether it resumed, the result) reach the terminal:
+    no progress bar of ours, transformers' (loading weights) or huggingface_hub's (downloads), and no library
+    warning or log line."""
     if not quiet:
+        yield
         return
     import logging
     import os
     import warnings
 
     os.environ["TQDM_DISABLE"] = "1"  # tqdm bars made without an explicit `disable=`
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when huggingface_hub is first imported
-    from huggingface_hub.utils import disable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
-    disable_progress_bars()  # in case it was imported already
+    hub_bars, transformers_bars = not are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    disable_progress_bars()
     transformers_logging.disable_progress_bar()
-    warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings of transformers, peft, bitsandbytes
     logging.disable(logging.WARNING)  # every library's log records up to WARNING; errors still show
-
-
-def _silent(line: str) -> None:
-    """Where progress lines go under --quiet."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings of transformers, peft, bitsandbytes
+            yield
+    finally:  # the command is over; callers in the same process (tests) get their output back
+        logging.disable(logging.NOTSET)
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
 
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
@@ -117,7 +127,7 @@ def cli() -> None:
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
-@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
+@click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
 def build(**kw: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
@@ -134,7 +144,6 @@ def build(**kw: Any) -> None:
     """
     from dpo.reference import BuildConfig, build as run_build
 
-    _quiet(kw["quiet"])
     cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
                       quantize=kw["quantize"], device=kw["device"], revision=kw["revision"],
                       adapter_revision=kw["adapter_revision"], attn_implementation=kw["attn_implementation"],
@@ -145,7 +154,8 @@ def build(**kw: Any) -> None:
                       share_prompt=not kw["no_prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
-    result = run_build(cfg, progress=not kw["quiet"], log=_silent if kw["quiet"] else click.echo)
+    with _quiet(kw["quiet"]):
+        result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
     click.echo(result.summary())
 
 
@@ -296,7 +306,7 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @storage_option
-@click.option("--quiet", is_flag=True, help="Print only errors and the final line.")
+@click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
 def train(**kw: Any) -> None:
     """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store.
@@ -314,10 +324,10 @@ def train(**kw: Any) -> None:
 
     options = _storage_options(kw.pop("storage_options"))
     quiet = kw.pop("quiet")
-    _quiet(quiet)
     lora = not kw.pop("no_lora")
     cfg = TrainConfig(**kw, lora=lora, storage_options=options)
-    result = run_train(cfg, progress=not quiet, log=_silent if quiet else click.echo)
+    with _quiet(quiet):
+        result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
@@ -340,8 +350,8 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
     """
     from dpo.demo import run_demo
 
-    _quiet(quiet)
-    run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
+    with _quiet(quiet):
+        run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -148,7 +148,7 @@ def model_source(name: str | os.PathLike[str] | ModelSource, revision: str | Non
     """A resolved model that has a config.json."""
     source = resolve_model(name, revision)
     if not (source.path / "config.json").is_file():
-        raise ModelError(f"{name}: not a Hugging Face model folder (no config.json)")
+        raise ModelError(f"{source.repo_id or source.path}: not a Hugging Face model folder (no config.json)")
     return source
 
 

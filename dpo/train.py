@@ -139,14 +139,17 @@ def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.
 
 def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any) -> tuple[torch.Tensor, dict]:
     """Mean DPO loss of one batch and its metrics (as tensors; averaged later)."""
-    # From pinned memory (see make_loader) these copies overlap with the GPU's work.
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
+    attention = batch["attention_mask"].to(device, non_blocking=True)
+    completion = batch["completion_mask"].to(device, non_blocking=True)
     with precision(device, cfg.dtype):
-        _, logps = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        _, logps = sequence_logps(model, ids, attention, completion)
     chosen, rejected = logps.chunk(2)
-    out = dpo_loss(chosen, rejected, batch["ref_chosen_logps"], batch["ref_rejected_logps"],
+    out = dpo_loss(chosen, rejected, batch["ref_chosen_logps"].to(device, non_blocking=True),
+                   batch["ref_rejected_logps"].to(device, non_blocking=True),
                    beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing,
-                   chosen_tokens=batch["chosen_tokens"], rejected_tokens=batch["rejected_tokens"])
+                   chosen_tokens=batch["chosen_tokens"].to(device, non_blocking=True),
+                   rejected_tokens=batch["rejected_tokens"].to(device, non_blocking=True))
     metrics = {
         "loss": out.losses.detach().mean(),
         "rewards/chosen": out.chosen_rewards.mean(),
