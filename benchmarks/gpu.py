@@ -100,8 +100,7 @@ def stage_reference(a: dict) -> dict:
     """Reference-pass throughput of one precision: model load, one warm-up batch, then every pair timed."""
     import torch
 
-    from dpo.logps import mixed_precision
-    from dpo.models import load_model, load_tokenizer
+    from dpo.models import load_model, load_tokenizer, precision
     from dpo.reference import BuildConfig, build, plan_examples, score_pairs
 
     cfg = BuildConfig(model=a["model"], data=a["data"], out=a["out"], dtype=a["dtype"], quantize=a["quantize"],
@@ -122,7 +121,7 @@ def stage_reference(a: dict) -> dict:
             torch.cuda.synchronize()
 
     kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
-    with torch.no_grad(), mixed_precision(device, cfg.dtype):
+    with torch.no_grad(), precision(device, cfg.dtype):
         score_pairs(model, pairs[:cfg.batch_size], share_prompt=True, **kw)  # warm-up: kernels, allocator
         sync()
         t = time.perf_counter()

@@ -6,9 +6,11 @@ Errors: a LogitstoreError (or a bad input caught by the library) prints one line
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +40,36 @@ def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
     return out or None
 
 
-def _quiet(quiet: bool) -> None:
-    if quiet:  # also silences the progress bars of transformers and datasets, which use tqdm
-        import os
+@contextlib.contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """Under --quiet only errors and the command's own lines (whether it resumed, the result) reach the terminal:
+    no progress bar of ours, transformers' (loading weights) or huggingface_hub's (downloads), and no library
+    warning or log line."""
+    if not quiet:
+        yield
+        return
+    import logging
+    import os
+    import warnings
 
-        os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # tqdm bars made without an explicit `disable=`
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    hub_bars, transformers_bars = not are_progress_bars_disabled(), transformers_logging.is_progress_bar_enabled()
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    logging.disable(logging.WARNING)  # every library's log records up to WARNING; errors still show
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FutureWarnings and UserWarnings of transformers, peft, bitsandbytes
+            yield
+    finally:  # the command is over; callers in the same process (tests) get their output back
+        logging.disable(logging.NOTSET)
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        if hub_bars:
+            enable_progress_bars()
 
 
 def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -81,6 +108,15 @@ def _json(value: Any) -> str:
         return v
 
     return json.dumps(clean(value), allow_nan=False)
+revision_option = click.option("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
+adapter_revision_option = click.option("--adapter-revision", help="Branch, tag or commit of a Hub --adapter.")
+dtype_option = click.option(
+    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    help="auto: float32 on CPU; on a GPU the checkpoint's bfloat16/float16 where the GPU has it (also the 4-bit "
+         "compute dtype).")
+attention_option = click.option(
+    "--attn-implementation", type=click.Choice(["sdpa", "eager", "flash_attention_2"]), default="sdpa",
+    show_default=True, help="flash_attention_2 needs the flash-attn package and a CUDA GPU.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -98,13 +134,16 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(), help="Local Hugging Face causal-LM folder.")
+@click.option("--model", required=True, help="Causal LM: a local folder or a Hugging Face Hub name.")
+@revision_option
 @click.option("--data", required=True, type=click.Path(), help="JSONL(.gz), Parquet, or a datasets folder.")
 @click.option("--out", required=True, help="Store folder or fsspec URL (s3://bucket/path).")
-@click.option("--adapter", type=click.Path(), help="peft LoRA folder applied to the model (e.g. an SFT adapter).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--adapter", help="peft LoRA folder or Hub name applied to the model (e.g. an SFT adapter).")
+@adapter_revision_option
+@dtype_option
 @click.option("--quantize", type=click.Choice(["4bit"]), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Tokens of prompt + completion (TRL's default).")
@@ -127,7 +166,7 @@ def cli() -> None:
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
 def build(**kw: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
@@ -137,22 +176,25 @@ def build(**kw: Any) -> None:
     \b
     Examples:
       logitstore build --model ./tiny --data pairs.jsonl --out pairs.lstore
+      logitstore build --model mistralai/Mistral-7B-v0.1 --quantize 4bit --data pairs.jsonl --out pairs.lstore
       logitstore build --model ./mistral-7b --adapter ./sft-lora --quantize 4bit \\
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
     """
     from dpo.reference import BuildConfig, build as run_build
 
-    _quiet(kw["quiet"])
     cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
-                      quantize=kw["quantize"], device=kw["device"], split=kw["split"], max_length=kw["max_length"],
+                      quantize=kw["quantize"], device=kw["device"], revision=kw["revision"],
+                      adapter_revision=kw["adapter_revision"], attn_implementation=kw["attn_implementation"],
+                      split=kw["split"], max_length=kw["max_length"],
                       max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
                       batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
                       token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
                       share_prompt=kw["prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
                       skip_invalid=kw["skip_invalid"],
                       storage_options=_storage_options(kw["storage_options"]))
-    result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
+    with _quiet(kw["quiet"]):
+        result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
     import logitstore
 
     click.echo(f"Store digest: {logitstore.open(cfg.out, storage_options=cfg.storage_options).digest}")
@@ -161,17 +203,20 @@ def build(**kw: Any) -> None:
 
 @cli.command()
 @click.argument("store")
-@click.option("--model", type=click.Path(), help="Recompute a sample with this model folder.")
+@click.option("--model", help="Recompute a sample with this model (local folder or Hub name).")
+@revision_option
 @click.option("--data", type=click.Path(), help="The data the store was built from (with --model).")
-@click.option("--adapter", type=click.Path())
+@click.option("--adapter", help="The adapter the store was built with (local folder or Hub name).")
+@adapter_revision_option
 @click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Nats per sequence sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @expect_digest_option
 @storage_option
 @debug_option
-def verify(store: str, model: str | None, data: str | None, adapter: str | None, sample: int, tolerance: float,
-           as_json: bool, expect_digest: str | None, storage_options: tuple[str, ...]) -> None:
+def verify(store: str, model: str | None, revision: str | None, data: str | None, adapter: str | None,
+           adapter_revision: str | None, sample: int, tolerance: float, as_json: bool, expect_digest: str | None,
+           storage_options: tuple[str, ...]) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
     Exit status: 0 sound, 1 problems found, 2 usage error.
@@ -194,7 +239,8 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
         opened = logitstore.open(store, storage_options=options, digest=expect_digest)
         precision = opened.fingerprint.get("precision", {})
         tokenization = opened.fingerprint.get("tokenization", {})
-        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter,
+        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter, revision=revision,
+                          adapter_revision=adapter_revision,
                           dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"),
                           max_prompt_length=tokenization.get("max_prompt_length"))
         report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
@@ -269,11 +315,13 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(), help="Policy base model folder (the store's model).")
+@click.option("--model", required=True, help="Policy base model (the store's): a local folder or a Hub name.")
+@revision_option
 @click.option("--store", required=True, help="Training store.")
 @click.option("--out", required=True, type=click.Path(), help="Run folder.")
 @click.option("--eval-store", help="Store to evaluate on.")
-@click.option("--adapter", type=click.Path(), help="Continue training this peft adapter.")
+@click.option("--adapter", help="Continue training this peft adapter (local folder or Hub name).")
+@adapter_revision_option
 @click.option("--max-steps", type=click.IntRange(min=1))
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
@@ -305,14 +353,18 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
               "the policy's length-normalised probability of both completions.")
 @click.option("--discopop-tau", type=float, help="τ of the discopop loss (DiscoPOP, Lu et al. 2024, "
               "arXiv:2406.08414; default 0.05).")
+@click.option("--no-lora", is_flag=True, help="Train every weight instead of a LoRA adapter (not with --quantize); "
+              "the store replaces the reference model's copy.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
-@click.option("--quantize", type=click.Choice(["4bit"]))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(["4bit"]), help="Train LoRA on the model in bitsandbytes NF4 (QLoRA).")
+@dtype_option
 @click.option("--device", default="auto", show_default=True)
-@click.option("--gradient-checkpointing", is_flag=True)
+@attention_option
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less "
+              "memory, same loss.")
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -323,14 +375,16 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @expect_digest_option
 @storage_option
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
 def train(**kw: Any) -> None:
-    """Train a LoRA policy with DPO against the reference log-probs in a store.
+    """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store.
 
     \b
     Examples:
       logitstore train --model ./tiny --store pairs.lstore --out run --max-steps 100
+      logitstore train --model mistralai/Mistral-7B-v0.1 --quantize 4bit --gradient-checkpointing \\
+          --optimizer paged_adamw_8bit --store pairs.lstore --out run --batch-size 2 --grad-accum 8
       logitstore train --model ./mistral-7b --quantize 4bit --store hh.lstore --eval-store hh-eval.lstore \\
           --out run --batch-size 8 --grad-accum 4 --lr 5e-6 --eval-every 100 --save-every 200
       logitstore train --model ./tiny --store pairs.lstore --out run --resume
@@ -348,16 +402,18 @@ def train(**kw: Any) -> None:
 
         logitstore.open(kw["store"], storage_options=options, digest=expect_digest)
     quiet = kw.pop("quiet")
-    _quiet(quiet)
-    cfg = TrainConfig(**kw, storage_options=options)
+    lora = not kw.pop("no_lora")
+    cfg = TrainConfig(**kw, lora=lora, storage_options=options)
     try:
         objective_of(cfg)
     except ObjectiveError as exc:
         raise click.UsageError(str(exc)) from None
-    result = run_train(cfg, progress=not quiet, log=click.echo)
+    with _quiet(quiet):
+        result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
+    saved = f"Adapter in {Path(result['out']) / 'adapter'}" if lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
-               f"Adapter in {Path(result['out']) / 'adapter'}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
+               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
 
 
 @cli.command()
@@ -376,8 +432,8 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
     """
     from dpo.demo import run_demo
 
-    _quiet(quiet)
-    run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
+    with _quiet(quiet):
+        run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -70,14 +70,32 @@ def latest_checkpoint(run_dir: str | os.PathLike[str]) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _load_full_model(model: Any, folder: Path) -> None:
+    """Weights of a model saved whole (training without LoRA): every safetensors file but our own two."""
+    state: dict[str, torch.Tensor] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        if path.name not in ("optimizer.safetensors", "rng.safetensors"):
+            state.update(load_file(str(path)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # save_pretrained leaves out tied copies (an output head sharing the embeddings); those may be missing.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in state if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise ValueError(f"{folder}: the checkpoint's weights do not fit the model "
+                         f"({len(unexpected)} unexpected, {len(untied)} missing)")
+
+
 def load_checkpoint(folder: str | os.PathLike[str], *, model: Any, optimizer: torch.optim.Optimizer,
                     ) -> dict[str, Any]:
     """Restore adapter weights, optimizer state and RNG; return the trainer state."""
     from peft import set_peft_model_state_dict
 
     folder = Path(folder)
-    adapter = load_file(str(folder / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, adapter)
+    if (folder / "adapter_model.safetensors").is_file():
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+    else:
+        _load_full_model(model, folder)
     from safetensors import safe_open
 
     with safe_open(str(folder / "optimizer.safetensors"), framework="pt") as f:

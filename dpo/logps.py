@@ -48,13 +48,6 @@ def exact_4bit(model: Any) -> Iterator[None]:
         handle.remove()
 
 
-def mixed_precision(device: Any, dtype: str) -> contextlib.AbstractContextManager:
-    """The autocast every scoring forward runs under, reference pass and training alike: on CUDA in bfloat16 or
-    float16 the policy at step 0 then computes exactly the numerics the store was filled with."""
-    enabled = torch.device(device).type == "cuda" and dtype in ("bfloat16", "float16")
-    return torch.autocast("cuda", dtype=getattr(torch, dtype) if enabled else torch.bfloat16, enabled=enabled)
-
-
 def split_lm(model: Any) -> tuple[Any, Any, Any]:
     """(backbone, lm_head, config) of a causal LM, looking through a peft wrapper."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model

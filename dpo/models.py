@@ -1,8 +1,12 @@
-"""Loading models and tokenizers from local folders, and identifying them quickly for fingerprints."""
+"""Loading models and tokenizers from local folders or the Hugging Face Hub, and identifying them quickly for
+fingerprints; choosing the dtype a device should run a checkpoint in."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import struct
@@ -12,8 +16,13 @@ from typing import Any
 from logitstore.errors import ModelError
 
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+# What from_pretrained reads from a Hub repository: configs, tokenizer files and one set of weights. Subfolders
+# and Mistral's consolidated.* copies are other formats of the same weights.
+_HUB_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+_HUB_IGNORE = ["*/*", "consolidated.*"]
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "spiece.model")
 _SAMPLES = 16
 _SAMPLE_BYTES = 1 << 16
@@ -53,22 +62,154 @@ def folder_identity(folder: str | os.PathLike[str]) -> dict[str, Any]:
 def tokenizer_identity(folder: str | os.PathLike[str]) -> dict[str, str]:
     folder = Path(folder)
     return {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
-            for name in _TOKENIZER_FILES if (folder / name).is_file()}
+            for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
-def check_model_folder(folder: str | os.PathLike[str]) -> Path:
-    path = Path(folder)
-    if not path.is_dir():
-        raise ModelError(f"{path}: no such model folder")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
-    return path
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a model or adapter named on the command line lives: a local folder, and for a Hub name the
+    repository and the commit its revision resolved to."""
+
+    path: Path
+    repo_id: str | None = None
+    commit: str | None = None
+
+    def record(self) -> dict[str, str] | None:
+        return {"repo": self.repo_id, "commit": self.commit} if self.repo_id else None  # type: ignore[dict-item]
 
 
-def load_tokenizer(folder: str | os.PathLike[str]) -> Any:
+_RESOLVED: dict[tuple[Any, ...], ModelSource] = {}
+
+
+def resolve_model(name: str | os.PathLike[str] | ModelSource, revision: str | None = None) -> ModelSource:
+    """A local folder as it is, or a Hub repository name resolved through huggingface_hub's cache.
+
+    A Hub name is resolved once per process (so the tokenizer, the fingerprint and the weights all come from one
+    commit) with `snapshot_download`: it fetches what is missing, or with HF_HUB_OFFLINE=1 only looks in the cache.
+    """
+    if isinstance(name, ModelSource):
+        return name
+    path = Path(name)
+    if path.is_dir():
+        if revision is not None:
+            raise ModelError(f"{path}: --revision applies to Hugging Face Hub names, not to a local folder")
+        return ModelSource(path)
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(name))
+    except HFValidationError:
+        raise ModelError(f"{name}: no such model folder") from None
+    key = (str(name), revision, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _from_hub(str(name), revision)
+    return _RESOLVED[key]
+
+
+def _from_hub(repo_id: str, revision: str | None) -> ModelSource:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
+                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+
+    rev = revision or "main"
+    tried = f"{repo_id}: no such model folder, and"
+    where = f"the Hugging Face cache ({constants.HF_HUB_CACHE})"
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=[*_HUB_FILES, "*.safetensors"],
+                                        ignore_patterns=_HUB_IGNORE))
+        if not any(folder.glob("*.safetensors")):  # an older repository with only PyTorch .bin weights
+            folder = Path(snapshot_download(repo_id, revision=folder.name, allow_patterns=[*_HUB_FILES, "*.bin"],
+                                            ignore_patterns=_HUB_IGNORE))
+    except RevisionNotFoundError:
+        raise ModelError(f"{repo_id}: the Hugging Face Hub has no revision {rev!r} of it") from None
+    except (RepositoryNotFoundError, GatedRepoError) as exc:
+        kind = "is gated: accept its terms and log in (hf auth login)" if isinstance(exc, GatedRepoError) else \
+            "is not on the Hugging Face Hub (or is private: log in with hf auth login)"
+        raise ModelError(f"{tried} it {kind}") from None
+    except (LocalEntryNotFoundError, IncompleteSnapshotError) as exc:
+        if constants.HF_HUB_OFFLINE:
+            raise ModelError(f"{tried} revision {rev!r} is not in {where}; HF_HUB_OFFLINE is set, so nothing "
+                             "was downloaded") from None
+        cause = exc.__cause__ or exc
+        raise ModelError(f"{tried} revision {rev!r} is not in {where} and the Hub could not be reached "
+                         f"({type(cause).__name__}: {_first_line(cause)})") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise ModelError(f"{tried} the Hugging Face Hub refused it ({type(exc).__name__}: {_first_line(exc)})") \
+            from None
+    return ModelSource(folder, repo_id, folder.name)  # the snapshot folder is named after its commit
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
+def model_source(name: str | os.PathLike[str] | ModelSource, revision: str | None = None) -> ModelSource:
+    """A resolved model that has a config.json."""
+    source = resolve_model(name, revision)
+    if not (source.path / "config.json").is_file():
+        raise ModelError(f"{source.repo_id or source.path}: not a Hugging Face model folder (no config.json)")
+    return source
+
+
+def check_model_folder(folder: str | os.PathLike[str] | ModelSource, revision: str | None = None) -> Path:
+    return model_source(folder, revision).path
+
+
+def checkpoint_dtype(folder: str | os.PathLike[str]) -> str | None:
+    """The dtype config.json says the weights were saved in (`dtype`, or `torch_dtype` before transformers 5)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    value = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
+    value = value.removeprefix("torch.") if isinstance(value, str) else None
+    return value if value in DTYPES else None
+
+
+def resolve_dtype(requested: str, *, checkpoint: str | None, device_type: str, bf16_supported: bool) -> str:
+    """The dtype to run a model in: `requested` unless it is "auto".
+
+    auto: float32 on a CPU (no half-precision speed to win, and exact); on a GPU the checkpoint's own half
+    precision where the GPU computes it natively (bfloat16 from Ampere on; float16 everywhere), else float32.
+    """
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ModelError(f"unknown dtype {requested!r}; choose auto or one of {', '.join(DTYPES)}")
+        return requested
+    if device_type != "cuda":
+        return "float32"
+    if checkpoint == "bfloat16":
+        return "bfloat16" if bf16_supported else "float32"
+    return "float16" if checkpoint == "float16" else "float32"
+
+
+def model_dtype(folder: str | os.PathLike[str] | ModelSource, requested: str = "auto", device: str = "auto",
+                revision: str | None = None) -> str:
+    """:func:`resolve_dtype` for this model on this device."""
+    import torch
+
+    path = check_model_folder(folder, revision)
+    device_type = torch.device(resolve_device(device)).type
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return resolve_dtype(requested, checkpoint=checkpoint_dtype(path), device_type=device_type, bf16_supported=bf16)
+
+
+def precision(device: Any, dtype: str) -> Any:
+    """Mixed precision in the model's dtype for its forward pass, on any device; nothing for float32.
+
+    Both the reference pass and training run under it, so that at step 0 they compute the same numbers.
+    """
+    import torch
+
+    device_type = torch.device(device).type
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def load_tokenizer(folder: str | os.PathLike[str] | ModelSource, revision: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
-    path = check_model_folder(folder)
+    path = check_model_folder(folder, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
@@ -101,19 +242,36 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(folder: str | os.PathLike[str], *, dtype: str = "float32", quantize: str | None = None,
-               device: str = "auto", adapter: str | os.PathLike[str] | None = None,
-               trainable_adapter: bool = False) -> Any:
-    """A causal LM from a local folder, optionally 4-bit (bitsandbytes NF4) and with a peft adapter applied."""
+def check_attention(attn_implementation: str, *, device: str, dtype: str) -> None:
+    if attn_implementation not in ATTENTION:
+        raise ModelError(f"unknown attention implementation {attn_implementation!r}; choose one of "
+                         f"{', '.join(ATTENTION)}")
+    if attn_implementation != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("--attn-implementation flash_attention_2 needs the flash-attn package, which is not "
+                         "installed (pip install flash-attn --no-build-isolation); sdpa needs nothing")
+    if not device.startswith("cuda"):
+        raise ModelError(f"flash_attention_2 runs on CUDA GPUs only, not on {device}; use sdpa")
+    if dtype == "float32":
+        raise ModelError("flash_attention_2 computes in bfloat16 or float16, not float32; pass --dtype bfloat16")
+
+
+def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "auto", quantize: str | None = None,
+               device: str = "auto", adapter: str | os.PathLike[str] | ModelSource | None = None,
+               trainable_adapter: bool = False, revision: str | None = None, adapter_revision: str | None = None,
+               attn_implementation: str = "sdpa") -> Any:
+    """A causal LM from a local folder or the Hub, optionally 4-bit (bitsandbytes NF4, computing in `dtype`) and
+    with a peft adapter applied. `dtype` "auto" is :func:`model_dtype`'s choice."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = check_model_folder(folder)
-    if dtype not in DTYPES:
-        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    path = check_model_folder(folder, revision)
+    dtype = model_dtype(path, dtype, device)
     torch_dtype = getattr(torch, dtype)
     device = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    check_attention(attn_implementation, device=device, dtype=dtype)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantize is not None:
         if quantize != "4bit":
             raise ModelError(f"unknown quantization {quantize!r}; the supported one is 4bit")
@@ -132,23 +290,43 @@ def load_model(folder: str | os.PathLike[str], *, dtype: str = "float32", quanti
         raise ModelError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0][:200]})") from None
     if quantize is None:
         model.to(device)
+    else:
+        from peft import prepare_model_for_kbit_training
+
+        # Norms, embeddings and head in float32, as peft prepares a 4-bit model for training: the reference pass
+        # then computes exactly what the policy computes at step 0.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if adapter is not None:
         from peft import PeftModel
 
-        adapter_path = Path(adapter)
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise ModelError(f"{adapter_path}: not a peft adapter folder (no adapter_config.json)")
+        adapter_path = adapter_folder(adapter, adapter_revision)
         model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable_adapter)
     return model
 
 
-def model_fingerprint(folder: str | os.PathLike[str], *, adapter: str | os.PathLike[str] | None, dtype: str,
-                      quantize: str | None) -> dict[str, Any]:
-    path = check_model_folder(folder)
-    config = json.loads((path / "config.json").read_text())
-    return {
-        "model": {"type": config.get("model_type"), **folder_identity(path)},
-        "adapter": folder_identity(adapter) if adapter else None,
-        "precision": {"dtype": dtype, "quantize": quantize},
-        "tokenizer": tokenizer_identity(path),
+def adapter_folder(adapter: str | os.PathLike[str] | ModelSource, revision: str | None = None) -> Path:
+    path = resolve_model(adapter, revision).path
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"{adapter}: not a peft adapter folder (no adapter_config.json)")
+    return path
+
+
+def model_fingerprint(folder: str | os.PathLike[str] | ModelSource, *,
+                      adapter: str | os.PathLike[str] | ModelSource | None, dtype: str, quantize: str | None,
+                      revision: str | None = None, adapter_revision: str | None = None,
+                      device: str = "auto") -> dict[str, Any]:
+    """Identity of the model, adapter and tokenizer files, and the precision (`dtype` resolved: "auto" is
+    recorded as what it chose). Hub names add the repository and the commit they resolved to."""
+    source = model_source(folder, revision)
+    adapter_source = resolve_model(adapter, adapter_revision) if adapter else None
+    config = json.loads((source.path / "config.json").read_text())
+    fingerprint = {
+        "model": {"type": config.get("model_type"), **folder_identity(source.path)},
+        "adapter": folder_identity(adapter_folder(adapter_source)) if adapter_source else None,
+        "precision": {"dtype": model_dtype(source, dtype, device), "quantize": quantize},
+        "tokenizer": tokenizer_identity(source.path),
     }
+    hub = {name: s.record() for name, s in (("model", source), ("adapter", adapter_source)) if s and s.repo_id}
+    if hub:
+        fingerprint["hub"] = hub
+    return fingerprint

@@ -21,8 +21,7 @@ from logitstore.errors import InputDataError
 
 from . import distributed
 from .data import PreferenceExample, Skipped, data_digest, load_examples
-from .logps import mixed_precision
-from .models import load_model, load_tokenizer, model_fingerprint
+from .models import check_attention, load_model, load_tokenizer, model_fingerprint, precision, resolve_device
 from .tokenize import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"
@@ -34,9 +33,12 @@ class BuildConfig:
     data: str
     out: str
     adapter: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # resolved by dpo.models.resolve_dtype; the fingerprint records the result
     quantize: str | None = None
     device: str = "auto"
+    revision: str | None = None  # of a Hub model name
+    adapter_revision: str | None = None
+    attn_implementation: str = "sdpa"
     split: str | None = None
     max_length: int = 1024
     max_prompt_length: int | None = None
@@ -84,7 +86,8 @@ def human_bytes(n: float) -> str:
 
 
 def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> dict[str, Any]:
-    fp = model_fingerprint(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize)
+    fp = model_fingerprint(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize,
+                           revision=cfg.revision, adapter_revision=cfg.adapter_revision, device=cfg.device)
     fp["tokenization"] = {"scheme": TOKENIZATION, "max_length": cfg.max_length,
                           "max_prompt_length": cfg.max_prompt_length, "truncation": "keep_start"}
     fp["data"] = {"examples": len(examples), "sha256": data_digest(examples)}
@@ -178,11 +181,12 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
 
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
     examples, skipped = plan_examples(cfg, tokenizer)
     fingerprint = build_fingerprint(cfg, examples)
+    check_attention(cfg.attn_implementation, device=resolve_device(cfg.device), dtype=fingerprint["precision"]["dtype"])
     settings = {"batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "share_prompt": cfg.share_prompt,
-                "length_bucketing": cfg.length_bucketing,
+                "length_bucketing": cfg.length_bucketing, "attn_implementation": cfg.attn_implementation,
                 "codec": cfg.codec, "token_codec": cfg.token_codec}
     tok_header = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
                   "bos_token_id": tokenizer.bos_token_id, "vocab_size": len(tokenizer)}
@@ -202,7 +206,10 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     if rank == 0 and len(missing) < writer.geometry.num_shards:
         log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(missing)} of "
             f"{writer.geometry.num_shards} shards already written.")
-    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
+    dtype = fingerprint["precision"]["dtype"]
+    model = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
+                       revision=cfg.revision, adapter_revision=cfg.adapter_revision,
+                       attn_implementation=cfg.attn_implementation)
     model.eval()
     pad_id = tokenizer.pad_token_id
     total_rows = sum(len(writer.shard_rows(k)) for k in todo)
@@ -216,7 +223,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(n_pairs)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    with torch.no_grad(), mixed_precision(next(model.parameters()).device, cfg.dtype):
+    with torch.no_grad(), precision(next(model.parameters()).device, dtype):
         for shard in todo:
             rows = writer.shard_rows(shard)
             pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
@@ -238,7 +245,7 @@ def recompute_sample(store: Any, cfg: BuildConfig, sample: int, seed: int = 0,
     """Recompute a random sample of a store's pairs with the model and data of `cfg`; return the disagreements."""
     import torch
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, cfg.revision)
     by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
@@ -256,9 +263,11 @@ def recompute_sample(store: Any, cfg: BuildConfig, sample: int, seed: int = 0,
         pairs.append((row, pair))
     if not pairs:
         return problems
-    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter)
+    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
+                       revision=cfg.revision, adapter_revision=cfg.adapter_revision,
+                       attn_implementation=cfg.attn_implementation)
     model.eval()
-    with torch.no_grad(), mixed_precision(next(model.parameters()).device, cfg.dtype):
+    with torch.no_grad(), precision(next(model.parameters()).device, cfg.dtype):
         chosen, rejected = score_pairs(model, [p for _, p in pairs], pad_id=tokenizer.pad_token_id,
                                        batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
     stored = store.row_values([r for r, _ in pairs])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,10 +23,10 @@ from logitstore.loader import Prefetcher, make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, mixed_precision, pair_logps, token_logps
+from .logps import exact_4bit, pair_logps, token_logps
 from .losses import dpo_loss
+from .models import TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision
 from .objective import Objective
-from .models import load_model, model_fingerprint
 
 
 @dataclasses.dataclass
@@ -35,6 +36,9 @@ class TrainConfig:
     out: str
     eval_store: str | None = None
     adapter: str | None = None  # continue training this peft adapter instead of a fresh LoRA
+    revision: str | None = None  # of a Hub model name
+    adapter_revision: str | None = None
+    lora: bool = True  # False: train every weight (the reference is in the store, so no second model copy)
     max_steps: int | None = None
     epochs: int = 1
     batch_size: int = 4
@@ -59,8 +63,9 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: str = "all-linear"
     quantize: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # resolved by dpo.models.resolve_dtype when training starts
     device: str = "auto"
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     group_by_length: bool = False
     num_workers: int = 0
@@ -95,7 +100,8 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
 
 def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
     """The store's reference must come from the policy's base model and tokenizer."""
-    ours = model_fingerprint(cfg.model, adapter=None, dtype=cfg.dtype, quantize=cfg.quantize)
+    ours = model_fingerprint(cfg.model, adapter=None, dtype=cfg.dtype, quantize=cfg.quantize, revision=cfg.revision,
+                             device=cfg.device)
     theirs = store.fingerprint
     differ = [k for k in ("model", "tokenizer") if theirs.get(k) != ours[k]]
     if differ and not cfg.allow_fingerprint_mismatch:
@@ -104,17 +110,32 @@ def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
             "train with the model the store was built from, or pass --allow-fingerprint-mismatch")
 
 
+def check_setup(cfg: TrainConfig) -> None:
+    """Refuse combinations that cannot train, before anything is loaded or written."""
+    if not cfg.lora and cfg.quantize:
+        raise LogitstoreError("--no-lora trains every weight, and 4-bit weights cannot be trained; drop --quantize "
+                              "4bit, or train a LoRA adapter on the 4-bit model")
+
+
 def setup_policy(cfg: TrainConfig) -> Any:
+    """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
+    (`lora=False`; a given adapter is then merged into the weights first)."""
     from peft import LoraConfig, get_peft_model
 
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
-                       trainable_adapter=True)
+                       trainable_adapter=cfg.lora, revision=cfg.revision, adapter_revision=cfg.adapter_revision,
+                       attn_implementation=cfg.attn_implementation)
     # Not peft's prepare_model_for_kbit_training: its float32 copies of norms, embeddings and LM head would make
     # the policy compute other numerics than the reference pass did (step-0 loss off ln 2 in bf16) and cost memory.
+    if cfg.quantize:
+        model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.quantize or cfg.gradient_checkpointing:
-        model.enable_input_require_grads()  # 4-bit: bitsandbytes' float32 path on CPU (see exact_4bit)
+        model.enable_input_require_grads()
+    if not cfg.lora:
+        if cfg.adapter is not None:
+            model = model.merge_and_unload()
+        return model.requires_grad_(True)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -171,13 +192,13 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
 def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
               objective: Objective) -> tuple[torch.Tensor, dict]:
     """Mean DPO loss of one batch and its metrics (as tensors; averaged later)."""
-    ids = batch["input_ids"].to(device, non_blocking=True)
+    ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
-    with mixed_precision(device, cfg.dtype):
+    with precision(device, cfg.dtype):
         tokens = token_logps(model, ids, attention, completion, sum_sq=objective.use_weighting)
-    pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device), batch["ref_rejected_logps"].to(device),
-                      objective)
+    pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
+                      batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
     out = dpo_loss(pair, objective)
     metrics = {
         "loss": out.losses.detach().mean(),
@@ -194,7 +215,7 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
 def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
     objective = objective_of(cfg)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
-                            ld_alpha=objective.ld_alpha)
+                            ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
     store, vocab = logitstore.open(path, storage_options=cfg.storage_options), vocabulary_size(model)
     model.eval()
     totals: dict[str, float] = {}
@@ -219,12 +240,23 @@ def _last_good(out: Path) -> str:
     last = latest_checkpoint(out)
     return (f"nothing from this step was applied; the last good checkpoint is {last}" if last is not None
             else "nothing from this step was applied; no checkpoint had been saved (see --save-every)")
+def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
+    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained."""
+    model.save_pretrained(str(folder))
+    if not cfg.lora:
+        source = check_model_folder(cfg.model, cfg.revision)
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copyfile(source / name, folder / name)
+    return folder
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     from tqdm import tqdm
 
     objective = objective_of(cfg)
+    check_setup(cfg)
+    cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.out)
@@ -256,7 +288,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     # Every rank sees the same global batch order and takes its own slice of each batch.
     loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
                                   rank=rank, world_size=world, num_workers=cfg.num_workers,
-                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha)
+                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
+                                  pin_memory=device.type == "cuda")
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
@@ -335,7 +368,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
-                model.save_pretrained(str(out / "best"))
+                save_weights(model, cfg, out / "best")
         if main and (eval_due or record["step"] % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
@@ -356,8 +389,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             final = evaluate(model, cfg.eval_store, cfg, device)
             result["eval"] = final
             if final["eval/loss"] < best:
-                model.save_pretrained(str(out / "best"))
-        model.save_pretrained(str(out / "adapter"))
+                save_weights(model, cfg, out / "best")
+        result["weights"] = str(save_weights(model, cfg, out / ("adapter" if cfg.lora else "model")))
         metrics_file.close()  # type: ignore[union-attr]
         if cfg.plot:
             from .plot import plot_metrics

@@ -189,9 +189,13 @@ class Prefetcher:
 def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 prefetch: int = 2, storage_options: dict[str, Any] | None = None, ld_alpha: float | None = None,
-                ) -> tuple[Any, PairBatchSampler]:
+                pin_memory: bool | None = None) -> tuple[Any, PairBatchSampler]:
     """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position). With
-    `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values)."""
+    `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values).
+
+    `pin_memory` (default: whether CUDA is available) puts batches in page-locked memory, from which copies to the
+    GPU run asynchronously (`tensor.to("cuda", non_blocking=True)`); pass False when training on the CPU.
+    """
     fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
     dataset = PairDataset(path, storage_options=storage_options, fields=fields)
     if ld_alpha is not None:
@@ -204,8 +208,9 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers,
         collate_fn=functools.partial(collate, pad_token_id=pad, ld_alpha=ld_alpha),
-        prefetch_factor=prefetch if num_workers else None, pin_memory=torch.cuda.is_available(),
-        persistent_workers=False, multiprocessing_context="spawn" if num_workers else None,
+        prefetch_factor=prefetch if num_workers else None,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False,
+        multiprocessing_context="spawn" if num_workers else None,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run
         # would see other dropout masks than an uninterrupted one.
         generator=torch.Generator().manual_seed(seed))
