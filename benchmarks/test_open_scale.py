@@ -127,11 +127,10 @@ def stores(tmp_path_factory, quick):
 
 def test_open_is_flat_in_the_number_of_pairs(stores, quick):
     results = {n: run_probe(path, n, epochs=2, limit=2000 if quick else 20_000) for n, (path, _) in stores.items()}
-    for r in results.values():
-        assert r["epochs"][0] > 0 and r["rss_open"] < 64 << 20
-    smallest, largest = min(results), max(results)
-    print(json.dumps({n: {k: v for k, v in r.items()} for n, r in results.items()}))
-    assert results[largest]["open_s"] < 1.0 and results[smallest]["open_s"] < 1.0
+    for r in results.values():  # figures are for the report; here: it runs, and opening maps nothing
+        assert len(r["epochs"]) == 2 and min(r["epochs"]) > 0
+        assert r["rss_open"] < 8 << 20 and r["bytes"] > 0
+    print(json.dumps(results))
 
 
 def main(argv: list[str]) -> None:
