@@ -63,7 +63,8 @@ def _drop_page_cache(path: Path) -> None:
 
 
 def probe(path: Path, n: int, epochs: int, cold: bool, limit: int | None) -> dict:
-    """Run in a fresh process: open, then `epochs` passes of random 32-pair batches by ID, every field."""
+    """Run in a fresh process: open, then `epochs` passes of random 32-pair batches by ID, every field: the first
+    over every pair (it touches every shard), later ones over the first `limit` pairs of their order."""
     import hashlib
 
     if cold:
@@ -81,7 +82,7 @@ def probe(path: Path, n: int, epochs: int, cold: bool, limit: int | None) -> dic
     out["rss_first_lookup"] = _rss() - rss0
     rates = []
     for epoch in range(epochs):
-        order = np.random.default_rng(epoch).permutation(n)[:limit]
+        order = np.random.default_rng(epoch).permutation(n)[:None if epoch == 0 else limit]
         t0 = time.perf_counter()
         for i in range(0, order.size - BATCH + 1, BATCH):
             ids = [f"pair-{r:07d}" for r in order[i:i + BATCH]]
@@ -125,36 +126,38 @@ def stores(tmp_path_factory, quick):
 
 
 def test_open_is_flat_in_the_number_of_pairs(stores, quick):
-    results = {n: run_probe(path, n, epochs=1, limit=2000 if quick else 20_000) for n, (path, _) in stores.items()}
-    for r in results.values():
-        assert r["epochs"][0] > 0 and r["rss_open"] < 64 << 20
-    smallest, largest = min(results), max(results)
-    print(json.dumps({n: {k: v for k, v in r.items()} for n, r in results.items()}))
-    assert results[largest]["open_s"] < 1.0 and results[smallest]["open_s"] < 1.0
+    results = {n: run_probe(path, n, epochs=2, limit=2000 if quick else 20_000) for n, (path, _) in stores.items()}
+    for r in results.values():  # figures are for the report; here: it runs, and opening maps nothing
+        assert len(r["epochs"]) == 2 and min(r["epochs"]) > 0
+        assert r["rss_open"] < 8 << 20 and r["bytes"] > 0
+    print(json.dumps(results))
 
 
 def main(argv: list[str]) -> None:
+    """Arguments: sizes N, or N:PATH to measure a store already written by `write_synthetic`."""
+    import shutil
     import tempfile
 
-    ns = [int(a) for a in argv] or sizes(False)
     with tempfile.TemporaryDirectory(dir=os.environ.get("LOGITSTORE_BENCH_DIR")) as tmp:
-        for n in ns:
-            path = Path(tmp) / f"s{n}"
-            write_s = write_synthetic(path, n)
-            opens = [run_probe(path, n, epochs=0) for _ in range(3)]
-            cold = run_probe(path, n, epochs=1, cold=True)
-            warm = run_probe(path, n, epochs=2)
-            row = {"n": n, "write_s": write_s, "open_s": sorted(o["open_s"] for o in opens)[1],
+        for arg in argv or [str(n) for n in sizes(False)]:
+            n, _, given = arg.partition(":")
+            n = int(n)
+            path = Path(given) if given else Path(tmp) / f"s{n}"
+            write_s = None if given else write_synthetic(path, n)
+            opens = [run_probe(path, n, epochs=0) for _ in range(5)]
+            run = run_probe(path, n, epochs=2, cold=True, limit=min(n, 200_000))
+            row = {"n": n, "write_s": write_s, "open_s_min": min(o["open_s"] for o in opens),
+                   "open_s_median": sorted(o["open_s"] for o in opens)[2],
                    "rss_open_mb": max(o["rss_open"] for o in opens) / 2**20,
-                   "first_lookup_s": warm["first_lookup_s"], "rss_first_lookup_mb": warm["rss_first_lookup"] / 2**20,
-                   "first_epoch_cold": cold["epochs"][0], "first_epoch_warm_cache": warm["epochs"][0],
-                   "warm": warm["epochs"][1], "rss_end_mb": warm["rss_end"] / 2**20,
-                   "hash_all_s": warm["hash_all_s"], "bytes": warm["bytes"],
-                   "first_epoch_s": n / warm["epochs"][0]}
+                   "first_lookup_s": sorted(o["first_lookup_s"] for o in opens)[2],
+                   "rss_first_lookup_mb": run["rss_first_lookup"] / 2**20,
+                   "first_epoch": run["epochs"][0], "warm": run["epochs"][1],
+                   "first_over_warm": run["epochs"][0] / run["epochs"][1], "rss_end_mb": run["rss_end"] / 2**20,
+                   "hash_all_s": run["hash_all_s"], "bytes": run["bytes"],
+                   "hash_share_of_first_epoch": run["hash_all_s"] / (n / run["epochs"][0])}
             print(json.dumps(row), flush=True)
-            import shutil
-
-            shutil.rmtree(path)
+            if not given:
+                shutil.rmtree(path)
 
 
 if __name__ == "__main__":

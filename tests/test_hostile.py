@@ -556,3 +556,11 @@ def test_escape_sequences_in_ids_never_reach_the_terminal(tmp_path):
     assert "\x1b" not in info and "\x07" not in info
     assert json.loads(CliRunner().invoke(cli, ["info", str(tmp_path / "s"), "--json"]).output)["fingerprint"] == {
         "model": "\x1b]0;title\x07"}
+
+
+def test_verify_names_files_the_format_does_not_name(store):
+    (store / "chosen_ids" / "values" / "c" / "7").write_bytes(b"x")
+    (store / "notes.txt").write_text("mine")
+    assert logitstore.verify(store).problems == ["file the format does not name: notes.txt",
+                                                 "file the format does not name: chosen_ids/values/c/7"]
+    assert logitstore.open(store).get(["ex-1"])["row"][0] == 1  # readers never look at them
