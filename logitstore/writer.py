@@ -18,6 +18,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .faults import fault_point
 from .quantize import encode_fixed
 from .storage import Location, file_crc, location
 
@@ -131,12 +132,15 @@ class StoreWriter:
         clipped = 0
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
+            fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
+        fault_point(f"before-commit:{shard}")
         record = [1, clipped]
         for array in fmt.shard_file_arrays(self.ragged):
             key = fmt.chunk_key(array, shard)
             data = self.loc.read_bytes(key)
             record += [0, 0] if data is None else [len(data), file_crc(data)]
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
+        fault_point(f"after-commit:{shard}")
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry
@@ -168,6 +172,7 @@ class StoreWriter:
 
     def finalize(self) -> dict[str, Any]:
         """Mark the store complete once every shard is committed. Returns the summary written to the header."""
+        fault_point("before-finalize")
         missing = self.missing_shards()
         if missing:
             raise IncompleteStoreError(f"{len(missing)} of {self.geometry.num_shards} shards are not written yet "
@@ -258,6 +263,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale)
     loc.remove_partials()
     _write_plan(loc, ids, geometry, ragged)
+    fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
     plan_files = {}
     for key in fmt.plan_file_keys():
         data = loc.read_bytes(key)
@@ -280,6 +286,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     import zarr
 
     zarr.open_group(loc.zarr_store(read_only=False), mode="a", zarr_format=3).attrs[fmt.HEADER_KEY] = header
+    fault_point("after-header")
     return StoreWriter(loc, header)
 
 
