@@ -13,6 +13,11 @@ from typing import Any
 
 import click
 
+from dpo.choices import LOSSES, OPTIMIZERS, QUANTIZATIONS, SCHEDULES
+from dpo.models import DTYPES
+from logitstore import format as fmt
+from logitstore.export import FORMATS as EXPORT_FORMATS
+
 _DEBUG = False
 
 
@@ -25,7 +30,7 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
                             help="Show the full traceback on errors.")
 
 
-def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+def _storage_options(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -43,7 +48,7 @@ def _quiet(quiet: bool) -> None:
 
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-                              help="fsspec option for s3:// and other URLs (repeatable).")
+                              callback=_storage_options, help="fsspec option for s3:// and other URLs (repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -65,32 +70,31 @@ def cli() -> None:
 @click.option("--data", required=True, type=click.Path(), help="JSONL(.gz), Parquet, or a datasets folder.")
 @click.option("--out", required=True, help="Store folder or fsspec URL (s3://bucket/path).")
 @click.option("--adapter", type=click.Path(), help="peft LoRA folder applied to the model (e.g. an SFT adapter).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option("--quantize", type=click.Choice(["4bit"]), help="Load the reference in bitsandbytes NF4.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Tokens of prompt + completion (TRL's default).")
+              help="Tokens of prompt + completion (TRL's default); completions are cut at the end.")
 @click.option("--max-prompt-length", type=click.IntRange(min=1), help="Keep only the last N prompt tokens.")
-@click.option("--truncation", type=click.Choice(["keep_start"]), default="keep_start", show_default=True,
-              help="Cut completions at the end (the only mode TRL 1.16 supports).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Token budget per batch (chosen + rejected, padded).")
 @click.option("--per-token", is_flag=True, help="Also store per-token log-probs.")
-@click.option("--codec", type=click.Choice(["fixed", "float16", "float32", "raw"]), default="fixed",
-              show_default=True, help="Per-token codec preset (docs/FORMAT.md).")
-@click.option("--token-codec", type=click.Choice(["zstd", "raw"]), default="zstd", show_default=True)
-@click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--no-prompt-sharing", is_flag=True, help="Score prompt+completion in one pass instead of reusing "
-              "the prompt's KV cache.")
-@click.option("--no-length-bucketing", is_flag=True, help="Batch pairs in data order instead of by length.")
+@click.option("--codec", type=click.Choice(fmt.LOGP_CODECS), default="fixed", show_default=True,
+              help="Per-token codec preset (docs/FORMAT.md).")
+@click.option("--token-codec", type=click.Choice(fmt.TOKEN_CODECS), default="zstd", show_default=True)
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=fmt.ROWS_PER_SHARD, show_default=True)
+@click.option("--no-prompt-sharing", "share_prompt", flag_value=False, default=True,
+              help="Score prompt+completion in one pass instead of reusing the prompt's KV cache.")
+@click.option("--no-length-bucketing", "length_bucketing", flag_value=False, default=True,
+              help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @debug_option
-def build(**kw: Any) -> None:
+def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
 
     Interrupted builds resume: run the same command again.
@@ -104,16 +108,8 @@ def build(**kw: Any) -> None:
     """
     from dpo.reference import BuildConfig, build as run_build
 
-    _quiet(kw["quiet"])
-    cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
-                      quantize=kw["quantize"], device=kw["device"], split=kw["split"], max_length=kw["max_length"],
-                      max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
-                      batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
-                      token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
-                      share_prompt=not kw["no_prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
-                      skip_invalid=kw["skip_invalid"],
-                      storage_options=_storage_options(kw["storage_options"]))
-    result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
+    _quiet(quiet)
+    result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
     click.echo(result.summary())
 
 
@@ -128,7 +124,7 @@ def build(**kw: Any) -> None:
 @storage_option
 @debug_option
 def verify(store: str, model: str | None, data: str | None, adapter: str | None, sample: int, tolerance: float,
-           as_json: bool, storage_options: tuple[str, ...]) -> None:
+           as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
     Exit status: 0 sound, 1 problems found, 2 usage error.
@@ -142,18 +138,12 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
 
     if (model is None) != (data is None):
         raise click.UsageError("--model and --data go together")
-    options = _storage_options(storage_options)
-    report = logitstore.verify(store, storage_options=options)
-    if model is not None and report.ok:
-        from dpo.reference import BuildConfig, recompute_sample
+    report = logitstore.verify(store, storage_options=storage_options)
+    if model is not None and data is not None and report.ok:
+        from dpo.reference import recompute_sample
 
-        opened = logitstore.open(store, storage_options=options)
-        precision = opened.fingerprint.get("precision", {})
-        tokenization = opened.fingerprint.get("tokenization", {})
-        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter,
-                          dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"),
-                          max_prompt_length=tokenization.get("max_prompt_length"))
-        report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
+        report.problems += recompute_sample(logitstore.open(store, storage_options=storage_options), model, data,
+                                            adapter=adapter, sample=sample, tolerance=tolerance)
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
@@ -170,7 +160,7 @@ def verify(store: str, model: str | None, data: str | None, adapter: str | None,
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 @storage_option
 @debug_option
-def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
+def info(store: str, as_json: bool, storage_options: dict[str, Any] | None) -> None:
     """Describe a store: size, completeness, fields, fingerprint, settings.
 
     \b
@@ -178,21 +168,22 @@ def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
       logitstore info pairs.lstore
       logitstore info pairs.lstore --json | jq .bytes
     """
-    from cli.describe import describe, render
+    import logitstore
+    from logitstore.describe import describe, render
 
-    summary = describe(store, _storage_options(storage_options))
+    summary = describe(logitstore.open(store, storage_options=storage_options))
     click.echo(json.dumps(summary) if as_json else render(summary))
 
 
 @cli.command()
 @click.argument("store")
-@click.option("--to", "to", type=click.Choice(["trl", "parquet", "jsonl"]), required=True)
+@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True)
 @click.option("--data", required=True, type=click.Path(), help="The data the store was built from.")
 @click.option("--split")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (trl) or file.")
 @storage_option
 @debug_option
-def export(store: str, to: str, data: str, split: str | None, out: str, storage_options: tuple[str, ...]) -> None:
+def export(store: str, to: str, data: str, split: str | None, out: str, storage_options: dict[str, Any] | None) -> None:
     """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns, matched by example ID.
 
     \b
@@ -203,16 +194,9 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
     import logitstore
     from logitstore.export import export as run_export
 
-    from dpo.data import load_examples
+    from dpo.data import export_records
 
-    records = []
-    for ex in load_examples(data, split):
-        record: dict[str, Any] = {"id": ex.id}
-        if ex.prompt is not None:
-            record["prompt"] = ex.prompt
-        record.update(chosen=ex.chosen, rejected=ex.rejected)
-        records.append(record)
-    result = run_export(logitstore.open(store, storage_options=_storage_options(storage_options)), records, to, out)
+    result = run_export(logitstore.open(store, storage_options=storage_options), export_records(data, split), to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
 
@@ -229,26 +213,26 @@ def export(store: str, to: str, data: str, split: str | None, out: str, storage_
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=float, default=5e-5, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True)
 @click.option("--beta", type=float, default=0.1, show_default=True)
-@click.option("--loss", type=click.Choice(["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm"]), default="sigmoid",
-              show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="sigmoid", show_default=True)
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True)
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
-@click.option("--quantize", type=click.Choice(["4bit"]))
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS))
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--gradient-checkpointing", is_flag=True)
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Log every N optimizer steps, and the first and the last.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
@@ -268,10 +252,9 @@ def train(**kw: Any) -> None:
     """
     from dpo.train import TrainConfig, train as run_train
 
-    options = _storage_options(kw.pop("storage_options"))
     quiet = kw.pop("quiet")
     _quiet(quiet)
-    cfg = TrainConfig(**kw, storage_options=options)
+    cfg = TrainConfig(**kw)
     result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
@@ -303,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     from logitstore.errors import LogitstoreError
+    from logitstore.extras import missing_extra
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice is not the user's concern
     try:
@@ -324,6 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         if _DEBUG:
             raise
         click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    except ImportError as exc:
+        needs = missing_extra(exc)
+        if _DEBUG or needs is None:
+            raise
+        click.echo(f"Error: this command {needs}", err=True)
         sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:

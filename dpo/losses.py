@@ -10,7 +10,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm")
+from .choices import LOSSES
 
 
 @dataclasses.dataclass(frozen=True)

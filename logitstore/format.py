@@ -118,9 +118,6 @@ def chunk_key(array: str, shard: int) -> str:
     return f"{array}/c/{shard}"
 
 
-PLAN_ARRAYS = ("ids/values", "ids/offsets", "id_index/hash", "id_index/row")
-
-
 def plan_file_keys() -> list[str]:
     return ["ids/values/c/0", "ids/offsets/c/0/0", "id_index/hash/c/0", "id_index/row/c/0"]
 

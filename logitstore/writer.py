@@ -96,14 +96,16 @@ class StoreWriter:
     @property
     def complete(self) -> bool:
         """Finalised, and every shard's commit record still intact."""
-        return bool(self.header.get("complete")) and bool(self.committed().all())
+        return bool(self.header.get("complete")) and bool(self.committed.all())
 
+    @property
     def committed(self) -> np.ndarray:
         """Boolean mask over shards: True where the shard's commit record is present and intact."""
         return committed_shards(self._group, self.geometry.num_shards)
 
+    @property
     def missing_shards(self) -> list[int]:
-        return [int(k) for k in np.flatnonzero(~self.committed())]
+        return [int(k) for k in np.flatnonzero(~self.committed)]
 
     def shard_rows(self, shard: int) -> range:
         return self.geometry.shard_rows(shard)
@@ -173,7 +175,7 @@ class StoreWriter:
     def finalize(self) -> dict[str, Any]:
         """Mark the store complete once every shard is committed. Returns the summary written to the header."""
         fault_point("before-finalize")
-        missing = self.missing_shards()
+        missing = self.missing_shards
         if missing:
             raise IncompleteStoreError(f"{len(missing)} of {self.geometry.num_shards} shards are not written yet "
                                        f"(first: {missing[0]})")

@@ -42,6 +42,7 @@ def parity_rows() -> list[dict]:
     return implicit_rows(12)
 
 
+@pytest.mark.slow  # TRL trainer set-up and its reference pass
 @pytest.mark.parametrize("batched_alike", [True, False])
 def test_sums_equal_trl_precompute(mistral_model, parity_rows, tmp_path, batched_alike):
     data = write_jsonl(tmp_path / "d.jsonl", parity_rows)
@@ -121,6 +122,7 @@ def _digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # three CLI builds in subprocesses
 def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(60))
     env = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1"}
@@ -155,6 +157,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow  # a CLI subprocess per case
 @pytest.mark.parametrize("content,message", BAD_INPUTS)
 def test_bad_data_is_refused_in_one_line(mistral_model, tmp_path, content, message):
     content = content.replace('"prompt": "p", "chosen": ""', '"id": "x", "prompt": "p", "chosen": ""')
@@ -166,6 +169,7 @@ def test_bad_data_is_refused_in_one_line(mistral_model, tmp_path, content, messa
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
+@pytest.mark.slow  # CLI builds in subprocesses
 def test_bad_model_and_foreign_store_are_refused(mistral_model, byte_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
     out = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s"))
@@ -196,6 +200,7 @@ def test_tokenizer_without_eos_is_refused(mistral_model, tmp_path):
     assert str(refused.value) == f"{folder}: the tokenizer has no EOS token, which DPO needs to end completions"
 
 
+@pytest.mark.slow  # a CLI build in a subprocess
 def test_skip_invalid_records_what_was_left_out(mistral_model, tmp_path):
     rows = implicit_rows(5) + [{"id": "empty", "prompt": "p", "chosen": "", "rejected": "b"}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -243,6 +248,7 @@ def conversational_rows(n: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # TRL trainer set-up and its reference pass
 def test_conversational_data_from_parquet_matches_trl(chat_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -78,6 +78,7 @@ def test_verify_exit_codes_and_damage(built, tmp_path):
     assert report["ok"] is False and report["damaged_examples"] == [f"pair-{i}" for i in range(8, 16)]
 
 
+@pytest.mark.slow  # a CLI subprocess loading the model
 def test_verify_recomputes_a_sample_with_the_model(built, mistral_model):
     folder, data = built
     out = run_cli("verify", str(folder / "s"), "--model", str(mistral_model), "--data", str(data), "--sample", "5")
@@ -115,6 +116,7 @@ def test_errors_are_one_line_with_exit_1_and_usage_errors_exit_2(tmp_path):
     assert unknown.returncode == 2
 
 
+@pytest.mark.slow  # a TRL training step
 def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mistral_model, tmp_path):
     import datasets
     import torch
@@ -145,6 +147,7 @@ def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mist
     assert calls == []  # no reference forward pass ran
 
 
+@pytest.mark.slow  # the demo in a subprocess
 def test_console_script_and_demo_end_to_end(tmp_path):
     out = subprocess.run(["logitstore", "demo", "--out", str(tmp_path / "demo"), "--pairs", "40", "--steps", "4",
                           "--quiet"], capture_output=True, text=True, timeout=600)

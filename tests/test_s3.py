@@ -20,6 +20,7 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
+pytestmark = pytest.mark.slow  # an S3 server and CLI builds in subprocesses: run with --full
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_training_lowers_the_loss_and_raises_accuracy(byte_model, medical_store,
     assert np.mean(accuracies[-6:]) > np.mean(accuracies[:3])
     assert result["eval"]["eval/loss"] < math.log(2)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(24))
+    assert [x["step"] for x in lines] == list(range(1, 25))
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "learning_rate", "tokens_per_second"} <= set(lines[0])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -84,7 +84,7 @@ def test_resume_continues_exactly(byte_model, medical_store, tmp_path):
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:3]
     (tmp_path / "cut" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     resumed = run(byte_model, medical_store, tmp_path / "cut", resume=True, **common)["history"]
-    assert [h["step"] for h in resumed] == list(range(3, 8))
+    assert [h["step"] for h in resumed] == list(range(4, 9))
     for a, b in zip(resumed, whole[3:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
