@@ -1,5 +1,5 @@
 """The values that build and training options accept, in a module without torch, so the command line can list
-them (and check them) before any extra is installed. dpo.losses, dpo.train and dpo.models accept exactly these."""
+them (and check them) before any extra is installed. The losses and the training loop accept exactly these."""
 
 from __future__ import annotations
 
