@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +51,10 @@ def requirement_name(requirement: str) -> str:
 
 
 def pyproject() -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
@@ -149,3 +152,20 @@ def test_a_command_that_needs_an_extra_names_it(core_env, tmp_path, args, extra)
     assert out.returncode == 1
     assert out.stderr.startswith("Error: this command needs ") and out.stderr.count("\n") == 1
     assert out.stderr.rstrip().endswith(f"which the core install leaves out: pip install 'logitstore[{extra}]'")
+
+
+def test_an_import_error_no_extra_explains_is_still_one_line():
+    code = """
+from cli.main import cli, main
+
+
+@cli.command()
+def broken():
+    import not_a_module_anywhere
+
+
+main(["broken"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (1, "Error: ModuleNotFoundError: No module named 'not_a_module_anywhere' "
+                                               "(run with --debug for the traceback)\n")
