@@ -13,9 +13,9 @@ from typing import Any
 
 import click
 
+from logitstore import format as fmt
 from dpo.choices import LOSSES, OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from dpo.models import DTYPES
-from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 
 _DEBUG = False
@@ -309,16 +309,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
-    except ImportError as exc:
-        needs = missing_extra(exc)
-        if _DEBUG or needs is None:
-            raise
-        click.echo(f"Error: this command {needs}", err=True)
-        sys.exit(1)
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:
             raise
-        click.echo(f"Error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
+        needs = missing_extra(exc) if isinstance(exc, ImportError) else None
+        click.echo(f"Error: this command {needs}" if needs else
+                   f"Error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

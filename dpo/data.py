@@ -42,10 +42,7 @@ class Skipped:
 def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     name = path.name.lower()
     if path.is_dir():
-        try:
-            import datasets
-        except ImportError as exc:  # pragma: no cover - datasets is a dependency
-            raise InputDataError("reading a datasets folder needs the `datasets` package") from exc
+        import datasets  # the `data` extra; the command line names it when it is missing
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds

@@ -21,8 +21,8 @@ from logitstore.describe import human_bytes
 from logitstore.errors import InputDataError
 
 from . import distributed
-from .data import PreferenceExample, Skipped, data_digest, load_examples
 from .models import load_model, load_tokenizer, model_fingerprint
+from .data import PreferenceExample, Skipped, data_digest, load_examples
 from .tokenize import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"

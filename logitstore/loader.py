@@ -2,8 +2,8 @@
 
 The dataset, sampler and prefetcher are numpy and plain Python, usable without torch (the core install); the
 padding, collation and DataLoader functions import torch when called. The dataset pickles as a path and opens its
-own store in each worker process; the sampler shuffles deterministically from (seed, epoch), can group similar lengths, gives
-each rank its own slice of every global batch, and saves its position so a run resumes mid-epoch.
+own store in each worker process; the sampler shuffles deterministically from (seed, epoch), can group similar
+lengths, gives each rank its own slice of every global batch, and saves its position so a run resumes mid-epoch.
 """
 
 from __future__ import annotations
