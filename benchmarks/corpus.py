@@ -135,7 +135,7 @@ def write_store(corpus: Corpus, path: Path, *, rows_per_shard: int = 256, **kw) 
 
     writer = logitstore.create(path, corpus.ids, fingerprint={"benchmark": corpus.source}, vocab_size=32000,
                                max_length=1024, rows_per_shard=rows_per_shard, per_token=True, **kw)
-    for shard in writer.missing_shards():
+    for shard in writer.missing_shards:
         writer.write_shard(shard, corpus.shard(writer.shard_rows(shard)))
     writer.finalize()
     return path

@@ -31,7 +31,7 @@ def write_synthetic(path: Path, n: int, seed: int = 0) -> float:
     ids = [f"pair-{i:07d}" for i in range(n)]
     writer = logitstore.create(path, ids, fingerprint={"bench": "open-scale", "n": n}, vocab_size=32000,
                                max_length=1024, per_token=True)
-    for shard in writer.missing_shards():
+    for shard in writer.missing_shards:
         rows = writer.shard_rows(shard)
         rng = np.random.default_rng([seed, shard])
         m = len(rows)

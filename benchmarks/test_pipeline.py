@@ -16,6 +16,7 @@ import pytest
 from workloads import input_tokens, run_child, valid_rows
 
 HERE = Path(__file__).resolve().parent
+pytestmark = pytest.mark.slow  # builds and training steps in subprocesses: run with --full
 
 
 @pytest.fixture(scope="module")

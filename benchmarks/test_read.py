@@ -259,7 +259,7 @@ def test_inner_chunk_size(benchmark, corpus, tmp_path, quick, inner_chunk):
 
     writer = ls.create(tmp_path / "s", corpus.ids, fingerprint={"benchmark": "chunks"}, vocab_size=32000,
                        max_length=1024, rows_per_shard=256, per_token=True, inner_chunk=inner_chunk)
-    for shard in writer.missing_shards():
+    for shard in writer.missing_shards:
         writer.write_shard(shard, corpus.shard(writer.shard_rows(shard)))
     writer.finalize()
     values = sum(p.stat().st_size for f in ("chosen_token_logps", "rejected_token_logps")

@@ -16,7 +16,11 @@ from typing import Any
 
 import click
 
+from dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
+from dpo.models import DTYPES
 from dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from logitstore import format as fmt
+from logitstore.export import FORMATS as EXPORT_FORMATS
 
 _DEBUG = False
 
@@ -30,7 +34,7 @@ debug_option = click.option("--debug", is_flag=True, expose_value=False, is_eage
                             help="Show the full traceback on errors.")
 
 
-def _storage_options(pairs: tuple[str, ...]) -> dict[str, Any] | None:
+def _storage_options(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]) -> dict[str, Any] | None:
     out: dict[str, Any] = {}
     for pair in pairs:
         if "=" not in pair:
@@ -91,7 +95,7 @@ def _float_list(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 storage_option = click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-                              help="fsspec option for s3:// and other URLs (repeatable).")
+                              callback=_storage_options, help="fsspec option for s3:// and other URLs (repeatable).")
 expect_digest_option = click.option("--expect-digest", metavar="SHA256",
                                     help="Refuse the store unless its digest (printed by build and info) is this.")
 
@@ -108,10 +112,12 @@ def _json(value: Any) -> str:
         return v
 
     return json.dumps(clean(value), allow_nan=False)
+
+
 revision_option = click.option("--revision", help="Branch, tag or commit of a Hub --model (default: main).")
 adapter_revision_option = click.option("--adapter-revision", help="Branch, tag or commit of a Hub --adapter.")
 dtype_option = click.option(
-    "--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+    "--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True,
     help="auto: float32 on CPU; on a GPU the checkpoint's bfloat16/float16 where the GPU has it (also the 4-bit "
          "compute dtype).")
 attention_option = click.option(
@@ -141,34 +147,33 @@ def cli() -> None:
 @click.option("--adapter", help="peft LoRA folder or Hub name applied to the model (e.g. an SFT adapter).")
 @adapter_revision_option
 @dtype_option
-@click.option("--quantize", type=click.Choice(["4bit"]), help="Load the reference in bitsandbytes NF4.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
-              help="Tokens of prompt + completion (TRL's default).")
+              help="Tokens of prompt + completion (TRL's default); completions are cut at the end.")
 @click.option("--max-prompt-length", type=click.IntRange(min=1), help="Keep only the last N prompt tokens.")
-@click.option("--truncation", type=click.Choice(["keep_start"]), default="keep_start", show_default=True,
-              help="Cut completions at the end (the only mode TRL 1.16 supports).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Token budget per batch (chosen + rejected, padded).")
 @click.option("--per-token", is_flag=True, help="Also store per-token log-probs.")
-@click.option("--codec", type=click.Choice(["fixed", "float16", "float32", "raw"]), default="fixed",
-              show_default=True, help="Per-token codec preset (docs/FORMAT.md).")
-@click.option("--token-codec", type=click.Choice(["zstd", "raw"]), default="zstd", show_default=True)
-@click.option("--rows-per-shard", type=click.IntRange(min=1), default=1024, show_default=True)
-@click.option("--prompt-sharing/--no-prompt-sharing", default=False, show_default=True,
+@click.option("--codec", type=click.Choice(fmt.LOGP_CODECS), default="fixed", show_default=True,
+              help="Per-token codec preset (docs/FORMAT.md).")
+@click.option("--token-codec", type=click.Choice(fmt.TOKEN_CODECS), default="zstd", show_default=True)
+@click.option("--rows-per-shard", type=click.IntRange(min=1), default=fmt.ROWS_PER_SHARD, show_default=True)
+@click.option("--prompt-sharing/--no-prompt-sharing", "share_prompt", default=False, show_default=True,
               help="Run each prompt once and score both completions from its KV cache, where that saves padded "
               "positions. Off by default: one pass over prompt+completion measured faster on GPU and CPU "
               "(docs/benchmarks.md).")
-@click.option("--no-length-bucketing", is_flag=True, help="Batch pairs in data order instead of by length.")
+@click.option("--no-length-bucketing", "length_bucketing", flag_value=False, default=True,
+              help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
-def build(**kw: Any) -> None:
+def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
 
     Interrupted builds resume: run the same command again.
@@ -183,21 +188,11 @@ def build(**kw: Any) -> None:
     """
     from dpo.reference import BuildConfig, build as run_build
 
-    cfg = BuildConfig(model=kw["model"], data=kw["data"], out=kw["out"], adapter=kw["adapter"], dtype=kw["dtype"],
-                      quantize=kw["quantize"], device=kw["device"], revision=kw["revision"],
-                      adapter_revision=kw["adapter_revision"], attn_implementation=kw["attn_implementation"],
-                      split=kw["split"], max_length=kw["max_length"],
-                      max_prompt_length=kw["max_prompt_length"], batch_size=kw["batch_size"],
-                      batch_tokens=kw["batch_tokens"], per_token=kw["per_token"], codec=kw["codec"],
-                      token_codec=kw["token_codec"], rows_per_shard=kw["rows_per_shard"],
-                      share_prompt=kw["prompt_sharing"], length_bucketing=not kw["no_length_bucketing"],
-                      skip_invalid=kw["skip_invalid"],
-                      storage_options=_storage_options(kw["storage_options"]))
-    with _quiet(kw["quiet"]):
-        result = run_build(cfg, progress=not kw["quiet"], log=click.echo)
+    with _quiet(quiet):
+        result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
     import logitstore
 
-    click.echo(f"Store digest: {logitstore.open(cfg.out, storage_options=cfg.storage_options).digest}")
+    click.echo(f"Store digest: {logitstore.open(result.path, storage_options=options['storage_options']).digest}")
     click.echo(result.summary())
 
 
@@ -216,7 +211,7 @@ def build(**kw: Any) -> None:
 @debug_option
 def verify(store: str, model: str | None, revision: str | None, data: str | None, adapter: str | None,
            adapter_revision: str | None, sample: int, tolerance: float, as_json: bool, expect_digest: str | None,
-           storage_options: tuple[str, ...]) -> None:
+           storage_options: dict[str, Any] | None) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
     Exit status: 0 sound, 1 problems found, 2 usage error.
@@ -231,19 +226,13 @@ def verify(store: str, model: str | None, revision: str | None, data: str | None
 
     if (model is None) != (data is None):
         raise click.UsageError("--model and --data go together")
-    options = _storage_options(storage_options)
-    report = logitstore.verify(store, storage_options=options, digest=expect_digest)
-    if model is not None and report.ok:
-        from dpo.reference import BuildConfig, recompute_sample
+    report = logitstore.verify(store, storage_options=storage_options, digest=expect_digest)
+    if model is not None and data is not None and report.ok:
+        from dpo.reference import recompute_sample
 
-        opened = logitstore.open(store, storage_options=options, digest=expect_digest)
-        precision = opened.fingerprint.get("precision", {})
-        tokenization = opened.fingerprint.get("tokenization", {})
-        cfg = BuildConfig(model=model, data=data or "", out=store, adapter=adapter, revision=revision,
-                          adapter_revision=adapter_revision,
-                          dtype=precision.get("dtype", "float32"), quantize=precision.get("quantize"),
-                          max_prompt_length=tokenization.get("max_prompt_length"))
-        report.problems += recompute_sample(opened, cfg, sample, tolerance=tolerance)
+        opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
+        report.problems += recompute_sample(opened, model, data, adapter=adapter, revision=revision,
+                                            adapter_revision=adapter_revision, sample=sample, tolerance=tolerance)
     if as_json:
         click.echo(_json(report.as_dict()))
     else:
@@ -263,7 +252,7 @@ def verify(store: str, model: str | None, revision: str | None, data: str | None
 @expect_digest_option
 @storage_option
 @debug_option
-def info(store: str, as_json: bool, expect_digest: str | None, storage_options: tuple[str, ...]) -> None:
+def info(store: str, as_json: bool, expect_digest: str | None, storage_options: dict[str, Any] | None) -> None:
     """Describe a store: size, completeness, fields, fingerprint, settings.
 
     \b
@@ -272,15 +261,16 @@ def info(store: str, as_json: bool, expect_digest: str | None, storage_options: 
       logitstore info pairs.lstore --json | jq .bytes
       logitstore info pairs.lstore --expect-digest 3f2a...c9
     """
-    from cli.describe import describe, render
+    import logitstore
+    from logitstore.describe import describe, render
 
-    summary = describe(store, _storage_options(storage_options), digest=expect_digest)
+    summary = describe(logitstore.open(store, storage_options=storage_options, digest=expect_digest))
     click.echo(_json(summary) if as_json else render(summary))
 
 
 @cli.command()
 @click.argument("store")
-@click.option("--to", "to", type=click.Choice(["trl", "parquet", "jsonl"]), required=True)
+@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True)
 @click.option("--data", required=True, type=click.Path(), help="The data the store was built from.")
 @click.option("--split")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (trl) or file.")
@@ -288,7 +278,7 @@ def info(store: str, as_json: bool, expect_digest: str | None, storage_options: 
 @storage_option
 @debug_option
 def export(store: str, to: str, data: str, split: str | None, out: str, expect_digest: str | None,
-           storage_options: tuple[str, ...]) -> None:
+           storage_options: dict[str, Any] | None) -> None:
     """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns, matched by example ID.
 
     \b
@@ -299,17 +289,10 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
     import logitstore
     from logitstore.export import export as run_export
 
-    from dpo.data import load_examples
+    from dpo.data import export_records
 
-    records = []
-    for ex in load_examples(data, split):
-        record: dict[str, Any] = {"id": ex.id}
-        if ex.prompt is not None:
-            record["prompt"] = ex.prompt
-        record.update(chosen=ex.chosen, rejected=ex.rejected)
-        records.append(record)
-    opened = logitstore.open(store, storage_options=_storage_options(storage_options), digest=expect_digest)
-    result = run_export(opened, records, to, out)
+    opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
+    result = run_export(opened, export_records(data, split), to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
 
@@ -328,8 +311,8 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--lr", type=float, default=5e-5, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--schedule", type=click.Choice(["linear", "cosine", "constant"]), default="linear", show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "paged_adamw_8bit"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True)
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--grad-clip", type=float, default=1.0, show_default=True)
 @click.option("--beta", type=float, default=0.1, show_default=True, help="Strength of the pull to the reference "
@@ -359,7 +342,8 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
-@click.option("--quantize", type=click.Choice(["4bit"]), help="Train LoRA on the model in bitsandbytes NF4 (QLoRA).")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Train LoRA on the model in bitsandbytes NF4 "
+              "(QLoRA).")
 @dtype_option
 @click.option("--device", default="auto", show_default=True)
 @attention_option
@@ -368,7 +352,8 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Log every N optimizer steps, and the first and the last.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
@@ -395,15 +380,14 @@ def train(**kw: Any) -> None:
     from dpo.objective import ObjectiveError
     from dpo.train import TrainConfig, objective_of, train as run_train
 
-    options = _storage_options(kw.pop("storage_options"))
     expect_digest = kw.pop("expect_digest")
     if expect_digest is not None:
         import logitstore
 
-        logitstore.open(kw["store"], storage_options=options, digest=expect_digest)
+        logitstore.open(kw["store"], storage_options=kw["storage_options"], digest=expect_digest)
     quiet = kw.pop("quiet")
     lora = not kw.pop("no_lora")
-    cfg = TrainConfig(**kw, lora=lora, storage_options=options)
+    cfg = TrainConfig(**kw, lora=lora)
     try:
         objective_of(cfg)
     except ObjectiveError as exc:
@@ -441,6 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     from logitstore.errors import LogitstoreError, printable
+    from logitstore.extras import missing_extra
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # its CPU kernel notice is not the user's concern
     try:
@@ -466,7 +451,9 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:
             raise
-        click.echo(f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", err=True)
+        needs = missing_extra(exc) if isinstance(exc, ImportError) else None
+        click.echo(f"Error: this command {needs}" if needs else
+                   f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", err=True)
         sys.exit(1)
 
 

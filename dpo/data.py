@@ -28,10 +28,6 @@ class PreferenceExample:
     rejected: Text
     line: int  # 1-based line (JSONL) or row (Parquet, datasets) number, for messages
 
-    @property
-    def conversational(self) -> bool:
-        return isinstance(self.chosen, list)
-
 
 @dataclasses.dataclass
 class Skipped:
@@ -46,10 +42,7 @@ class Skipped:
 def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     name = path.name.lower()
     if path.is_dir():
-        try:
-            import datasets
-        except ImportError as exc:  # pragma: no cover - datasets is a dependency
-            raise InputDataError("reading a datasets folder needs the `datasets` package") from exc
+        import datasets  # the `data` extra; the command line names it when it is missing
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
@@ -143,6 +136,19 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
     if not out:
         raise InputDataError(f"{path}: no preference pairs found")
     return out
+
+
+def export_records(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """The pairs of `path` as the records an export writes: ``id``, ``prompt`` (when the data has one),
+    ``chosen``, ``rejected``."""
+    records = []
+    for ex in load_examples(path, split):
+        record: dict[str, Any] = {"id": ex.id}
+        if ex.prompt is not None:
+            record["prompt"] = ex.prompt
+        record.update(chosen=ex.chosen, rejected=ex.rejected)
+        records.append(record)
+    return records
 
 
 def data_digest(examples: list[PreferenceExample]) -> str:

@@ -58,8 +58,9 @@ def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: 
     import warnings
 
     import logitstore
+    from logitstore.describe import human_bytes
 
-    from .reference import BuildConfig, build, human_bytes
+    from .reference import BuildConfig, build
 
     # ByT5 appends </s> itself and warns when the text (TRL-style) already ends with it; the ids are right.
     warnings.filterwarnings("ignore", message="This sequence already has </s>")

@@ -17,6 +17,7 @@ import numpy as np
 
 import logitstore
 from logitstore import format as fmt
+from logitstore.describe import human_bytes
 from logitstore.errors import InputDataError
 
 from . import distributed
@@ -75,14 +76,6 @@ class BuildResult:
                 f"shard{'' if self.shards_written == 1 else 's'} written, "
                 f"{self.tokens:,} tokens scored in {self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
                 f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per pair).")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> dict[str, Any]:
@@ -201,7 +194,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
     if writer.complete:
         return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes())
-    missing = writer.missing_shards()
+    missing = writer.missing_shards
     todo = [k for k in missing if k % world == rank]
     if rank == 0 and len(missing) < writer.geometry.num_shards:
         log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(missing)} of "
@@ -240,11 +233,18 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
                        time.perf_counter() - start, writer.loc.total_bytes())
 
 
-def recompute_sample(store: Any, cfg: BuildConfig, sample: int, seed: int = 0,
+def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None = None, revision: str | None = None,
+                     adapter_revision: str | None = None, sample: int = 16, seed: int = 0,
                      tolerance: float = 1e-3) -> list[str]:
-    """Recompute a random sample of a store's pairs with the model and data of `cfg`; return the disagreements."""
+    """Recompute a random sample of a store's pairs with `model` (plus `adapter`) on `data`, in the precision and
+    tokenization the store records; return the disagreements."""
     import torch
 
+    recorded = store.fingerprint.get("precision", {})
+    tokenization = store.fingerprint.get("tokenization", {})
+    cfg = BuildConfig(model=model, data=data, out=store.location.url, adapter=adapter, revision=revision,
+                      adapter_revision=adapter_revision, dtype=recorded.get("dtype", "float32"),
+                      quantize=recorded.get("quantize"), max_prompt_length=tokenization.get("max_prompt_length"))
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
     rng = np.random.default_rng(seed)

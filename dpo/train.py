@@ -355,6 +355,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+        step += 1  # optimizer steps done: what the record, evaluation and checkpoint names count
         names = sorted(sums)
         averaged = dict(zip(names, distributed.all_reduce_mean([sums[k] for k in names])))
         elapsed = time.perf_counter() - t_step
@@ -362,14 +363,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
         if cuda:
             record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        step += 1
         eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
             record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
                 save_weights(model, cfg, out / "best")
-        if main and (eval_due or record["step"] % cfg.log_every == 0 or step == total_steps):
+        if main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
             history.append(record)
@@ -378,7 +378,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
                             state={"step": step, "epoch": epoch, "best_eval_loss": best,
-                                   "sampler": {"epoch": epoch, "position": position, "seed": cfg.seed},
+                                   "sampler": sampler.state_dict(batches_consumed=position),
                                    "config": dataclasses.asdict(cfg)})
         distributed.barrier()
     bar.close()

@@ -1,8 +1,9 @@
 """Feeding training from a store: dataset, sampler, collate and background prefetch for torch.
 
-The only module of the package that imports torch. The dataset pickles as a path and opens its own store in
-each worker process; the sampler shuffles deterministically from (seed, epoch), can group similar lengths, gives
-each rank its own slice of every global batch, and saves its position so a run resumes mid-epoch.
+The dataset, sampler and prefetcher are numpy and plain Python, usable without torch (the core install); the
+padding, collation and DataLoader functions import torch when called. The dataset pickles as a path and opens its
+own store in each worker process; the sampler shuffles deterministically from (seed, epoch), can group similar
+lengths, gives each rank its own slice of every global batch, and saves its position so a run resumes mid-epoch.
 """
 
 from __future__ import annotations
@@ -13,17 +14,22 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from .format import PER_TOKEN_FIELDS
 from .ld_dpo import ld_reference, require_per_token
 from .reader import Store
 from .reader import open as open_store
 
+if TYPE_CHECKING:
+    import torch
 
-class PairDataset(torch.utils.data.Dataset):
-    """Rows of a store as training examples; batched reads through ``__getitems__``."""
+
+class PairDataset:
+    """Rows of a store as training examples (a map-style dataset for torch's DataLoader); batched reads through
+    ``__getitems__``."""
 
     def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, fields: Sequence[str] = ()):
         self.path = str(path)
@@ -70,6 +76,8 @@ def pad_pairs(prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[
               pad_token_id: int) -> dict[str, torch.Tensor]:
     """`input_ids`, `attention_mask`, `completion_mask` in TRL's layout: prompt+chosen rows first, then
     prompt+rejected, right-padded. The reference pass and training both score exactly this layout."""
+    import torch
+
     n = len(prompts)
     lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)] + [len(p) + len(r) for p, r in zip(prompts, rejected)]
     width = max(lengths)
@@ -89,6 +97,7 @@ def pad_pairs(prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[
 def collate(batch: dict[str, Any], pad_token_id: int, ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """A batch of store rows as tensors: :func:`pad_pairs` plus the reference values and token counts. With
     `ld_alpha`, the reference values are LD-DPO's for that α, from the per-token values (:mod:`.ld_dpo`)."""
+    import torch
     out = pad_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_token_id)
     ref_chosen, ref_rejected = batch["chosen_logps"], batch["rejected_logps"]
     if ld_alpha is not None:
@@ -104,8 +113,9 @@ def collate(batch: dict[str, Any], pad_token_id: int, ld_alpha: float | None = N
     return out
 
 
-class PairBatchSampler(torch.utils.data.Sampler):
-    """Batches of rows: global batches of `batch_size`, of which this rank takes every `world_size`-th row.
+class PairBatchSampler:
+    """Batches of rows for torch's DataLoader: global batches of `batch_size`, of which this rank takes every
+    `world_size`-th row.
 
     The order is a pure function of (seed, epoch), so every rank agrees on it without communication, and a saved
     (epoch, batches done) position restores it exactly.
@@ -150,8 +160,14 @@ class PairBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.position = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+    def state_dict(self, batches_consumed: int | None = None) -> dict[str, int]:
+        """Where the order stands: epoch, batches of the epoch done, seed.
+
+        The sampler counts batches handed out; a loader that fetches ahead (worker processes, a prefetch thread)
+        takes more than the consumer has used, so a consumer saving a checkpoint passes the batches it consumed.
+        """
+        position = self.position if batches_consumed is None else batches_consumed
+        return {"epoch": self.epoch, "position": position, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
@@ -196,6 +212,8 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
     `pin_memory` (default: whether CUDA is available) puts batches in page-locked memory, from which copies to the
     GPU run asynchronously (`tensor.to("cuda", non_blocking=True)`); pass False when training on the CPU.
     """
+    import torch
+
     fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
     dataset = PairDataset(path, storage_options=storage_options, fields=fields)
     if ld_alpha is not None:

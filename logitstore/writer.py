@@ -17,6 +17,7 @@ import numpy as np
 
 from . import format as fmt
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .faults import fault_point
 from .format import id_hashes
 from .header import parse_root
 from .quantize import encode_fixed
@@ -82,16 +83,18 @@ class StoreWriter:
     @property
     def complete(self) -> bool:
         """Finalised, and every shard's commit record still intact."""
-        return bool(self.header.get("complete")) and bool(self.committed().all())
+        return bool(self.header.get("complete")) and bool(self.committed.all())
 
+    @property
     def committed(self) -> np.ndarray:
         """Boolean mask over shards: True where the shard's commit record is present and intact."""
         width = fmt.commit_width(len(self.header["shard_files"]))
         return np.array([read_commit_row(self.loc, k, width) is not None for k in range(self.geometry.num_shards)],
                         dtype=bool)
 
+    @property
     def missing_shards(self) -> list[int]:
-        return [int(k) for k in np.flatnonzero(~self.committed())]
+        return [int(k) for k in np.flatnonzero(~self.committed)]
 
     def shard_rows(self, shard: int) -> range:
         return self.geometry.shard_rows(shard)
@@ -120,10 +123,13 @@ class StoreWriter:
         clipped = 0
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
+            fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
+        fault_point(f"before-commit:{shard}")
         record = [1, clipped]
         for array in fmt.shard_file_arrays(self.ragged):
             record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
+        fault_point(f"after-commit:{shard}")
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry
@@ -155,7 +161,8 @@ class StoreWriter:
 
     def finalize(self) -> dict[str, Any]:
         """Mark the store complete once every shard is committed. Returns the summary written to the header."""
-        missing = self.missing_shards()
+        fault_point("before-finalize")
+        missing = self.missing_shards
         if missing:
             raise IncompleteStoreError(f"{len(missing)} of {self.geometry.num_shards} shards are not written yet "
                                        f"(first: {missing[0]})")
@@ -244,7 +251,9 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "skipped": [dict(s) for s in skipped],
     }
     header["plan_files"] = _write_plan(loc, header, encoded)
+    fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
     write_root(loc, header)  # last: a store whose header exists is planned
+    fault_point("after-header")
     return StoreWriter(loc, header)
 
 

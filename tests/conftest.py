@@ -10,6 +10,10 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One math thread per process (and per CLI subprocess, which inherit it): the models here are tiny, and on a busy
+# 2-core machine several OpenMP threads per process spin against each other (measured at load 10: the 24-step
+# training test 97 s with torch's default threads, 9 s with one). Set OMP_NUM_THREADS to override.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def _tiny_mistral(folder: Path, tokenizer, seed: int = 0) -> Path:
     import torch

@@ -40,10 +40,10 @@ def plan(path, n: int = 100, rows_per_shard: int = 16, **kw) -> logitstore.Store
 def fill(path, n: int = 100, rows_per_shard: int = 16, shards=None, pause: float = 0.0, finalize=True,
          **kw) -> logitstore.StoreWriter:
     writer = plan(path, n, rows_per_shard, **kw)
-    for shard in writer.missing_shards() if shards is None else shards:
+    for shard in writer.missing_shards if shards is None else shards:
         writer.write_shard(shard, shard_rows(writer, shard))
         time.sleep(pause)
-    if finalize and not writer.missing_shards():
+    if finalize and not writer.missing_shards:
         writer.finalize()
     return writer
 

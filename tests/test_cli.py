@@ -46,6 +46,20 @@ def test_every_help_ends_with_examples(command):
     assert "Options:" in tail and f"logitstore {command}" in tail
 
 
+@pytest.mark.parametrize("command,internal", [("build", set()), ("train", {"plot"})])
+def test_command_options_are_the_config_fields(command, internal):
+    """The command hands its options to the config unchanged: each option is a field and each field an option."""
+    import dataclasses
+
+    from dpo.reference import BuildConfig
+    from dpo.train import TrainConfig
+
+    config = {"build": BuildConfig, "train": TrainConfig}[command]
+    fields = {f.name for f in dataclasses.fields(config)}
+    options = {p.name for p in cli.commands[command].params if p.expose_value} - {"quiet"}
+    assert options == fields - internal
+
+
 def test_info_json_schema(built):
     folder, _ = built
     result = CliRunner().invoke(cli, ["info", str(folder / "s"), "--json"])
@@ -78,6 +92,7 @@ def test_verify_exit_codes_and_damage(built, tmp_path):
     assert report["ok"] is False and report["damaged_examples"] == [f"pair-{i}" for i in range(8, 16)]
 
 
+@pytest.mark.slow  # a CLI subprocess loading the model
 def test_verify_recomputes_a_sample_with_the_model(built, mistral_model):
     folder, data = built
     out = run_cli("verify", str(folder / "s"), "--model", str(mistral_model), "--data", str(data), "--sample", "5")
@@ -115,6 +130,7 @@ def test_errors_are_one_line_with_exit_1_and_usage_errors_exit_2(tmp_path):
     assert unknown.returncode == 2
 
 
+@pytest.mark.slow  # a TRL training step
 def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mistral_model, tmp_path):
     import datasets
     import torch
@@ -145,6 +161,7 @@ def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mist
     assert calls == []  # no reference forward pass ran
 
 
+@pytest.mark.slow  # the demo in a subprocess
 def test_console_script_and_demo_end_to_end(tmp_path):
     out = subprocess.run(["logitstore", "demo", "--out", str(tmp_path / "demo"), "--pairs", "40", "--steps", "4",
                           "--quiet"], capture_output=True, text=True, timeout=600)

@@ -39,6 +39,7 @@ def test_python_examples_run_and_print_what_they_claim(doc, tmp_path, monkeypatc
         assert buffer.getvalue().splitlines() == expected_output(code)
 
 
+@pytest.mark.slow  # the demo and every usage command in subprocesses
 def test_readme_shell_usage_runs(tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1"}
     commands = ["logitstore demo --out demo-out --quiet"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,22 @@ def test_saved_position_resumes_mid_epoch():
     again = PairBatchSampler(100, 8, seed=0)
     again.load_state_dict(state)
     assert list(again) == rest and len(first + rest) == len(sampler)
+
+
+def test_saved_position_is_what_was_consumed_when_the_loader_fetches_ahead(store_path):
+    loader, sampler = make_loader(store_path, 4, seed=1)
+    batches = iter(Prefetcher(loader, depth=3))
+    used = [next(batches)["rows"].tolist() for _ in range(2)]
+    deadline = time.monotonic() + 60
+    while sampler.position < 2 + 3 + 1 and time.monotonic() < deadline:  # the prefetch thread fills its queue
+        time.sleep(0.01)
+    assert sampler.position == 2 + 3 + 1  # three batches queued, one waiting to be queued
+    state = sampler.state_dict(batches_consumed=2)
+    assert state == {"epoch": 0, "position": 2, "seed": 1}
+    again = PairBatchSampler(len(sampler.rows), 4, seed=0)
+    again.load_state_dict(state)
+    assert next(iter(again)) == sampler.global_batches(0)[2].tolist()
+    assert used == [b.tolist() for b in sampler.global_batches(0)[:2]]
 
 
 def test_grouping_by_length_cuts_padding(store_path):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -165,26 +164,39 @@ def test_an_incomplete_store_reports_what_is_missing(tmp_path):
     assert report.problems == ["incomplete: 5 of 7 shards not written (first: 1)"]
 
 
-def _run_writer(path: Path, *shards: int, pause: float = 0.02) -> subprocess.Popen:
+def _run_writer(path: Path, *shards: int, pause: float = 0.02, fault: str | None = None) -> subprocess.Popen:
     env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", PYTHONPATH=str(HERE), WRITER_PAUSE=str(pause))
+    if fault is not None:
+        env["LOGITSTORE_FAULT"] = fault
     return subprocess.Popen([sys.executable, str(HERE / "synthetic.py"), str(path), *map(str, shards)], env=env)
 
 
-@pytest.mark.parametrize("when", ["during start-up", "right after planning", "after two shards", "mid-fill"])
-def test_sigkill_mid_write_then_resume_is_bit_identical(tmp_path, monkeypatch, when):
+def _planned(path: Path) -> bool:
+    return (path / "zarr.json").is_file() and b'"logitstore"' in (path / "zarr.json").read_bytes()
+
+
+# Each crash point with the state it must leave (synthetic stores: 7 shards, fields written in header order).
+CRASH_STATES = {
+    "before-header": lambda p: not _planned(p) and (p / "id_index" / "row" / "c" / "0").is_file(),
+    "after-header": lambda p: _planned(p) and not logitstore.open(p).committed.any(),
+    "after-commit:1": lambda p: logitstore.open(p).committed.tolist() == [True, True] + [False] * 5,
+    "mid-shard:3": lambda p: (logitstore.open(p).committed.tolist() == [True] * 3 + [False] * 4
+                              and (p / "prompt_ids" / "values" / "c" / "3").is_file()
+                              and not (p / "rejected_token_logps" / "values" / "c" / "3").exists()),
+    "before-commit:3": lambda p: (logitstore.open(p).committed.tolist() == [True] * 3 + [False] * 4
+                                  and (p / "rejected_token_logps" / "values" / "c" / "3").is_file()),
+    "before-finalize": lambda p: (logitstore.open(p).committed.all() and not logitstore.open(p).complete),
+}
+
+
+@pytest.mark.parametrize("point", list(CRASH_STATES))
+def test_sigkill_mid_write_then_resume_is_bit_identical(tmp_path, monkeypatch, point):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     fill(tmp_path / "reference")
-    proc = _run_writer(tmp_path / "killed", pause=0.3)
-    if when == "during start-up":
-        time.sleep(0.7)
-    else:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "killed" / "zarr.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        time.sleep({"right after planning": 0.0, "after two shards": 0.65, "mid-fill": 1.05}[when])
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if (tmp_path / "killed" / "zarr.json").exists() and b"logitstore" in (tmp_path / "killed" / "zarr.json").read_bytes():
+    proc = _run_writer(tmp_path / "killed", pause=0.0, fault=point)
+    assert proc.wait(timeout=120) == -signal.SIGKILL  # it died at the named point, not of anything else
+    assert CRASH_STATES[point](tmp_path / "killed")
+    if _planned(tmp_path / "killed"):
         opened = logitstore.open(tmp_path / "killed")
         assert not opened.complete
         for shard in np.flatnonzero(opened.committed):  # whatever is committed is already final

@@ -66,7 +66,7 @@ def test_training_lowers_the_loss_and_raises_accuracy(byte_model, medical_store,
     assert np.mean(accuracies[-6:]) > np.mean(accuracies[:3])
     assert result["eval"]["eval/loss"] < math.log(2)
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == list(range(24))
+    assert [x["step"] for x in lines] == list(range(1, 25))
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
             "logps/rejected", "learning_rate", "tokens_per_second"} <= set(lines[0])
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -87,7 +87,7 @@ def test_resume_continues_exactly(byte_model, medical_store, tmp_path, objective
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:3]
     (tmp_path / "cut" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     resumed = run(byte_model, medical_store, tmp_path / "cut", resume=True, **common)["history"]
-    assert [h["step"] for h in resumed] == list(range(3, 8))
+    assert [h["step"] for h in resumed] == list(range(4, 9))
     for a, b in zip(resumed, whole[3:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
@@ -248,7 +248,7 @@ def write_store(path, model_dir, n: int = 12, *, per_token: bool = False, mutate
     writer = logitstore.create(path, [f"pair-{i}" for i in range(n)], fingerprint=fingerprint, vocab_size=1000,
                                max_length=64, rows_per_shard=4, per_token=per_token, logp_codec="float32",
                                tokenizer={"pad_token_id": 0, "vocab_size": 384})
-    for shard in writer.missing_shards():
+    for shard in writer.missing_shards:
         span = writer.shard_rows(shard)
         writer.write_shard(shard, {k: [rows[i][k] for i in span] for k in rows[0]})
     writer.finalize()

@@ -1,4 +1,4 @@
-"""What `logitstore info` reports about a store."""
+"""What `logitstore info` reports about a store: sizes, completeness, token statistics, fingerprint, settings."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ from typing import Any
 
 import numpy as np
 
+from .reader import Store
 
-def describe(path: str, storage_options: dict[str, Any] | None = None, digest: str | None = None) -> dict[str, Any]:
-    import logitstore
 
-    store = logitstore.open(path, storage_options=storage_options, digest=digest)
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe(store: Store) -> dict[str, Any]:
+    """A JSON-ready summary of `store` (token statistics over its committed shards)."""
     header = store.header
     total = store.location.total_bytes()
     n = len(store)
@@ -46,8 +54,7 @@ def describe(path: str, storage_options: dict[str, Any] | None = None, digest: s
 
 
 def render(s: dict[str, Any]) -> str:
-    from dpo.reference import human_bytes
-
+    """The summary from :func:`describe` as the text `logitstore info` prints."""
     state = "complete" if s["complete"] else f"INCOMPLETE: {len(s['missing_shards'])} of {s['shards']} shards missing"
     fp = s["fingerprint"]
     model = fp.get("model", {})

@@ -1,0 +1,33 @@
+"""Which optional extra provides a module, so a command that needs one says what to install.
+
+The core install (numpy, zarr, numcodecs, click) opens, verifies, describes and exports stores; everything else
+comes with an extra declared in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+# Top-level module -> the extra whose install provides it.
+MODULE_EXTRAS = {
+    "torch": "train",
+    "transformers": "train",
+    "peft": "train",
+    "safetensors": "train",
+    "tqdm": "train",
+    "matplotlib": "train",
+    "datasets": "data",
+    "pyarrow": "data",
+    "bitsandbytes": "quantize",
+    "fsspec": "remote",
+    "s3fs": "remote",
+    "trl": "trl",
+}
+
+
+def missing_extra(exc: ImportError) -> str | None:
+    """When `exc` is a missing optional module, the end of a one-line message naming the extra that installs it
+    ("needs torch, ...: pip install 'logitstore[train]'"); otherwise None."""
+    name = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = MODULE_EXTRAS.get(name)
+    if not isinstance(exc, ModuleNotFoundError) or extra is None:
+        return None
+    return f"needs {name}, which the core install leaves out: pip install 'logitstore[{extra}]'"
