@@ -336,8 +336,8 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
               "the policy's length-normalised probability of both completions.")
 @click.option("--discopop-tau", type=float, help="τ of the discopop loss (DiscoPOP, Lu et al. 2024, "
               "arXiv:2406.08414; default 0.05).")
-@click.option("--no-lora", is_flag=True, help="Train every weight instead of a LoRA adapter (not with --quantize); "
-              "the store replaces the reference model's copy.")
+@click.option("--lora/--no-lora", default=True, show_default=True, help="--no-lora trains every weight instead of a "
+              "LoRA adapter (not with --quantize); the store replaces the reference model's copy.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.05, show_default=True)
@@ -380,14 +380,8 @@ def train(**kw: Any) -> None:
     from dpo.objective import ObjectiveError
     from dpo.train import TrainConfig, objective_of, train as run_train
 
-    expect_digest = kw.pop("expect_digest")
-    if expect_digest is not None:
-        import logitstore
-
-        logitstore.open(kw["store"], storage_options=kw["storage_options"], digest=expect_digest)
     quiet = kw.pop("quiet")
-    lora = not kw.pop("no_lora")
-    cfg = TrainConfig(**kw, lora=lora)
+    cfg = TrainConfig(**kw)
     try:
         objective_of(cfg)
     except ObjectiveError as exc:
@@ -395,7 +389,7 @@ def train(**kw: Any) -> None:
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
-    saved = f"Adapter in {Path(result['out']) / 'adapter'}" if lora else f"Model in {Path(result['out']) / 'model'}"
+    saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
                f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
 

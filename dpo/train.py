@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     allow_fingerprint_mismatch: bool = False
+    expect_digest: str | None = None  # refuse a training store with other contents (docs/FORMAT.md, digest)
     plot: bool = True
     storage_options: dict[str, Any] | None = None
 
@@ -256,11 +257,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
 
     objective = objective_of(cfg)
     check_setup(cfg)
+    store = logitstore.open(cfg.store, storage_options=cfg.storage_options, digest=cfg.expect_digest)
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
     main = rank == 0
     out = Path(cfg.out)
-    store = logitstore.open(cfg.store, storage_options=cfg.storage_options)
     if not store.complete:
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
@@ -337,7 +338,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             check_batch(batch, store, vocab)
             loss, metrics = dpo_batch(model, batch, cfg, device, objective)
             if not torch.isfinite(loss):  # stop before it reaches the weights
-                raise NonFiniteLossError(f"training stopped at step {step}: the loss is {float(loss.detach())} on "
+                raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
                                          f"{_examples(store, batch['rows'])}; {_last_good(out)}")
             (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
@@ -350,7 +351,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                     p.grad /= world
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
         if not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"training stopped at step {step}: the gradient norm is {grad_norm}; "
+            raise NonFiniteLossError(f"training stopped at step {step + 1}: the gradient norm is {grad_norm}; "
                                      f"{_last_good(out)}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

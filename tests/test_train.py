@@ -323,7 +323,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(byt
     store = write_store(tmp_path / "s", byte_model, mutate=spoil)
     with pytest.raises(logitstore.LogitstoreError) as info:
         run(byte_model, store, tmp_path / "run", batch_size=4, lr=1e-3, save_every=1, log_every=1, epochs=1)
-    assert str(info.value) == (f"training stopped at step 2: the loss is inf on examples "
+    assert str(info.value) == (f"training stopped at step 3: the loss is inf on examples "
                                f"{', '.join(repr(f'pair-{r}') for r in third_batch[:3])} and 1 more; nothing from this "
                                f"step was applied; the last good checkpoint is {tmp_path / 'run' / 'checkpoint-2'}")
     from safetensors.torch import load_file
@@ -332,7 +332,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(byt
     assert all(bool(torch.isfinite(w).all()) for w in weights.values())
     assert not (tmp_path / "run" / "adapter").exists()  # the run did not claim to be complete
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1]
+    assert steps == [1, 2]  # the two optimizer steps done before the failing third
 
 
 # ---- the train command's objective options ---------------------------------------------------------------------
