@@ -49,9 +49,11 @@ def write_synthetic(path: Path, n: int, seed: int = 0) -> float:
     return time.perf_counter() - start
 
 
-def _rss() -> int:
+def _rss(kind: str = "VmRSS") -> int:
+    """Resident bytes: VmRSS (all), RssAnon (the process's own memory) or RssFile (mapped file pages, shared with
+    other processes through the page cache)."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(f"{kind}:"))
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -71,7 +73,7 @@ def probe(path: Path, n: int, epochs: int, cold: bool, limit: int | None) -> dic
         _drop_page_cache(path)
     import logitstore  # imported before measuring: the import is not the store's cost
 
-    rss0 = _rss()
+    rss0, anon0 = _rss(), _rss("RssAnon")
     t0 = time.perf_counter()
     store = logitstore.open(path)
     open_s = time.perf_counter() - t0
@@ -93,6 +95,7 @@ def probe(path: Path, n: int, epochs: int, cold: bool, limit: int | None) -> dic
         rates.append(order.size // BATCH * BATCH / (time.perf_counter() - t0))
     out["epochs"] = rates
     out["rss_end"] = _rss() - rss0
+    out["rss_anon_end"] = _rss("RssAnon") - anon0
     files = [p for p in path.rglob("*") if p.is_file() and p.name != "zarr.json"]
     t0 = time.perf_counter()
     total = 0
@@ -153,6 +156,7 @@ def main(argv: list[str]) -> None:
                    "rss_first_lookup_mb": run["rss_first_lookup"] / 2**20,
                    "first_epoch": run["epochs"][0], "warm": run["epochs"][1],
                    "first_over_warm": run["epochs"][0] / run["epochs"][1], "rss_end_mb": run["rss_end"] / 2**20,
+                   "rss_anon_end_mb": run["rss_anon_end"] / 2**20,
                    "hash_all_s": run["hash_all_s"], "bytes": run["bytes"],
                    "hash_share_of_first_epoch": run["hash_all_s"] / (n / run["epochs"][0])}
             print(json.dumps(row), flush=True)

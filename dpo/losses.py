@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .objective import LOSS_TYPES, PER_TOKEN_LOSSES, Objective, ObjectiveError
 
+
 @dataclasses.dataclass(frozen=True)
 class PairLogps:
     """One batch of B pairs as the losses see it; every tensor is [B] unless noted.

@@ -28,7 +28,7 @@ PAPERS = {
     "aot_unpaired": "AOT, Melnyk et al. 2024, arXiv:2406.05882",
     "apo_zero": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
     "apo_down": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266",
-    "discopop": "DiscoPOP, Chris Lu et al. 2024, arXiv:2406.08414",
+    "discopop": "DiscoPOP, Lu et al. 2024, arXiv:2406.08414",
     "sft": "negative log-likelihood of the chosen tokens, as mixed in by MPO (Wang et al. 2024, arXiv:2411.10442)",
     "sigmoid_norm": "DPO on per-token-averaged log-ratios (length-normalised DPO)",
 }

@@ -3,7 +3,7 @@
 The public surface::
 
     import logitstore
-    store = logitstore.open("pairs.lstore")          # read-only Store
+    store = logitstore.open("pairs.lstore")          # read-only Store (digest=... pins its exact contents)
     store.get(["id-1", "id-2"])["chosen_logps"]      # float32, in the order asked
     writer = logitstore.create("new.lstore", ids, fingerprint={...}, vocab_size=32000, max_length=1024)
     writer.write_shard(0, {...}); writer.finalize()
@@ -12,6 +12,8 @@ The torch-facing pieces live in :mod:`logitstore.loader`; importing this package
 """
 
 from .errors import (
+    DamagedFileError,
+    DigestMismatchError,
     FingerprintMismatchError,
     FormatError,
     IncompleteStoreError,
@@ -30,6 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FORMAT_VERSION",
+    "DamagedFileError",
+    "DigestMismatchError",
     "FingerprintMismatchError",
     "FormatError",
     "IncompleteStoreError",

@@ -564,3 +564,15 @@ def test_verify_names_files_the_format_does_not_name(store):
     assert logitstore.verify(store).problems == ["file the format does not name: notes.txt",
                                                  "file the format does not name: chosen_ids/values/c/7"]
     assert logitstore.open(store).get(["ex-1"])["row"][0] == 1  # readers never look at them
+
+
+def test_reading_and_verifying_never_hand_anything_to_zarr_python(store):
+    """The whole read path is the reader's own: zarr is not even imported."""
+    import subprocess
+    import sys
+
+    code = ("import sys, logitstore; s = logitstore.open(sys.argv[1]); s.get(['ex-1']); "
+            "[s.ragged(f, range(40)) for f in s.fields]; assert logitstore.verify(sys.argv[1]).ok; "
+            "print(sorted(m for m in ('zarr', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(store)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -402,3 +402,16 @@ def test_sigmoid_loss_reference_formula():
     out = dpo_loss(x, Objective(beta=0.5))
     assert float(out.losses[0]) == pytest.approx(-math.log(1 / (1 + math.exp(-0.5 * 2.0))))
     assert float(out.chosen_rewards[0]) == pytest.approx(0.5) and float(out.rejected_rewards[0]) == pytest.approx(-0.5)
+
+
+def test_docs_list_every_loss_type_with_its_paper():
+    import re
+    from pathlib import Path
+
+    from dpo.objective import PAPERS
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
+    table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.M)}
+    for loss_type, paper in PAPERS.items():
+        arxiv = re.search(r"arXiv:\d{4}\.\d{5}", paper)
+        assert loss_type in table and (arxiv is None or arxiv.group(0) in table[loss_type]), loss_type
