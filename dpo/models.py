@@ -290,12 +290,10 @@ def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "au
         raise ModelError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0][:200]})") from None
     if quantize is None:
         model.to(device)
-    else:
-        from peft import prepare_model_for_kbit_training
-
-        # Norms, embeddings and head in float32, as peft prepares a 4-bit model for training: the reference pass
-        # then computes exactly what the policy computes at step 0.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    # A 4-bit model keeps its norms, embeddings and head in `dtype`: no float32 copies as peft's
+    # prepare_model_for_kbit_training makes (TRL makes none either). A float32 embedding carries a float32 residual
+    # stream through every layer, twice the activation memory of bfloat16. The reference pass and the policy both
+    # load through here, so they still compute the same numbers at step 0.
     if adapter is not None:
         from peft import PeftModel
 
