@@ -35,7 +35,8 @@ from .quantize import decode_fixed
 from .shards import ChunkCache, ShardValues, blosc_bound, decode_chunk, zstd_bound
 from .storage import Location, location, require_store
 
-DEFAULT_CACHE_BYTES = 256 << 20
+# Chunk cache + decoded parts + one chunk being decoded stay under 256 MiB whatever a store declares.
+DEFAULT_CACHE_BYTES = 128 << 20
 PART_BYTES = 96 << 20  # decoded per-shard offsets and per-row values kept at once
 DIGEST_PREFIX = b"logitstore digest 2\n"
 _ID_CHECK_BLOCK = 1 << 20
