@@ -159,7 +159,7 @@ def render(benches: list[dict], machine: dict) -> str:
                   "32-example batches chosen by ID; each example's prompt, chosen and rejected token ids and both "
                   "per-token log-prob arrays. Warm page cache. `compressed` = zstd token ids + fixed-point "
                   "log-probs (the defaults); `raw` = uncompressed. The chunk cache is logitstore's LRU of decoded "
-                  "chunks (256 MiB by default); the 'no chunk cache' row decodes every chunk on every read.", "",
+                  "chunks (128 MiB by default); the 'no chunk cache' row decodes every chunk on every read.", "",
                   "| reader | random: examples/s | vs memmap | vs zarr-python, same codec | sequential: examples/s |",
                   "|---|---:|---:|---:|---:|"]
         for name in ["memmap ceiling", "logitstore raw", "zarr-python raw", "logitstore compressed",
