@@ -20,6 +20,10 @@ ROW_FIELDS: dict[str, tuple[str, Any]] = {
     "chosen_tokens": ("int32", -1),
     "rejected_tokens": ("int32", -1),
 }
+# Per-row content key: 16 bytes per row (chunks of (rows_per_shard, 16)), declared in the header as
+# {"kind": "row", "dtype": "uint8", "width": 16}; defined in logitstore/content_key.py and docs/FORMAT.md.
+CONTENT_KEY = "content_key"
+CONTENT_KEY_WIDTH = 16
 TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PER_TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps")
 
@@ -105,7 +109,7 @@ def offsets_array(field: str) -> str:
 
 def shard_file_arrays(ragged: list[RaggedSpec]) -> list[str]:
     """Arrays with exactly one chunk file per shard, in `commits` column order."""
-    names = list(ROW_FIELDS)
+    names = [*ROW_FIELDS, CONTENT_KEY]
     for spec in ragged:
         names += [offsets_array(spec.name), values_array(spec.name)]
     return names
@@ -113,7 +117,7 @@ def shard_file_arrays(ragged: list[RaggedSpec]) -> list[str]:
 
 def chunk_key(array: str, shard: int) -> str:
     """Key of shard `shard`'s file of `array` (zarr v3 default chunk key encoding)."""
-    if array.endswith("/offsets"):
+    if array.endswith("/offsets") or array == CONTENT_KEY:  # two-dimensional: one chunk column
         return f"{array}/c/{shard}/0"
     return f"{array}/c/{shard}"
 

@@ -71,6 +71,7 @@ class Store:
         self._shards: dict[tuple[str, int], ShardValues | None] = {}
         self._ids: tuple[np.ndarray, np.ndarray] | None = None
         self._index: tuple[np.ndarray, np.ndarray] | None = None
+        self._content_keys: np.ndarray | None = None
         self._lock = threading.Lock()
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -188,6 +189,30 @@ class Store:
         out = self.row_values(rows)
         out["row"] = rows
         return out
+
+    # ---- content keys ---------------------------------------------------------------------------------------
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        """The scoring settings that enter every content key (docs/FORMAT.md, "Content key")."""
+        return dict(self.header.get("content_key", {}).get("scoring", {}))
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """Where the values came from: `computed` and `reused` counts and the `sources` reused from."""
+        return dict(self.header.get("provenance", {}))
+
+    def content_keys(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """16-byte content keys, uint8 [len(rows), 16] (every row when `rows` is None; all must be committed)."""
+        if self._content_keys is None:
+            if fmt.CONTENT_KEY not in self.header["fields"]:
+                raise FormatError(f"{self.location.url} has no content keys (written by an older logitstore)")
+            keys = np.asarray(self._group[fmt.CONTENT_KEY][:], dtype=np.uint8)
+            if keys.shape != (len(self), fmt.CONTENT_KEY_WIDTH):
+                raise FormatError(f"{self.location.url}: {fmt.CONTENT_KEY} has shape {keys.shape}, expected "
+                                  f"({len(self)}, {fmt.CONTENT_KEY_WIDTH})")
+            self._content_keys = keys
+        return self._content_keys[self._check_rows(np.arange(len(self)) if rows is None else rows)]
 
     # ---- ragged values --------------------------------------------------------------------------------------
 
