@@ -27,7 +27,7 @@ def edited_setting(quick, tmp_path_factory):
     subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), "small" if quick else "deep"],
                    check=True)
     max_length = 512 if quick else 1024
-    _, rows = raw_pairs(20 if quick else 300)
+    _, rows = raw_pairs(20 if quick else 200)
     rows = [{"id": f"p{i}", **r} for i, r in enumerate(valid_rows(rows, str(model), max_length))]
     edited = [dict(r, chosen="\n\nHuman: Hi.\n\nAssistant: Hello." + r["chosen"],
                    rejected="\n\nHuman: Hi.\n\nAssistant: Hello." + r["rejected"]) if i % CHANGED_EVERY == 0 else r

@@ -66,9 +66,10 @@ def render(s: dict[str, Any]) -> str:
         f"precision {fp.get('precision')}, adapter {'yes' if fp.get('adapter') else 'no'}",
         f"  tokenization  {fp.get('tokenization')}",
         f"  data          {fp.get('data')}",
-        f"  values        {s['computed']:,} computed, {s['reused']:,} reused"
-        + "".join(f"; {src['reused']:,} from {src['path']} ({src['digest'][:12]})"
-                  for src in (s["provenance"] or {}).get("sources", [])),
+        ("  values        not recorded" if s["provenance"] is None else
+         f"  values        {s['computed']:,} computed, {s['reused']:,} reused"
+         + "".join(f"; {src['reused']:,} from {src['path']} ({src['digest'][:12]})"
+                   for src in s["provenance"].get("sources", []))),
         f"  fingerprint   {s['fingerprint_digest'][:16]}",
         f"  settings      {s['settings']}",
         f"  created       {s['created']}",

@@ -211,8 +211,7 @@ class DeriveResult:
             notes += f", {self.not_found} excluded ID{'' if self.not_found == 1 else 's'} not in the source"
         return (f"Wrote {self.path}: {self.examples} pairs (0 computed, {self.examples} reused from "
                 f"{self.sources} store{'' if self.sources == 1 else 's'}){notes}, {self.shards_written} "
-                f"shard{'' if self.shards_written == 1 else 's'} written in {self.seconds:.1f} s; store size "
-                f"{self.store_bytes:,} bytes.")
+                f"shard{'' if self.shards_written == 1 else 's'} written in {self.seconds:.1f} s.")
 
 
 def _open_complete(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Store:

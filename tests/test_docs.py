@@ -56,6 +56,8 @@ def test_readme_shell_usage_runs(tmp_path):
         assert done.returncode == 0, f"{command}\n{done.stderr}"
         outputs.append(done.stdout)
     readme = (ROOT / "README.md").read_text()
-    counts = re.search(r"\((\d+) computed, (\d+) reused\)", outputs[3]).group(0)
-    assert f"The first build prints `{counts}`" in readme
-    assert "(0 computed, " in outputs[7] and "values        0 computed, " in outputs[-1]
+    first, second = (re.search(r"\(\d+ computed, \d+ reused\)", outputs[i]).group(0) for i in (2, 5))
+    assert f"The first build prints `{first}`" in readme and f"prints `{second}`" in readme
+    duplicates = re.search(r"\d+ duplicates kept once", outputs[6]).group(0)
+    assert f"(`{duplicates}`)" in readme.replace("\n", " ")
+    assert "values        0 computed, " in outputs[7]
