@@ -299,11 +299,12 @@ def render(benches: list[dict], machine: dict) -> str:
         lines += ["## Rebuilding after a data change", "",
                   f"{e0['pairs']} pairs of which {e0['changed']} ({e0['changed'] / e0['pairs']:.0%}) changed (a new "
                   "first turn, so the whole pair differs); the deeper model (12 layers, hidden 512, 32k vocabulary, "
-                  "float32 on CPU), batch size 8, max_length 1024, each build in its own process. Wall time from "
-                  "data file to finalised store: loading the model, tokenizing every pair and computing its "
-                  "content key, matching keys against the old store, copying the reused values and writing every "
-                  "shard are all included. The old store was built beforehand from the unedited data. CPU time (user + "
-                  "system, all threads) is the child process's own, unaffected by other work on the machine.", "",
+                  "float32 on CPU), batch size 8, max_length 1024, each build in its own process. Wall time is the "
+                  "build call from data file to finalised store: loading the model, tokenizing every pair and "
+                  "computing its content key, matching keys against the old store, copying the reused values and "
+                  "writing every shard are all included. CPU time (user + system, all threads) is the whole child "
+                  "process's, interpreter start and imports included, and depends much less than wall time on "
+                  "other work on the machine. The old store was built beforehand from the unedited data.", "",
                   "| run | pairs through the model | pairs reused | wall time | vs full rebuild | CPU time | "
                   "vs full rebuild |", "|---|---:|---:|---:|---:|---:|---:|"]
         for b in rebuilds:
