@@ -325,10 +325,11 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
 @click.option("--exclude-ids", "exclude_file", type=click.Path(), help="File of example IDs to leave out, one per "
               "line.")
 @click.option("--rows-per-shard", type=click.IntRange(min=1), help="Default: the source's.")
+@expect_digest_option
 @storage_option
 @debug_option
 def subset(store: str, out: str, ids_file: str | None, exclude_file: str | None, rows_per_shard: int | None,
-           storage_options: tuple[str, ...]) -> None:
+           expect_digest: str | None, storage_options: tuple[str, ...]) -> None:
     """Write a new store with some of a store's pairs, copied without the model.
 
     Pairs keep the source's order and every stored bit. Interrupted runs resume: run the same command again.
@@ -337,6 +338,7 @@ def subset(store: str, out: str, ids_file: str | None, exclude_file: str | None,
     Examples:
       logitstore subset pairs.lstore --out clean.lstore --exclude-ids flagged.txt
       logitstore subset pairs.lstore --out eval.lstore --ids eval-ids.txt
+      logitstore subset shared.lstore --out mine.lstore --ids mine.txt --expect-digest 3f2a...c9
     """
     from logitstore.derive import read_id_file, subset as run_subset
 
@@ -344,7 +346,8 @@ def subset(store: str, out: str, ids_file: str | None, exclude_file: str | None,
         raise click.UsageError("give exactly one of --ids and --exclude-ids")
     listed = read_id_file(ids_file or exclude_file)  # type: ignore[arg-type]
     result = run_subset(store, out, ids=listed if ids_file else None, exclude=listed if exclude_file else None,
-                        rows_per_shard=rows_per_shard, storage_options=_storage_options(storage_options))
+                        rows_per_shard=rows_per_shard, storage_options=_storage_options(storage_options),
+                        digest=expect_digest)
     click.echo(result.summary())
 
 
@@ -352,9 +355,13 @@ def subset(store: str, out: str, ids_file: str | None, exclude_file: str | None,
 @click.argument("stores", nargs=-1, required=True)
 @click.option("--out", required=True, help="New store folder or fsspec URL.")
 @click.option("--rows-per-shard", type=click.IntRange(min=1), help="Default: the first store's.")
+@click.option("--expect-digest", "expect_digests", multiple=True, metavar="SHA256",
+              help="Refuse the stores unless their digests (printed by build and info) are these: one per store, "
+              "in order (repeatable).")
 @storage_option
 @debug_option
-def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, storage_options: tuple[str, ...]) -> None:
+def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_digests: tuple[str, ...],
+          storage_options: tuple[str, ...]) -> None:
     """Write one store with the pairs of several, copied without the model.
 
     The stores must come from the same model, adapter, precision, tokenizer and tokenization. Pairs keep their
@@ -368,8 +375,10 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, storage
     """
     from logitstore.derive import merge as run_merge
 
+    if expect_digests and len(expect_digests) != len(stores):
+        raise click.UsageError(f"give one --expect-digest per store ({len(stores)}), in order, or none")
     result = run_merge(list(stores), out, rows_per_shard=rows_per_shard,
-                       storage_options=_storage_options(storage_options))
+                       storage_options=_storage_options(storage_options), digests=list(expect_digests) or None)
     click.echo(result.summary())
 
 

@@ -218,8 +218,9 @@ class DeriveResult:
                 f"shard{'' if self.shards_written == 1 else 's'} written in {self.seconds:.1f} s.")
 
 
-def _open_complete(path: str | os.PathLike[str], storage_options: dict[str, Any] | None) -> Store:
-    store = open_store(path, storage_options=storage_options)
+def _open_complete(path: str | os.PathLike[str], storage_options: dict[str, Any] | None,
+                   digest: str | None = None) -> Store:
+    store = open_store(path, storage_options=storage_options, digest=digest)
     if not store.complete:
         raise IncompleteStoreError(f"{store.location.url} is incomplete ({len(store.missing_shards)} shards "
                                    "missing); finish its build first")
@@ -246,12 +247,13 @@ def read_id_file(path: str | os.PathLike[str]) -> list[str]:
 
 def subset(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ids: Sequence[str] | None = None,
            exclude: Sequence[str] | None = None, rows_per_shard: int | None = None,
-           storage_options: dict[str, Any] | None = None) -> DeriveResult:
-    """A store of the pairs of `source` listed in `ids` (or all but those in `exclude`), in the source's order."""
+           storage_options: dict[str, Any] | None = None, digest: str | None = None) -> DeriveResult:
+    """A store of the pairs of `source` listed in `ids` (or all but those in `exclude`), in the source's order.
+    With `digest`, the source must be the store it names (`Store.digest`)."""
     if (ids is None) == (exclude is None):
         raise ValueError("give exactly one of ids and exclude")
     start = time.perf_counter()
-    store = _open_complete(source, storage_options)
+    store = _open_complete(source, storage_options, digest)
     not_found = 0
     if ids is not None:
         if len(set(ids)) != len(ids):
@@ -271,14 +273,18 @@ def subset(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ids: 
 
 
 def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str], *,
-          rows_per_shard: int | None = None, storage_options: dict[str, Any] | None = None) -> DeriveResult:
+          rows_per_shard: int | None = None, storage_options: dict[str, Any] | None = None,
+          digests: Sequence[str] | None = None) -> DeriveResult:
     """One store holding the pairs of every source, in order. Sources must share everything in their fingerprint
     but the data and layout; an ID held by two sources with different content is refused, with equal content
-    kept once."""
+    kept once. With `digests` (one per source, in order), each source must be the store its digest names."""
     if not sources:
         raise ValueError("merge needs at least one store")
+    if digests is not None and len(digests) != len(sources):
+        raise ValueError(f"{len(digests)} digests given for {len(sources)} stores; give one per store, in order")
     start = time.perf_counter()
-    stores = [_open_complete(path, storage_options) for path in sources]
+    stores = [_open_complete(path, storage_options, None if digests is None else digests[i])
+              for i, path in enumerate(sources)]
     first = stores[0]
     identity = [k for k in set(first.fingerprint) | {k for s in stores for k in s.fingerprint}
                 if k not in _OWN_PARTS]

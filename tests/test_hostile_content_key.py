@@ -183,3 +183,32 @@ def test_a_subset_of_a_sound_store_is_accepted_and_its_digest_verifies(store, tm
     assert result.examples == 39 and out.provenance["sources"][0]["digest"] == logitstore.open(store).digest
     src = logitstore.open(store)
     assert np.array_equal(out.content_keys(), src.content_keys(src.rows([i for i in src.ids if i != "ex-3"])))
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """Exit status and stderr of the CLI's entry point, run in this process."""
+    from cli.main import main
+
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_subset_and_merge_refuse_a_source_other_than_the_pinned_one(store, tmp_path, capsys):
+    digest = logitstore.open(store).digest
+    (tmp_path / "ids.txt").write_text("ex-1\nex-2\n")
+    args = ["subset", str(store), "--out", str(tmp_path / "a"), "--ids", str(tmp_path / "ids.txt")]
+    assert _cli(capsys, *args, "--expect-digest", "0" * 64) == (
+        1, f"Error: {store} has digest {digest}, not the expected {'0' * 64}")
+    assert _cli(capsys, *args, "--expect-digest", digest) == (0, "")
+    merged = ["merge", str(store), str(tmp_path / "a"), "--out", str(tmp_path / "m")]
+    code, err = _cli(capsys, *merged, "--expect-digest", digest)
+    assert (code, err.splitlines()[-1]) == (2, "Error: give one --expect-digest per store (2), in order, or none")
+    code, err = _cli(capsys, *merged, "--expect-digest", digest, "--expect-digest", digest)
+    assert code == 1 and err.startswith(f"Error: {tmp_path / 'a'} has digest ")
+    digest_a = logitstore.open(tmp_path / "a").digest
+    assert _cli(capsys, *merged, "--expect-digest", digest, "--expect-digest", digest_a) == (0, "")
+    assert logitstore.verify(tmp_path / "m", digest=logitstore.open(tmp_path / "m").digest).ok
