@@ -102,8 +102,8 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
             raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
                               f"{_short(fields.get(name))}")
     if fields.get(fmt.CONTENT_KEY) != fmt.CONTENT_KEY_FIELD:
-        raise FormatError(f"header field {fmt.CONTENT_KEY} must be {fmt.canonical_json(fmt.CONTENT_KEY_FIELD).decode()}, got "
-                          f"{_short(fields.get(fmt.CONTENT_KEY))}")
+        wanted = fmt.canonical_json(fmt.CONTENT_KEY_FIELD).decode()
+        raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
     ragged: dict[str, fmt.RaggedSpec] = {}
     for name, entry in fields.items():
         if name in fmt.ROW_FIELDS or name == fmt.CONTENT_KEY:
