@@ -16,7 +16,7 @@ import torch
 
 import logitstore
 from dpo.reference import BuildConfig, build
-from dpo.train import TrainConfig, dpo_batch, setup_policy, train
+from dpo.train import TrainConfig, dpo_batch, objective_of, setup_policy, train
 from logitstore.loader import make_loader
 
 from sample_data import write_jsonl
@@ -57,7 +57,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(byte_model, me
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
         torch.manual_seed(1)  # the same dropout masks, which checkpointing replays when it recomputes
-        loss, _ = dpo_batch(model, batch, cfg, torch.device("cpu"))
+        loss, _ = dpo_batch(model, batch, cfg, torch.device("cpu"), objective_of(cfg))
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (checkpointed, checkpointed_grads) = results
