@@ -106,7 +106,7 @@ def stage_reference(a: dict) -> dict:
     cfg = BuildConfig(model=a["model"], data=a["data"], out=a["out"], dtype=a["dtype"], quantize=a["quantize"],
                       max_length=a["max_length"], batch_size=a["batch_size"], batch_tokens=a["batch_tokens"])
     tokenizer = load_tokenizer(cfg.model)
-    examples, _ = plan_examples(cfg, tokenizer)
+    examples = plan_examples(cfg, tokenizer).examples
     from dpo.tokenize import tokenize_pair
 
     pairs = [tokenize_pair(tokenizer, ex, cfg.max_length) for ex in examples]

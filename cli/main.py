@@ -170,6 +170,9 @@ def cli() -> None:
               help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
+@click.option("--reuse", multiple=True, metavar="STORE", help="Copy the values of pairs with the same content "
+              "(token ids) from this store, built with the same model, adapter and precision; only the other pairs "
+              "run through the model (repeatable).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
@@ -184,6 +187,7 @@ def build(quiet: bool, **options: Any) -> None:
       logitstore build --model mistralai/Mistral-7B-v0.1 --quantize 4bit --data pairs.jsonl --out pairs.lstore
       logitstore build --model ./mistral-7b --adapter ./sft-lora --quantize 4bit \\
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
+      logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
     """
     from dpo.reference import BuildConfig, build as run_build
@@ -295,6 +299,70 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
     result = run_export(opened, export_records(data, split), to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
+
+
+@cli.command()
+@click.argument("store")
+@click.option("--out", required=True, help="New store folder or fsspec URL.")
+@click.option("--ids", "ids_file", type=click.Path(), help="File of example IDs to keep, one per line.")
+@click.option("--exclude-ids", "exclude_file", type=click.Path(), help="File of example IDs to leave out, one per "
+              "line.")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), help="Default: the source's.")
+@expect_digest_option
+@storage_option
+@debug_option
+def subset(store: str, out: str, ids_file: str | None, exclude_file: str | None, rows_per_shard: int | None,
+           expect_digest: str | None, storage_options: dict[str, Any] | None) -> None:
+    """Write a new store with some of a store's pairs, copied without the model.
+
+    Pairs keep the source's order and every stored bit. Interrupted runs resume: run the same command again.
+
+    \b
+    Examples:
+      logitstore subset pairs.lstore --out clean.lstore --exclude-ids flagged.txt
+      logitstore subset pairs.lstore --out eval.lstore --ids eval-ids.txt
+      logitstore subset shared.lstore --out mine.lstore --ids mine.txt --expect-digest 3f2a...c9
+    """
+    from logitstore.derive import read_id_file, subset as run_subset
+
+    if (ids_file is None) == (exclude_file is None):
+        raise click.UsageError("give exactly one of --ids and --exclude-ids")
+    listed = read_id_file(ids_file or exclude_file)  # type: ignore[arg-type]
+    result = run_subset(store, out, ids=listed if ids_file else None, exclude=listed if exclude_file else None,
+                        rows_per_shard=rows_per_shard, storage_options=storage_options,
+                        digest=expect_digest)
+    click.echo(result.summary())
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="New store folder or fsspec URL.")
+@click.option("--rows-per-shard", type=click.IntRange(min=1), help="Default: the first store's.")
+@click.option("--expect-digest", "expect_digests", multiple=True, metavar="SHA256",
+              help="Refuse the stores unless their digests (printed by build and info) are these: one per store, "
+              "in order (repeatable).")
+@storage_option
+@debug_option
+def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_digests: tuple[str, ...],
+          storage_options: dict[str, Any] | None) -> None:
+    """Write one store with the pairs of several, copied without the model.
+
+    The stores must come from the same model, adapter, precision, tokenizer and tokenization. Pairs keep their
+    order, store after store; an ID in two stores with the same content is kept once, with different content it
+    is refused. Interrupted runs resume: run the same command again.
+
+    \b
+    Examples:
+      logitstore merge part-1.lstore part-2.lstore --out all.lstore
+      logitstore merge old.lstore new-pairs.lstore --out grown.lstore --rows-per-shard 4096
+    """
+    from logitstore.derive import merge as run_merge
+
+    if expect_digests and len(expect_digests) != len(stores):
+        raise click.UsageError(f"give one --expect-digest per store ({len(stores)}), in order, or none")
+    result = run_merge(list(stores), out, rows_per_shard=rows_per_shard,
+                       storage_options=storage_options, digests=list(expect_digests) or None)
+    click.echo(result.summary())
 
 
 @cli.command()

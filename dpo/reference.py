@@ -4,10 +4,15 @@ Plan first (read and validate every record, tokenize everything, write the plan)
 build before anything is written; then fill shards. Each shard is tokenized again, batched by length under a
 token budget, scored, and written whole. Under torchrun, rank r fills shards r, r+W, r+2W, ...; rank 0 plans
 and finalises.
+
+With `reuse`, pairs whose content key (token ids after truncation plus the scoring settings) matches a pair in
+another store built with the same model fingerprint take that pair's values bit for bit, and only the others run
+through the model. Shards go to ranks by what is left to compute in them, so ranks share the model's work.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable
@@ -16,8 +21,10 @@ from typing import Any
 import numpy as np
 
 import logitstore
+from logitstore import derive
 from logitstore import format as fmt
 from logitstore.describe import human_bytes
+from logitstore.content_key import content_keys
 from logitstore.errors import InputDataError
 
 from . import distributed
@@ -26,6 +33,9 @@ from .models import check_attention, load_model, load_tokenizer, model_fingerpri
 from .tokenize import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"
+# How a pair's values follow from its token ids, apart from the model: enters every content key. Change it when
+# the scoring rule changes (which tokens are scored, how), so that old values are no longer reused.
+SCORING = {"scorer": "logitstore completion log-probs", "version": 1}
 
 
 @dataclasses.dataclass
@@ -53,6 +63,7 @@ class BuildConfig:
     length_bucketing: bool = True
     skip_invalid: bool = False
     storage_options: dict[str, Any] | None = None
+    reuse: tuple[str, ...] = ()  # stores whose matching pairs are copied instead of computed
 
 
 @dataclasses.dataclass
@@ -65,16 +76,21 @@ class BuildResult:
     tokens: int
     seconds: float
     store_bytes: int
+    computed: int = 0  # pairs of the store whose values the model computes (in this run or an earlier one)
+    reused: int = 0  # pairs of the store whose values are copied from other stores
+    pairs_scored: int = 0  # pairs this process ran through the model in this run
 
     def summary(self) -> str:
+        counts = f"{self.computed} computed, {self.reused} reused"
         if self.already_complete:
-            return f"{self.path} is already complete ({self.examples} pairs); nothing to do."
+            return f"{self.path} is already complete ({self.examples} pairs: {counts}); nothing to do."
         per_pair = self.store_bytes / max(self.examples, 1)
         rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
         skipped = f", {self.skipped} skipped" if self.skipped else ""
-        return (f"Built {self.path}: {self.examples} pairs{skipped}, {self.shards_written} "
-                f"shard{'' if self.shards_written == 1 else 's'} written, "
-                f"{self.tokens:,} tokens scored in {self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
+        return (f"Built {self.path}: {self.examples} pairs ({counts}){skipped}, {self.shards_written} "
+                f"shard{'' if self.shards_written == 1 else 's'} written, {self.pairs_scored} "
+                f"pair{'' if self.pairs_scored == 1 else 's'} ({self.tokens:,} tokens) scored in "
+                f"{self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
                 f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per pair).")
 
 
@@ -89,13 +105,23 @@ def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> di
     return fp
 
 
-def plan_examples(cfg: BuildConfig, tokenizer: Any) -> tuple[list[PreferenceExample], list[Skipped]]:
+@dataclasses.dataclass
+class Plan:
+    """The pairs to build, known before the model loads: each pair's content key and scoring cost."""
+
+    examples: list[PreferenceExample]
+    skipped: list[Skipped]
+    keys: np.ndarray  # uint8 [n, 16]
+    cost: np.ndarray  # int64 [n]: prompt + longer completion, in tokens
+
+
+def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
     """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
     examples = load_examples(cfg.data, cfg.split)
-    keep, skipped = [], []
+    keep, skipped, keys, cost = [], [], [], []
     for ex in examples:
         try:
-            tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
+            pair = tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
         except InputDataError as exc:
             if not cfg.skip_invalid:
                 raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such "
@@ -103,9 +129,23 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> tuple[list[PreferenceExam
             skipped.append(Skipped(ex.id, ex.line, str(exc)))
             continue
         keep.append(ex)
+        keys.append(content_keys([pair.prompt_ids], [pair.chosen_ids], [pair.rejected_ids], SCORING)[0])
+        cost.append(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
     if not keep:
         raise InputDataError(f"{cfg.data}: every pair was invalid; nothing to build")
-    return keep, skipped
+    return Plan(keep, skipped, np.array(keys, dtype=np.uint8), np.array(cost, dtype=np.int64))
+
+
+def assign_shards(shards: list[int], cost: list[int], world: int) -> list[list[int]]:
+    """Shards per rank, balancing the model work left in them: the costliest shard goes to the least loaded rank
+    (ties: lower shard, lower rank). Every rank computes the same assignment."""
+    load = [0] * world
+    out: list[list[int]] = [[] for _ in range(world)]
+    for c, shard in sorted(zip(cost, shards), key=lambda t: (-t[0], t[1])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += c + 1  # +1: a shard with nothing to compute still costs its reads and writes
+        out[r].append(shard)
+    return [sorted(s) for s in out]
 
 
 def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: int,
@@ -175,9 +215,16 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    examples, skipped = plan_examples(cfg, tokenizer)
+    plan = plan_examples(cfg, tokenizer)
+    examples, skipped = plan.examples, plan.skipped
     fingerprint = build_fingerprint(cfg, examples)
     check_attention(cfg.attn_implementation, device=resolve_device(cfg.device), dtype=fingerprint["precision"]["dtype"])
+    per_token_specs = {s.name: s for s in fmt.ragged_specs(len(tokenizer), cfg.token_codec, cfg.per_token, cfg.codec)
+                       if s.name in fmt.PER_TOKEN_FIELDS}
+    reuse = derive.plan_reuse(plan.keys, cfg.reuse, fingerprint=fingerprint, scoring=SCORING,
+                              per_token=per_token_specs, out=cfg.out, storage_options=cfg.storage_options,
+                              log=log if rank == 0 else (lambda _: None))
+    provenance = reuse.provenance()
     settings = {"batch_size": cfg.batch_size, "batch_tokens": cfg.batch_tokens, "share_prompt": cfg.share_prompt,
                 "length_bucketing": cfg.length_bucketing, "attn_implementation": cfg.attn_implementation,
                 "codec": cfg.codec, "token_codec": cfg.token_codec}
@@ -188,49 +235,68 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             cfg.out, [ex.id for ex in examples], fingerprint=fingerprint, vocab_size=len(tokenizer),
             max_length=cfg.max_length, per_token=cfg.per_token, token_codec=cfg.token_codec,
             logp_codec=cfg.codec, rows_per_shard=cfg.rows_per_shard, tokenizer=tok_header, settings=settings,
-            skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options)
+            skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options, scoring=SCORING,
+            provenance=provenance)
     distributed.barrier()
     if rank != 0:
         writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
+    counts = {"computed": provenance["computed"], "reused": provenance["reused"]}
     if writer.complete:
-        return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes())
+        return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes(),
+                           **counts)
     missing = writer.missing_shards
-    todo = [k for k in missing if k % world == rank]
+    compute = reuse.to_compute
+    work = np.where(compute, plan.cost, 0)  # model work left per pair, in tokens
+    spans = {k: writer.shard_rows(k) for k in missing}
+    todo = assign_shards(missing, [int(work[spans[k].start:spans[k].stop].sum()) for k in missing], world)[rank]
+    total_rows = sum(int(compute[spans[k].start:spans[k].stop].sum()) for k in todo)
+    if rank == 0 and cfg.reuse:
+        log(f"Reusing {reuse.reused} of {len(examples)} pairs from {len(cfg.reuse)} "
+            f"store{'' if len(cfg.reuse) == 1 else 's'}; {len(examples) - reuse.reused} to compute.")
     if rank == 0 and len(missing) < writer.geometry.num_shards:
         log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(missing)} of "
             f"{writer.geometry.num_shards} shards already written.")
     dtype = fingerprint["precision"]["dtype"]
-    model = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
-                       revision=cfg.revision, adapter_revision=cfg.adapter_revision,
-                       attn_implementation=cfg.attn_implementation)
-    model.eval()
+    model = None
+    if total_rows:  # a rank with only copies to make never loads the model
+        model = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
+                           revision=cfg.revision, adapter_revision=cfg.adapter_revision,
+                           attn_implementation=cfg.attn_implementation)
+        model.eval()
     pad_id = tokenizer.pad_token_id
-    total_rows = sum(len(writer.shard_rows(k)) for k in todo)
     tokens = 0
+    pairs_scored = 0
     bar = tqdm(total=total_rows, unit="pair", disable=not progress, desc=f"build[{rank}]" if world > 1 else "build")
     t0 = time.perf_counter()
 
     def on_batch(n_pairs: int, n_tokens: int) -> None:
-        nonlocal tokens
+        nonlocal tokens, pairs_scored
         tokens += n_tokens
+        pairs_scored += n_pairs
         bar.update(n_pairs)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    with torch.no_grad(), precision(next(model.parameters()).device, dtype):
+    autocast = precision(next(model.parameters()).device, dtype) if model is not None else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
         for shard in todo:
             rows = writer.shard_rows(shard)
             pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
-            chosen, rejected = score_pairs(model, pairs, pad_id=pad_id, batch_size=cfg.batch_size,
-                                           batch_tokens=cfg.batch_tokens, share_prompt=cfg.share_prompt,
-                                           bucketing=cfg.length_bucketing, on_batch=on_batch)
-            writer.write_shard(shard, shard_data(pairs, chosen, rejected, cfg.per_token))
+            fresh = [p for p, row in enumerate(rows) if compute[row]]
+            chosen, rejected = score_pairs(model, [pairs[p] for p in fresh], pad_id=pad_id,
+                                           batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens,
+                                           share_prompt=cfg.share_prompt, bucketing=cfg.length_bucketing,
+                                           on_batch=on_batch)
+            parts = [(fresh, shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token))]
+            tokens_by_field = {f: [getattr(p, f) for p in pairs] for f in fmt.TOKEN_FIELDS}
+            parts += derive.reused_part(reuse, list(rows), tokens_by_field, per_token=cfg.per_token)
+            writer.write_shard(shard, derive.combine(len(rows), parts))
     bar.close()
     distributed.barrier()
     if rank == 0:
         writer.finalize()
     distributed.barrier()
     return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
-                       time.perf_counter() - start, writer.loc.total_bytes())
+                       time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=pairs_scored, **counts)
 
 
 def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None = None, revision: str | None = None,

@@ -23,6 +23,8 @@ from .errors import (
     StoreNotFoundError,
     UnknownIdError,
 )
+from .content_key import content_keys
+from .derive import merge, subset
 from .format import FORMAT_VERSION
 from .reader import Store, open
 from .verify import VerifyReport, verify
@@ -46,8 +48,11 @@ __all__ = [
     "UnknownIdError",
     "VerifyReport",
     "__version__",
+    "content_keys",
     "create",
     "fingerprint_digest",
+    "merge",
     "open",
+    "subset",
     "verify",
 ]

@@ -49,6 +49,9 @@ def describe(store: Store) -> dict[str, Any]:
         "tokenizer": header.get("tokenizer", {}),
         "created": header.get("created"),
         "skipped": len(header.get("skipped", [])),
+        "computed": header.get("provenance", {}).get("computed"),
+        "reused": header.get("provenance", {}).get("reused"),
+        "provenance": header.get("provenance"),
         "summary": header.get("summary"),
     }
 
@@ -71,6 +74,10 @@ def render(s: dict[str, Any]) -> str:
         f"precision {fp.get('precision')}, adapter {'yes' if fp.get('adapter') else 'no'}",
         f"  tokenization  {fp.get('tokenization')}",
         f"  data          {fp.get('data')}",
+        ("  values        not recorded" if s["provenance"] is None else
+         f"  values        {s['computed']:,} computed, {s['reused']:,} reused"
+         + "".join(f"; {src['reused']:,} from {src['path']} ({src['digest'][:12]})"
+                   for src in s["provenance"].get("sources", []))),
         f"  fingerprint   {s['fingerprint_digest'][:16]}",
         f"  digest        {s['digest']}",
         f"  settings      {s['settings']}",

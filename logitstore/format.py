@@ -22,6 +22,11 @@ ROW_FIELDS: dict[str, tuple[str, Any]] = {
     "chosen_tokens": ("int32", -1),
     "rejected_tokens": ("int32", -1),
 }
+# Per-row content key: 16 bytes per row (chunks of (rows_per_shard, 16)), declared in the header as
+# CONTENT_KEY_FIELD; defined in logitstore/content_key.py and docs/FORMAT.md ("Content key"). Every store has it.
+CONTENT_KEY = "content_key"
+CONTENT_KEY_WIDTH = 16
+CONTENT_KEY_FIELD = {"kind": "row", "dtype": "uint8", "width": CONTENT_KEY_WIDTH}
 TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 PER_TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps")
 
@@ -45,6 +50,9 @@ MAX_INNER_CHUNK = 1 << 22           # values per inner chunk (16 MiB decoded at 
 MAX_SHARD_CAPACITY = (1 << 32) - 1  # values per shard of a ragged field (shard-local offsets fit in uint32)
 MAX_INNER_PER_SHARD = 1 << 20       # inner chunks per shard (a 16 MiB shard index)
 MAX_ID_BYTES = 1 << 34              # all example IDs together
+MAX_SCORING_BYTES = 4 << 10         # the content key's scoring settings, as canonical JSON
+MAX_SOURCES = 1024                  # provenance: stores values were reused from
+MAX_SOURCE_PATH = 4096              # provenance: characters of a source's path or URL
 MIN_FIXED_SCALE, MAX_FIXED_SCALE = -1.0, -(2.0**-24)
 ZSTD_LEVEL = 3
 BLOSC_CLEVEL = 5
@@ -123,7 +131,7 @@ def offsets_array(field: str) -> str:
 
 def shard_file_arrays(ragged: list[RaggedSpec]) -> list[str]:
     """Arrays with exactly one chunk file per shard, in `commits` column order."""
-    names = list(ROW_FIELDS)
+    names = [*ROW_FIELDS, CONTENT_KEY]
     for spec in ragged:
         names += [offsets_array(spec.name), values_array(spec.name)]
     return names
@@ -131,7 +139,7 @@ def shard_file_arrays(ragged: list[RaggedSpec]) -> list[str]:
 
 def chunk_key(array: str, shard: int) -> str:
     """Key of shard `shard`'s file of `array` (zarr v3 default chunk key encoding)."""
-    if array.endswith("/offsets"):
+    if array.endswith("/offsets") or array == CONTENT_KEY:  # two-dimensional: one chunk column
         return f"{array}/c/{shard}/0"
     return f"{array}/c/{shard}"
 
@@ -270,6 +278,8 @@ def metadata_documents(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
     docs["id_index/row/zarr.json"] = _array([n], "int64", [n], [_bytes_codec("int64")])
     for name, (dtype, fill) in ROW_FIELDS.items():
         docs[f"{name}/zarr.json"] = _array([n], dtype, [rps], [_bytes_codec(dtype), _zstd_codec()], fill)
+    docs[f"{CONTENT_KEY}/zarr.json"] = _array([n, CONTENT_KEY_WIDTH], "uint8", [rps, CONTENT_KEY_WIDTH],
+                                              [_bytes_codec("uint8"), _zstd_codec()])
     for spec in ragged:
         docs[f"{offsets_array(spec.name)}/zarr.json"] = _array([n, 2], "int64", [rps, 2],
                                                                [_bytes_codec("int64"), _zstd_codec()])

@@ -101,9 +101,12 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
         if fields.get(name) != {"kind": "row", "dtype": dtype}:
             raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
                               f"{_short(fields.get(name))}")
+    if fields.get(fmt.CONTENT_KEY) != fmt.CONTENT_KEY_FIELD:
+        wanted = fmt.canonical_json(fmt.CONTENT_KEY_FIELD).decode()
+        raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
     ragged: dict[str, fmt.RaggedSpec] = {}
     for name, entry in fields.items():
-        if name in fmt.ROW_FIELDS:
+        if name in fmt.ROW_FIELDS or name == fmt.CONTENT_KEY:
             continue
         if name not in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS:
             raise FormatError(f"unknown field {_short(name)} in the header")
@@ -136,9 +139,59 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     vocab = tokenizer.get("vocab_size")
     if vocab is not None and (type(vocab) is not int or not 0 < vocab <= 1 << 32):
         raise FormatError(f"header tokenizer.vocab_size must be a positive integer, got {_short(vocab)}")
+    _check_content_key(header.get("content_key"))
+    _check_provenance(header.get("provenance"), n)
     if "complete" in header and header["complete"] is not True:
         raise FormatError("header complete must be true when present")
     return geometry, {spec.name: spec for spec in specs}, shard_files
+
+
+def _check_content_key(entry: Any) -> None:
+    """`content_key`: {"version": 1, "scoring": {...}}; the scoring settings enter every content key."""
+    from .content_key import VERSION
+
+    if not isinstance(entry, dict) or set(entry) != {"version", "scoring"}:
+        raise FormatError(f"header content_key must be an object with exactly version and scoring, got "
+                          f"{_short(entry)}")
+    if type(entry["version"]) is not int or entry["version"] != VERSION:
+        raise FormatError(f"header content_key.version {_short(entry['version'])} is not one this logitstore "
+                          f"computes ({VERSION})")
+    if not isinstance(entry["scoring"], dict):
+        raise FormatError(f"header content_key.scoring must be an object, got {_short(entry['scoring'])}")
+    if len(fmt.canonical_json(entry["scoring"])) > fmt.MAX_SCORING_BYTES:
+        raise FormatError(f"header content_key.scoring is above the limit of {fmt.MAX_SCORING_BYTES} bytes")
+
+
+def _check_provenance(entry: Any, n: int) -> None:
+    """`provenance`: how many values were computed and reused, and the stores they were reused from."""
+    if not isinstance(entry, dict) or set(entry) != {"sources", "reused", "computed"}:
+        raise FormatError(f"header provenance must be an object with exactly sources, reused and computed, got "
+                          f"{_short(entry)}")
+    counts = [entry["reused"], entry["computed"]]
+    if any(type(c) is not int or not 0 <= c <= n for c in counts) or sum(counts) != n:
+        raise FormatError(f"header provenance reused and computed must be counts that add up to num_examples "
+                          f"({n}), got {_short(counts)}")
+    sources = entry["sources"]
+    if not isinstance(sources, list) or len(sources) > fmt.MAX_SOURCES:
+        raise FormatError(f"header provenance.sources must be a list of at most {fmt.MAX_SOURCES} stores")
+    total = 0
+    for i, source in enumerate(sources):
+        ok = (isinstance(source, dict) and set(source) == {"path", "fingerprint_digest", "digest", "reused"}
+              and isinstance(source["path"], str) and len(source["path"]) <= fmt.MAX_SOURCE_PATH
+              and all(_is_sha256(source[k]) for k in ("fingerprint_digest", "digest"))
+              and type(source["reused"]) is int and 0 <= source["reused"] <= n)
+        if not ok:
+            raise FormatError(f"header provenance.sources[{i}] must be {{path (at most {fmt.MAX_SOURCE_PATH} "
+                              f"characters), fingerprint_digest, digest (SHA-256 in hex), reused (a count)}}, got "
+                              f"{_short(source)}")
+        total += source["reused"]
+    if total != entry["reused"]:
+        raise FormatError(f"header provenance: the sources' reused counts add up to {total}, not to reused "
+                          f"({entry['reused']})")
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def _ragged_spec(name: str, entry: Any) -> fmt.RaggedSpec:

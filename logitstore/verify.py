@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from .content_key import content_keys
 from .errors import LogitstoreError, StoreNotFoundError, printable
 
 
@@ -158,6 +159,7 @@ def _check_values(store: Any, report: VerifyReport) -> None:
     if rows.size == 0:
         return
     values = store.row_values(rows)
+    _check_content_keys(store, rows, report)
     for side in ("chosen", "rejected"):
         logps, tokens = values[f"{side}_logps"], values[f"{side}_tokens"].astype(np.int64)
         bad = ~np.isfinite(logps) | (logps > 1e-3)
@@ -191,3 +193,17 @@ def _check_values(store: Any, report: VerifyReport) -> None:
             if off.any():
                 report.problems.append(f"{field}: {int(off.sum())} sums disagree with {side}_logps "
                                        f"(first: {store.id_of(int(rows[np.flatnonzero(off)[0]]))})")
+
+
+def _check_content_keys(store: Any, rows: np.ndarray, report: VerifyReport) -> None:
+    """A content key must be the hash of its row's stored token ids: reuse trusts it to find equal pairs."""
+    try:
+        stored = store.content_keys(rows)
+        ids = [store.ragged(field, rows) for field in fmt.TOKEN_FIELDS]
+    except LogitstoreError as exc:
+        report.problems.append(str(exc))
+        return
+    bad = np.any(stored != content_keys(*ids, store.scoring), axis=1)
+    if bad.any():
+        report.problems.append(f"{fmt.CONTENT_KEY} disagrees with the stored token ids for {int(bad.sum())} "
+                               f"examples (first: {store.id_of(int(rows[np.flatnonzero(bad)[0]]))})")

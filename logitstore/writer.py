@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from .content_key import VERSION as CONTENT_KEY_VERSION
+from .content_key import content_keys
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
 from .faults import fault_point
 from .format import id_hashes
@@ -62,6 +64,9 @@ class StoreWriter:
         self.geometry = fmt.Geometry(header["num_examples"], header["rows_per_shard"], header["max_length"],
                                      header["inner_chunk"])
         self.ragged = fmt.ragged_from_header(header)
+        if not isinstance(header.get("content_key"), dict):
+            raise FormatError(f"{loc.url} has no content keys (written by an older logitstore); rebuild it")
+        self.scoring = header["content_key"]["scoring"]
         self._group = zarr.open_group(loc.zarr_store(read_only=False), mode="r+")
 
     # ---- opening ----------------------------------------------------------------------------------------------
@@ -120,6 +125,8 @@ class StoreWriter:
             if values.shape != (n,):
                 raise ValueError(f"{name}: expected {n} values for shard {shard}, got shape {values.shape}")
             self._group[name][span.start:span.stop] = values
+        self._group[fmt.CONTENT_KEY][span.start:span.stop] = content_keys(
+            rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], self.scoring)
         clipped = 0
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
@@ -139,12 +146,13 @@ class StoreWriter:
         if lengths.size and int(lengths.max()) > g.max_length:
             raise ValueError(f"{spec.name}: a sequence of {int(lengths.max())} values exceeds max_length "
                              f"{g.max_length}")
-        flat = np.concatenate(seqs) if len(seqs) else np.zeros(0)
         clipped = 0
         if spec.codec == "fixed":
             assert spec.scale is not None
-            flat, clipped = encode_fixed(flat, lengths, spec.scale)
-        elif np.issubdtype(np.dtype(spec.dtype), np.integer):
+            flat, clipped = _fixed_codes(seqs, lengths, spec.scale)
+        else:
+            flat = np.concatenate(seqs) if len(seqs) else np.zeros(0)
+        if spec.codec != "fixed" and np.issubdtype(np.dtype(spec.dtype), np.integer):
             info = np.iinfo(spec.dtype)
             if flat.size and (flat.min() < 0 or flat.max() > info.max):
                 raise ValueError(f"{spec.name}: values outside the range of {spec.dtype}")
@@ -185,6 +193,22 @@ class StoreWriter:
         return summary
 
 
+def _fixed_codes(seqs: Sequence[np.ndarray], lengths: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
+    """Fixed-point codes of a shard's sequences. uint16 sequences are codes already (copied from a store with the
+    same codec and scale) and pass through unchanged, so copied values stay bit for bit; the others are encoded."""
+    is_code = np.fromiter((np.asarray(s).dtype == np.uint16 for s in seqs), dtype=bool, count=len(seqs))
+    if not is_code.any():
+        return encode_fixed(np.concatenate(seqs) if len(seqs) else np.zeros(0), lengths, scale)
+    encode = np.flatnonzero(~is_code)
+    parts: list[np.ndarray] = [np.asarray(s) if c else np.zeros(0, np.uint16) for s, c in zip(seqs, is_code)]
+    clipped = 0
+    if encode.size:
+        codes, clipped = encode_fixed(np.concatenate([seqs[i] for i in encode]), lengths[encode], scale)
+        for i, piece in zip(encode.tolist(), np.split(codes, np.cumsum(lengths[encode])[:-1])):
+            parts[i] = piece
+    return np.concatenate(parts), clipped
+
+
 def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping[str, Any]) -> None:
     theirs = header.get("fingerprint_digest")
     ours = fingerprint_digest(fingerprint)
@@ -197,7 +221,7 @@ def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping
 
 
 _KNOWN_TOP = set(fmt.ROW_FIELDS) | set(fmt.TOKEN_FIELDS) | set(fmt.PER_TOKEN_FIELDS) | {
-    "ids", "id_index", "commits", "zarr.json"}
+    "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY}
 
 
 def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Mapping[str, Any],
@@ -206,12 +230,17 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
            rows_per_shard: int = fmt.ROWS_PER_SHARD, inner_chunk: int = fmt.INNER_CHUNK,
            tokenizer: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
            skipped: Sequence[Mapping[str, Any]] = (), storage_options: dict[str, Any] | None = None,
+           scoring: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
            ) -> StoreWriter:
     """Plan a store for `ids` (or resume the one already there with the same fingerprint) and return its writer.
 
     Planning writes the array metadata, the IDs and the ID index, then the group header last: a store whose
     header exists is planned. Re-running with the same fingerprint resumes; another fingerprint is refused.
+    `scoring` names how the values are computed from the token ids, apart from the model (it enters every
+    content key); `provenance` says where the values come from (default: all computed by the caller), and a
+    resumed store must have been planned with the same.
     """
+    provenance = dict(provenance or {"sources": [], "reused": 0, "computed": len(ids)})
     loc = location(path, storage_options)
     stray = [n for n in loc.top_level_names() if n not in _KNOWN_TOP and not n.endswith(".partial")]
     header = None if stray else _planned_header(loc)
@@ -219,6 +248,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         _check_fingerprint(loc.url, header, fingerprint)
         if header["num_examples"] != len(ids):
             raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
+        _check_provenance(loc.url, header, provenance)
         loc.remove_partials()
         return StoreWriter(loc, header)
     if stray:
@@ -236,6 +266,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     loc.remove_partials()
     encoded = [i.encode("utf-8") for i in ids]
     fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype} for name, (dtype, _) in fmt.ROW_FIELDS.items()}
+    fields[fmt.CONTENT_KEY] = dict(fmt.CONTENT_KEY_FIELD)
     fields.update({spec.name: spec.header() for spec in ragged})
     header = {
         "format_version": fmt.FORMAT_VERSION,
@@ -249,12 +280,34 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "settings": dict(settings or {}),
         "created": _created_time(),
         "skipped": [dict(s) for s in skipped],
+        "content_key": {"version": CONTENT_KEY_VERSION, "scoring": dict(scoring or {})},
+        "provenance": provenance,
     }
     header["plan_files"] = _write_plan(loc, header, encoded)
     fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
     write_root(loc, header)  # last: a store whose header exists is planned
     fault_point("after-header")
     return StoreWriter(loc, header)
+
+
+def _provenance_identity(p: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What must agree when a store is resumed: counts and source digests (a moved source keeps its digest)."""
+    return (p.get("reused"), p.get("computed"),
+            [(s.get("digest"), s.get("reused")) for s in p.get("sources", [])])
+
+
+def _provenance_text(p: Mapping[str, Any]) -> str:
+    sources = p.get("sources", [])
+    return (f"{p.get('reused')} pairs reused from {len(sources)} store{'' if len(sources) == 1 else 's'} and "
+            f"{p.get('computed')} computed")
+
+
+def _check_provenance(url: str, header: Mapping[str, Any], provenance: Mapping[str, Any]) -> None:
+    theirs = header.get("provenance", {})
+    if _provenance_identity(theirs) != _provenance_identity(provenance):
+        raise FingerprintMismatchError(
+            f"{url} was planned with {_provenance_text(theirs)}, this run has {_provenance_text(provenance)}; "
+            "run with the same stores to reuse (or the same inputs), or use another output path")
 
 
 def _planned_header(loc: Location) -> dict[str, Any] | None:

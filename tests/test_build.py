@@ -139,7 +139,8 @@ def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
     assert "Resuming" in again.stdout
     assert _digest(tmp_path / "cut") == _digest(tmp_path / "whole")
     done = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
-    assert done.stdout.strip().endswith(f"{tmp_path / 'cut'} is already complete (60 pairs); nothing to do.")
+    assert done.stdout.strip().endswith(f"{tmp_path / 'cut'} is already complete (60 pairs: 60 computed, 0 reused); "
+                                     "nothing to do.")
 
 
 BAD_INPUTS = [

@@ -18,7 +18,7 @@ from cli.main import cli
 
 from sample_data import implicit_rows, write_jsonl
 
-COMMANDS = ["build", "verify", "info", "export", "train", "demo"]
+COMMANDS = ["build", "verify", "info", "export", "train", "demo", "subset", "merge"]
 
 
 @pytest.fixture(scope="module")

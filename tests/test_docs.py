@@ -50,3 +50,15 @@ def test_readme_shell_usage_runs(tmp_path):
         done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"{command}\n{done.stderr}"
     assert (tmp_path / "pairs-trl" / "dataset_info.json").is_file()
+    changes = [b for b in blocks("README.md", "bash") if "--reuse" in b][0]  # "When your data changes"
+    outputs = []
+    for command in [line for line in changes.splitlines() if line and not line.startswith("#")]:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stderr}"
+        outputs.append(done.stdout)
+    readme = (ROOT / "README.md").read_text()
+    first, second = (re.search(r"\(\d+ computed, \d+ reused\)", outputs[i]).group(0) for i in (2, 5))
+    assert f"The first build prints `{first}`" in readme and f"prints `{second}`" in readme
+    duplicates = re.search(r"\d+ duplicates kept once", outputs[6]).group(0)
+    assert f"(`{duplicates}`)" in readme.replace("\n", " ")
+    assert "values        0 computed, " in outputs[7]

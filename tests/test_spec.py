@@ -14,6 +14,20 @@ def canonical(value) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
+SCORING = {"scorer": "from the document", "caf\u00e9": 1}
+
+
+def content_key_from_the_document(prompt, chosen, rejected, scoring) -> np.ndarray:
+    """docs/FORMAT.md, "Content key", step by step."""
+    settings = canonical(scoring)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(b"logitstore content key v1\n")
+    h.update(len(settings).to_bytes(8, "little") + settings)
+    for ids in (prompt, chosen, rejected):
+        h.update(len(ids).to_bytes(8, "little") + np.asarray(ids).astype("<u4").tobytes())
+    return np.frombuffer(h.digest(), dtype=np.uint8)
+
+
 def write_from_the_document(path: Path, ids: list[str], rows: dict, rps: int = 4, max_length: int = 16,
                             inner: int = 8) -> None:
     """A store of token ids only (zstd), written by following docs/FORMAT.md."""
@@ -43,7 +57,10 @@ def write_from_the_document(path: Path, ids: list[str], rows: dict, rps: int = 4
         root.create_array(name, shape=(n,), chunks=(rps,), dtype=dtype, compressors=zstd,
                           fill_value=fill)[:] = rows[name]
     fields = ("prompt_ids", "chosen_ids", "rejected_ids")
-    shard_files = list(fills) + [f"{f}/{part}" for f in fields for part in ("offsets", "values")]
+    keys = root.create_array("content_key", shape=(n, 16), chunks=(rps, 16), dtype="uint8", compressors=zstd,
+                             fill_value=0)
+    keys[:] = np.stack([content_key_from_the_document(*(rows[f][i] for f in fields), SCORING) for i in range(n)])
+    shard_files = list(fills) + ["content_key"] + [f"{f}/{part}" for f in fields for part in ("offsets", "values")]
     for f in fields:
         offsets = root.create_array(f"{f}/offsets", shape=(n, 2), chunks=(rps, 2), dtype="int64", compressors=zstd,
                                     fill_value=0)
@@ -63,7 +80,8 @@ def write_from_the_document(path: Path, ids: list[str], rows: dict, rps: int = 4
     for k in range(shards):
         record = [1, 0]
         for array in shard_files:
-            key = path / (f"{array}/c/{k}/0" if array.endswith("/offsets") else f"{array}/c/{k}")
+            two_dimensional = array.endswith("/offsets") or array == "content_key"
+            key = path / (f"{array}/c/{k}/0" if two_dimensional else f"{array}/c/{k}")
             if key.exists():
                 data = key.read_bytes()
                 record += [len(data), *np.frombuffer(hashlib.sha256(data).digest(), "<u8").tolist()]
@@ -82,7 +100,10 @@ def write_from_the_document(path: Path, ids: list[str], rows: dict, rps: int = 4
         "format_version": 2, "num_examples": n, "rows_per_shard": rps, "num_shards": shards, "max_length": max_length,
         "shard_capacity": cap, "inner_chunk": inner, "id_bytes": int(lengths.sum()),
         "fields": {**{name: {"kind": "row", "dtype": dtype} for name, (dtype, _) in fills.items()},
+                   "content_key": {"kind": "row", "dtype": "uint8", "width": 16},
                    **{f: {"kind": "ragged", "dtype": "uint16", "codec": "zstd"} for f in fields}},
+        "content_key": {"version": 1, "scoring": SCORING},
+        "provenance": {"sources": [], "reused": 0, "computed": n},
         "shard_files": shard_files, "fingerprint": fingerprint,
         "fingerprint_digest": hashlib.sha256(canonical(fingerprint)).hexdigest(),
         "tokenizer": {"vocab_size": 1000, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": None},
@@ -133,6 +154,9 @@ def test_a_store_written_from_the_document_is_read_and_verified(tmp_path):
         for row in range(n):
             assert np.array_equal(store.ragged(field, [row])[0], rows[field][row])
     assert store.digest == digest_from_the_document(tmp_path / "s") == report.digest
+    assert store.scoring == SCORING and store.provenance == {"sources": [], "reused": 0, "computed": n}
+    assert np.array_equal(store.content_keys([3, 0]), logitstore.content_keys(
+        *([rows[f][r] for r in (3, 0)] for f in ("prompt_ids", "chosen_ids", "rejected_ids")), SCORING))
 
 
 def test_the_digest_of_a_logitstore_store_follows_the_document(tmp_path):
