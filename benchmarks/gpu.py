@@ -100,14 +100,14 @@ def stage_reference(a: dict) -> dict:
     """Reference-pass throughput of one precision: model load, one warm-up batch, then every pair timed."""
     import torch
 
-    from dpo.models import load_model, load_tokenizer, precision
-    from dpo.reference import BuildConfig, build, plan_examples, score_pairs
+    from logitstore.dpo.models import load_model, load_tokenizer, precision
+    from logitstore.dpo.reference import BuildConfig, build, plan_examples, score_pairs
 
     cfg = BuildConfig(model=a["model"], data=a["data"], out=a["out"], dtype=a["dtype"], quantize=a["quantize"],
                       max_length=a["max_length"], batch_size=a["batch_size"], batch_tokens=a["batch_tokens"])
     tokenizer = load_tokenizer(cfg.model)
     examples = plan_examples(cfg, tokenizer).examples
-    from dpo.tokenize import tokenize_pair
+    from logitstore.dpo.tokenization import tokenize_pair
 
     pairs = [tokenize_pair(tokenizer, ex, cfg.max_length) for ex in examples]
     t = time.perf_counter()
@@ -169,7 +169,7 @@ def stage_train(a: dict) -> dict:
     """logitstore train: the policy alone in memory, the reference from the store."""
     import torch
 
-    from dpo.train import TrainConfig, train
+    from logitstore.dpo.train import TrainConfig, train
 
     result = train(TrainConfig(model=a["model"], store=a["store"], out=a["out"], max_steps=a["steps"],
                                batch_size=a["batch_size"], lr=1e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
@@ -194,7 +194,7 @@ def stage_trl_train(a: dict) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
 
     cuda = torch.cuda.is_available()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a["dtype"]]

@@ -53,9 +53,9 @@ def peak_rss_bytes() -> int:
 
 def valid_rows(rows: list[dict], model: str, max_length: int) -> list[dict]:
     """Pairs a build accepts (TRL silently drops the others; a build refuses them)."""
-    from dpo.data import PreferenceExample
-    from dpo.models import load_tokenizer
-    from dpo.tokenize import tokenize_pair
+    from logitstore.dpo.preference_data import PreferenceExample
+    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.tokenization import tokenize_pair
     from logitstore.errors import InputDataError
 
     tok = load_tokenizer(model)
@@ -72,9 +72,9 @@ def valid_rows(rows: list[dict], model: str, max_length: int) -> list[dict]:
 
 def input_tokens(rows: list[dict], model: str, max_length: int) -> int:
     """Tokens a one-pass scorer feeds the model: prompt+chosen and prompt+rejected, after truncation."""
-    from dpo.data import PreferenceExample
-    from dpo.models import load_tokenizer
-    from dpo.tokenize import tokenize_pair
+    from logitstore.dpo.preference_data import PreferenceExample
+    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.tokenization import tokenize_pair
 
     tok = load_tokenizer(model)
     total = 0
@@ -86,7 +86,7 @@ def input_tokens(rows: list[dict], model: str, max_length: int) -> int:
 
 
 def build(args: dict) -> dict:
-    from dpo.reference import BuildConfig, build as run
+    from logitstore.dpo.reference import BuildConfig, build as run
 
     t = time.perf_counter()
     result = run(BuildConfig(model=args["model"], data=args["data"], out=args["out"], max_length=args["max_length"],
@@ -104,7 +104,7 @@ def trl_precompute(args: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
 
     t = time.perf_counter()
     rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
@@ -119,7 +119,7 @@ def trl_precompute(args: dict) -> dict:
 
 
 def train(args: dict) -> dict:
-    from dpo.train import TrainConfig, train as run
+    from logitstore.dpo.train import TrainConfig, train as run
 
     result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
                              batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False, lora_r=16,
@@ -137,7 +137,7 @@ def trl_train(args: dict) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
 
     rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
     times: list[float] = []

@@ -16,9 +16,9 @@ from typing import Any
 
 import click
 
-from dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
-from dpo.models import DTYPES
-from dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from logitstore.dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
+from logitstore.dpo.models import DTYPES
+from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 
@@ -77,7 +77,7 @@ def _quiet(quiet: bool) -> Iterator[None]:
 
 
 def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from dpo.objective import ObjectiveError, parse_loss_types
+    from logitstore.dpo.objective import ObjectiveError, parse_loss_types
 
     try:
         return ",".join(parse_loss_types(value))
@@ -190,7 +190,7 @@ def build(quiet: bool, **options: Any) -> None:
       logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
     """
-    from dpo.reference import BuildConfig, build as run_build
+    from logitstore.dpo.reference import BuildConfig, build as run_build
 
     with _quiet(quiet):
         result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
@@ -232,7 +232,7 @@ def verify(store: str, model: str | None, revision: str | None, data: str | None
         raise click.UsageError("--model and --data go together")
     report = logitstore.verify(store, storage_options=storage_options, digest=expect_digest)
     if model is not None and data is not None and report.ok:
-        from dpo.reference import recompute_sample
+        from logitstore.dpo.reference import recompute_sample
 
         opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
         report.problems += recompute_sample(opened, model, data, adapter=adapter, revision=revision,
@@ -293,7 +293,7 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
     import logitstore
     from logitstore.export import export as run_export
 
-    from dpo.data import export_records
+    from logitstore.dpo.preference_data import export_records
 
     opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
     result = run_export(opened, export_records(data, split), to, out)
@@ -445,8 +445,8 @@ def train(**kw: Any) -> None:
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
     """
-    from dpo.objective import ObjectiveError
-    from dpo.train import TrainConfig, objective_of, train as run_train
+    from logitstore.dpo.objective import ObjectiveError
+    from logitstore.dpo.train import TrainConfig, objective_of, train as run_train
 
     quiet = kw.pop("quiet")
     cfg = TrainConfig(**kw)
@@ -476,7 +476,7 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
       logitstore demo
       logitstore demo --out /tmp/demo --pairs 100 --steps 10
     """
-    from dpo.demo import run_demo
+    from logitstore.dpo.demo import run_demo
 
     with _quiet(quiet):
         run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)

@@ -28,9 +28,9 @@ from logitstore.content_key import content_keys
 from logitstore.errors import InputDataError
 
 from . import distributed
-from .data import PreferenceExample, Skipped, data_digest, load_examples
+from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
 from .models import check_attention, load_model, load_tokenizer, model_fingerprint, precision, resolve_device
-from .tokenize import TokenizedPair, tokenize_pair
+from .tokenization import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"
 # How a pair's values follow from its token ids, apart from the model: enters every content key. Change it when

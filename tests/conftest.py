@@ -45,6 +45,6 @@ def mistral_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def byte_model(tmp_path_factory) -> Path:
     """A 2-layer Mistral with the byte-level ByT5 tokenizer (no files needed)."""
-    from dpo.demo import make_tiny_model
+    from logitstore.dpo.demo import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("bytes"))

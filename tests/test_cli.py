@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import logitstore
-from cli.main import cli
+from logitstore.cli.main import cli
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -34,7 +34,7 @@ def built(mistral_model, tmp_path_factory):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
 
@@ -51,8 +51,8 @@ def test_command_options_are_the_config_fields(command, internal):
     """The command hands its options to the config unchanged: each option is a field and each field an option."""
     import dataclasses
 
-    from dpo.reference import BuildConfig
-    from dpo.train import TrainConfig
+    from logitstore.dpo.reference import BuildConfig
+    from logitstore.dpo.train import TrainConfig
 
     config = {"build": BuildConfig, "train": TrainConfig}[command]
     fields = {f.name for f in dataclasses.fields(config)}
@@ -138,7 +138,7 @@ def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mist
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
     from logitstore.integrations.trl import StoreDPOTrainer
 
     folder, data = built

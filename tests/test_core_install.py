@@ -156,7 +156,7 @@ def test_a_command_that_needs_an_extra_names_it(core_env, tmp_path, args, extra)
 
 def test_an_import_error_no_extra_explains_is_still_one_line():
     code = """
-from cli.main import cli, main
+from logitstore.cli.main import cli, main
 
 
 @cli.command()

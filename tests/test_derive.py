@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import logitstore
-from cli.main import cli
+from logitstore.cli.main import cli
 from logitstore import format as fmt
 from logitstore.content_key import content_key
 from logitstore.derive import merge, subset
@@ -156,7 +156,7 @@ def test_cli_subset_and_merge(tmp_path):
     assert "values        0 computed, 30 reused; 3 from " in run(cli, ["info", str(tmp_path / "m")]).output
 
     def sub(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True,
                               timeout=120)
 
     both = sub("subset", str(tmp_path / "s"), "--out", str(tmp_path / "x"), "--ids", str(tmp_path / "ids.txt"),
@@ -185,7 +185,7 @@ def test_kill_9_during_merge_then_rerun_is_identical(tmp_path, fault):
     make(tmp_path / "a", [f"a-{i}" for i in range(40)], seed=0)
     make(tmp_path / "b", [f"b-{i}" for i in range(50)], seed=1)
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
-    command = [sys.executable, "-m", "cli.main", "merge", str(tmp_path / "a"), str(tmp_path / "b"),
+    command = [sys.executable, "-m", "logitstore.cli.main", "merge", str(tmp_path / "a"), str(tmp_path / "b"),
                "--rows-per-shard", "8"]
     whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
     assert whole.returncode == 0, whole.stderr

@@ -7,7 +7,7 @@ import json
 import pytest
 
 import logitstore
-from cli.main import main
+from logitstore.cli.main import main
 
 from synthetic import fill
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import logitstore
-from dpo.reference import BuildConfig, build
-from dpo.train import TrainConfig, dpo_batch, objective_of, setup_policy, train
+from logitstore.dpo.reference import BuildConfig, build
+from logitstore.dpo.train import TrainConfig, dpo_batch, objective_of, setup_policy, train
 from logitstore.loader import make_loader
 
 from sample_data import write_jsonl
@@ -28,7 +28,7 @@ BF16_FLOOR = 2e-3
 
 @pytest.fixture(scope="module")
 def medical(byte_model, tmp_path_factory):
-    from dpo.demo import DATA
+    from logitstore.dpo.demo import DATA
 
     folder = tmp_path_factory.mktemp("gpu_path")
     rows = [json.loads(line) for line in DATA.read_text().splitlines()][:48]
@@ -77,7 +77,7 @@ def test_gradient_checkpointing_trains_the_same_run(byte_model, medical, tmp_pat
 
 
 def test_bfloat16_starts_at_ln2_within_the_noise_floor_and_learns(byte_model, tmp_path):
-    from dpo.demo import DATA
+    from logitstore.dpo.demo import DATA
 
     rows = [json.loads(line) for line in DATA.read_text().splitlines()][:32]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -91,7 +91,7 @@ def test_bfloat16_starts_at_ln2_within_the_noise_floor_and_learns(byte_model, tm
 
 
 def test_the_precision_context_autocasts_in_the_model_dtype():
-    from dpo.models import precision
+    from logitstore.dpo.models import precision
 
     weight = torch.randn(4, 4)
     with precision(torch.device("cpu"), "bfloat16"):
@@ -103,7 +103,7 @@ def test_the_precision_context_autocasts_in_the_model_dtype():
 def test_paged_adamw_8bit_runs_on_cpu_with_8bit_state(byte_model, medical, tmp_path):
     """bitsandbytes 0.50 runs it on a CPU, unpaged (paging is a CUDA feature), with uint8 moments."""
     pytest.importorskip("bitsandbytes")
-    from dpo.train import make_optimizer
+    from logitstore.dpo.train import make_optimizer
 
     cfg = TrainConfig(model=str(byte_model), store=str(medical), out="unused", optimizer="paged_adamw_8bit", lr=1e-2)
     big = torch.nn.Parameter(torch.randn(64, 128))
@@ -120,7 +120,7 @@ def test_paged_adamw_8bit_runs_on_cpu_with_8bit_state(byte_model, medical, tmp_p
 
 
 def test_batches_are_pinned_only_for_a_gpu(byte_model, medical, tmp_path, monkeypatch):
-    import dpo.train
+    import logitstore.dpo.train
 
     assert make_loader(str(medical), 4, pin_memory=True)[0].pin_memory is True
     assert make_loader(str(medical), 4, pin_memory=False)[0].pin_memory is False
@@ -136,7 +136,7 @@ def test_batches_are_pinned_only_for_a_gpu(byte_model, medical, tmp_path, monkey
 def test_no_lora_trains_every_weight_from_ln2_and_saves_a_model_folder(byte_model, medical, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
 
     result = run(byte_model, medical, tmp_path / "run", max_steps=8, batch_size=8, lr=1e-3, log_every=1, lora=False)
     losses = [h["loss"] for h in result["history"]]
@@ -185,7 +185,7 @@ def test_no_lora_with_an_adapter_starts_from_the_merged_reference(byte_model, tm
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"})
 
 

@@ -535,7 +535,7 @@ def test_deeply_nested_json_is_a_format_error(store):
 def test_escape_sequences_in_ids_never_reach_the_terminal(tmp_path):
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from logitstore.cli.main import cli
 
     ids = [f"\x1b[2Jid-{i}\u202e" for i in range(20)]
     writer = logitstore.create(tmp_path / "s", ids, fingerprint={"model": "\x1b]0;title\x07"}, vocab_size=100,

@@ -187,7 +187,7 @@ def test_a_subset_of_a_sound_store_is_accepted_and_its_digest_verifies(store, tm
 
 def _cli(capsys, *args: str) -> tuple[int, str]:
     """Exit status and stderr of the CLI's entry point, run in this process."""
-    from cli.main import main
+    from logitstore.cli.main import main
 
     try:
         main(list(args))

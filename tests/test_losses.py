@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpo.logps import TokenLogps, ld_weighted_sums, pair_logps, token_logps
-from dpo.losses import PairLogps, dpo_loss
-from dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError
+from logitstore.dpo.logps import TokenLogps, ld_weighted_sums, pair_logps, token_logps
+from logitstore.dpo.losses import PairLogps, dpo_loss
+from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError
 from logitstore.ld_dpo import ld_reference
 
 TOLERANCE = 1e-6
@@ -204,7 +204,7 @@ def test_wpo_weighting_of_hinge_is_trls_forward_with_a_working_backward():
     assert close(got, expected) <= TOLERANCE
     _, plain_grad = trl_loss_and_grad(Objective(loss_types=("hinge",), beta=0.5), completion, policy, ref, sum_sq,
                                       live_reference=False)
-    from dpo.logps import wpo_weights
+    from logitstore.dpo.logps import wpo_weights
 
     weights = wpo_weights(policy, sum_sq, scored).repeat(2)[:, None]
     assert close(grad, plain_grad * weights) <= TOLERANCE
@@ -408,7 +408,7 @@ def test_docs_list_every_loss_type_with_its_paper():
     import re
     from pathlib import Path
 
-    from dpo.objective import PAPERS
+    from logitstore.dpo.objective import PAPERS
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.M)}

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo import models
-from dpo.models import ModelError, checkpoint_dtype, model_fingerprint, resolve_dtype, resolve_model
+from logitstore.dpo import models
+from logitstore.dpo.models import ModelError, checkpoint_dtype, model_fingerprint, resolve_dtype, resolve_model
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -105,7 +105,7 @@ def test_the_fingerprint_of_a_hub_name_is_its_files_plus_repository_and_commit(o
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "TQDM_DISABLE": "1", **env})
 
 
@@ -202,7 +202,7 @@ def test_a_bfloat16_checkpoint_loads_in_float32_on_cpu(byte_model, tmp_path):
 def test_eager_attention_scores_as_sdpa(mistral_model):
     import torch
 
-    from dpo.logps import pair_logps_full
+    from logitstore.dpo.logps import pair_logps_full
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 32000, (n,), generator=g) for n in (12, 7)]

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import logitstore
-from dpo.data import load_examples
-from dpo.models import load_tokenizer
-from dpo.reference import BuildConfig, build
-from dpo.tokenize import tokenize_pair
+from logitstore.dpo.preference_data import load_examples
+from logitstore.dpo.models import load_tokenizer
+from logitstore.dpo.reference import BuildConfig, build
+from logitstore.dpo.tokenization import tokenize_pair
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -72,7 +72,7 @@ def config(model: Path, data: Path, out: Path, **kw) -> BuildConfig:
 
 def record_scored(monkeypatch) -> list[tuple[int, ...]]:
     """Every pair the model scores, as prompt + chosen + rejected ids."""
-    import dpo.logps
+    import logitstore.dpo.logps
 
     seen: list[tuple[int, ...]] = []
     for name in ("pair_logps_full", "pair_logps_shared"):
@@ -171,7 +171,7 @@ def test_per_token_builds_pass_over_stores_without_per_token_values(mistral_mode
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, timeout=600,
+    return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=600,
                           env={**os.environ, **ENV, **(env or {})})
 
 

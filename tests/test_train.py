@@ -12,15 +12,15 @@ import pytest
 import torch
 
 import logitstore
-from dpo.reference import BuildConfig, build
-from dpo.train import TrainConfig, train
+from logitstore.dpo.reference import BuildConfig, build
+from logitstore.dpo.train import TrainConfig, train
 
 from sample_data import implicit_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def medical_store(byte_model, tmp_path_factory):
-    from dpo.demo import DATA
+    from logitstore.dpo.demo import DATA
 
     folder = tmp_path_factory.mktemp("medical")
     rows = [json.loads(line) for line in DATA.read_text().splitlines()][:96]
@@ -161,7 +161,7 @@ def trl_live_step(model_dir, adapter_dir, rows, tmp_path, **dpo_config) -> tuple
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from dpo.models import load_tokenizer
+    from logitstore.dpo.models import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
@@ -231,7 +231,7 @@ def test_ld_reference_from_fixed_point_values_is_within_the_codec_bound(mistral_
 def write_store(path, model_dir, n: int = 12, *, per_token: bool = False, mutate=None):
     """A store of random pairs for `model_dir`'s fingerprint, written with logitstore.create; `mutate(rows)` spoils
     it first."""
-    from dpo.models import model_fingerprint
+    from logitstore.dpo.models import model_fingerprint
 
     rng = np.random.default_rng(0)
     rows = []
@@ -298,7 +298,7 @@ def test_non_finite_per_token_values_are_refused_for_ld_dpo(byte_model, tmp_path
 
 
 def test_cli_exits_1_with_one_line_naming_the_example(byte_model, tmp_path, capsys):
-    from cli.main import main
+    from logitstore.cli.main import main
 
     store = write_store(tmp_path / "s", byte_model, mutate=set_value(9, "chosen_logps", float("nan")))
     with pytest.raises(SystemExit) as exit_info:
@@ -338,7 +338,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(byt
 # ---- the train command's objective options ---------------------------------------------------------------------
 
 def test_cli_trains_a_weighted_combination_with_ld_alpha(mistral_model, ld_setup, tmp_path, capsys):
-    from cli.main import main
+    from logitstore.cli.main import main
 
     folder, rows = ld_setup
     common = dict(adapter=str(folder / "adapter"), max_steps=1, batch_size=len(rows), beta=0.5, ld_alpha=0.3,
@@ -372,7 +372,7 @@ def test_cli_trains_a_weighted_combination_with_ld_alpha(mistral_model, ld_setup
                                                                 "supported for the following loss types: "),
 ])
 def test_cli_refuses_objectives_as_usage_errors(args, message, capsys, tmp_path):
-    from cli.main import main
+    from logitstore.cli.main import main
 
     with pytest.raises(SystemExit) as done:
         main(["train", "--model", str(tmp_path), "--store", str(tmp_path / "s"), "--out", str(tmp_path / "run"), *args])

@@ -20,7 +20,7 @@ import numpy as np
 
 from logitstore.errors import InputDataError
 
-from .data import PreferenceExample, Text
+from .preference_data import PreferenceExample, Text
 
 
 @dataclasses.dataclass(frozen=True)
