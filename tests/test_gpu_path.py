@@ -120,13 +120,13 @@ def test_paged_adamw_8bit_runs_on_cpu_with_8bit_state(byte_model, medical, tmp_p
 
 
 def test_batches_are_pinned_only_for_a_gpu(byte_model, medical, tmp_path, monkeypatch):
-    import logitstore.dpo.train
+    from logitstore.dpo import train as dpo_train
 
     assert make_loader(str(medical), 4, pin_memory=True)[0].pin_memory is True
     assert make_loader(str(medical), 4, pin_memory=False)[0].pin_memory is False
     seen = []
-    real = dpo.train.make_loader
-    monkeypatch.setattr(dpo.train, "make_loader", lambda *a, **k: seen.append(k["pin_memory"]) or real(*a, **k))
+    real = dpo_train.make_loader
+    monkeypatch.setattr(dpo_train, "make_loader", lambda *a, **k: seen.append(k["pin_memory"]) or real(*a, **k))
     run(byte_model, medical, tmp_path / "run", max_steps=1, batch_size=4, eval_store=str(medical))
     assert seen == [False, False]  # training and evaluation loaders, on this CPU
 

@@ -72,18 +72,18 @@ def config(model: Path, data: Path, out: Path, **kw) -> BuildConfig:
 
 def record_scored(monkeypatch) -> list[tuple[int, ...]]:
     """Every pair the model scores, as prompt + chosen + rejected ids."""
-    import logitstore.dpo.logps
+    from logitstore.dpo import logps
 
     seen: list[tuple[int, ...]] = []
     for name in ("pair_logps_full", "pair_logps_shared"):
-        original = getattr(dpo.logps, name)
+        original = getattr(logps, name)
 
         def spy(model, prompts, chosen, rejected, pad_id, _original=original):
             seen.extend(tuple(p.tolist()) + (-1,) + tuple(c.tolist()) + (-1,) + tuple(r.tolist())
                         for p, c, r in zip(prompts, chosen, rejected))
             return _original(model, prompts, chosen, rejected, pad_id)
 
-        monkeypatch.setattr(dpo.logps, name, spy)
+        monkeypatch.setattr(logps, name, spy)
     return seen
 
 
