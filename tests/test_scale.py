@@ -51,13 +51,14 @@ def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_
     # Each shard is batched the same way whichever rank writes it, so the stores are byte-identical.
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
 
-    # Rank 0 dies after committing its second shard (shard 2); torchrun then stops rank 1 wherever it is.
+    # The rank that owns shard 2 (shards go to ranks by the model work in them) dies right after committing it;
+    # torchrun then stops the other rank wherever it is.
     cut = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29512),
                          env={**env, "LOGITSTORE_FAULT": "after-commit:2"}, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode != 0 and "Signal 9 (SIGKILL)" in cut.stderr, cut.stderr[-2000:]
     committed = logitstore.open(tmp_path / "cut").committed
-    assert committed[[0, 2]].all() and not committed[4::2].any() and not committed.all()
+    assert committed[2] and not committed.all()
     again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29513), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
