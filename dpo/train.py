@@ -290,7 +290,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
                                   rank=rank, world_size=world, num_workers=cfg.num_workers,
                                   storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
-                                  pin_memory=device.type == "cuda")
+                                  digest=cfg.expect_digest, pin_memory=device.type == "cuda")
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "

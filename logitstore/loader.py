@@ -31,9 +31,11 @@ class PairDataset:
     """Rows of a store as training examples (a map-style dataset for torch's DataLoader); batched reads through
     ``__getitems__``."""
 
-    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, fields: Sequence[str] = ()):
+    def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, fields: Sequence[str] = (),
+                 digest: str | None = None):
         self.path = str(path)
         self.storage_options = storage_options
+        self.digest = digest  # every process (workers too) opens exactly the pinned contents
         self.extra_fields = tuple(fields)
         self._store: Store | None = None
         store = self.store
@@ -43,7 +45,7 @@ class PairDataset:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.path, storage_options=self.storage_options)
+            self._store = open_store(self.path, storage_options=self.storage_options, digest=self.digest)
         return self._store
 
     def __getstate__(self) -> dict[str, Any]:
@@ -205,9 +207,10 @@ class Prefetcher:
 def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 prefetch: int = 2, storage_options: dict[str, Any] | None = None, ld_alpha: float | None = None,
-                pin_memory: bool | None = None) -> tuple[Any, PairBatchSampler]:
+                digest: str | None = None, pin_memory: bool | None = None) -> tuple[Any, PairBatchSampler]:
     """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position). With
-    `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values).
+    `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values); with
+    `digest`, every process reads only the contents that digest names.
 
     `pin_memory` (default: whether CUDA is available) puts batches in page-locked memory, from which copies to the
     GPU run asynchronously (`tensor.to("cuda", non_blocking=True)`); pass False when training on the CPU.
@@ -215,7 +218,7 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
     import torch
 
     fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
-    dataset = PairDataset(path, storage_options=storage_options, fields=fields)
+    dataset = PairDataset(path, storage_options=storage_options, fields=fields, digest=digest)
     if ld_alpha is not None:
         require_per_token(dataset.store)
     lengths = dataset.lengths() if group_by_length else None

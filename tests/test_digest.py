@@ -76,3 +76,15 @@ def test_a_pinned_store_pickles_with_its_pin(store):
     digest = logitstore.open(store).digest
     reopened = pickle.loads(pickle.dumps(logitstore.open(store, digest=digest)))
     assert reopened._pinned is not None and reopened.digest == digest
+
+
+def test_the_training_loader_reads_only_the_pinned_contents(store):
+    from logitstore.errors import DigestMismatchError
+    from logitstore.loader import make_loader
+
+    digest = logitstore.open(store).digest
+    loader, _ = make_loader(str(store), 4, digest=digest)
+    assert loader.dataset.store.digest == digest and next(iter(loader))["rows"].numel() == 4
+    with pytest.raises(DigestMismatchError) as info:
+        make_loader(str(store), 4, digest="0" * 64)
+    assert str(info.value) == f"{store} has digest {digest}, not the expected {'0' * 64}"
