@@ -217,7 +217,7 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, 
     objective = objective_of(cfg)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
-    store, vocab = logitstore.open(path, storage_options=cfg.storage_options), vocabulary_size(model)
+    store, vocab = loader.dataset.store, vocabulary_size(model)  # the loader's own open store
     model.eval()
     totals: dict[str, float] = {}
     count = 0
