@@ -183,10 +183,10 @@ class StoreWriter:
                 tokens[spec.name] = int((off[:, 1] - off[:, 0]).sum())
         scored = {name: int(np.asarray(self._group[name][:], dtype=np.int64).sum())
                   for name in ("chosen_tokens", "rejected_tokens")}
-        data_bytes = self.loc.total_bytes() - (self.loc.file_size("zarr.json") or 0)
-        clipped = int(self._group["commits"][:, 1].sum())
-        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": clipped,
-                   "data_bytes": int(data_bytes)}
+        commits = np.asarray(self._group["commits"][:], dtype=np.uint64)
+        documents = [len(fmt.canonical_json(doc)) for doc in fmt.metadata_documents(self.header).values()]
+        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": int(commits[:, 1].sum()),
+                   "data_bytes": fmt.data_bytes(documents, self.header["plan_files"], commits)}
         header = dict(self.header, complete=True, summary=summary)
         write_root(self.loc, header)
         self.header = header
