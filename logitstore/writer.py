@@ -35,6 +35,9 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
 def _created_time() -> str:
     # SOURCE_DATE_EPOCH makes a rebuilt store byte-for-byte reproducible (reproducible-builds.org convention).
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and not (epoch.isascii() and epoch.isdigit() and int(epoch) < 253402300800):  # before year 10000
+        raise LogitstoreError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970-01-01 UTC (an integer from 0), "
+                              f"got {epoch!r}")
     when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
             else datetime.datetime.now(datetime.timezone.utc))
     return when.replace(microsecond=0).isoformat()
