@@ -277,3 +277,41 @@ def test_a_zstd_chunk_without_a_declared_size_is_refused(store):
     recommit(store, key)
     assert refusal(lambda: logitstore.open(store).get(["ex-1"])) == (
         f"{store}: {key}: zstd chunk declares no decoded size (the format requires it: 64 bytes)")
+
+
+def test_an_all_zero_inner_chunk_may_be_written_or_left_out(store):
+    import google_crc32c
+    import numcodecs
+
+    key = "chosen_ids/values/c/2"  # shard 2 holds 8 rows: the tail of its value range is left out
+    h = header(store)
+    n_inner = h["shard_capacity"] // h["inner_chunk"]
+    raw = (store / key).read_bytes()
+    index = np.frombuffer(raw[-(16 * n_inner + 4):-4], "<u8").reshape(n_inner, 2).copy()
+    missing = np.flatnonzero(index[:, 0] == 2**64 - 1)
+    assert missing.size  # zarr-python and logitstore leave all-zero chunks out
+    before = logitstore.open(store)
+    rows = list(range(32, 40))
+    values, digest = before.ragged("chosen_ids", rows), before.digest
+    data = raw[:-(16 * n_inner + 4)]
+    zeros = numcodecs.Zstd(level=3).encode(np.zeros(h["inner_chunk"], "<u2").tobytes())
+    index[missing[0]] = [len(data), len(zeros)]
+    payload = index.astype("<u8").tobytes()
+    (store / key).write_bytes(data + zeros + payload + google_crc32c.value(payload).to_bytes(4, "little"))
+    recommit(store, key)
+    h = header(store)
+    h["summary"]["data_bytes"] += len(zeros)  # as a writer writing the chunk would have counted it
+    write_header(store, h)
+    after = logitstore.open(store)
+    assert all(np.array_equal(a, b) for a, b in zip(after.ragged("chosen_ids", rows), values))
+    assert logitstore.verify(store).ok and after.digest != digest
+
+
+def test_source_date_epoch_must_be_whole_seconds(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    assert refusal(lambda: fill(tmp_path / "s", n=4)) == (
+        "SOURCE_DATE_EPOCH must be whole seconds since 1970-01-01 UTC (an integer from 0), got 'yesterday'")
+    assert not (tmp_path / "s").exists()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    fill(tmp_path / "s", n=4)
+    assert header(tmp_path / "s")["created"] == "2023-11-14T22:13:20+00:00"
