@@ -144,7 +144,11 @@ def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
 
 
 BAD_INPUTS = [
-    ("{not json}\n", "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes)"),
+    ("{not json}\n",
+     "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ('{"prompt": "p, "chosen": "a"}\n', "Error: bad.jsonl:1: malformed JSON (Expecting ',' delimiter at column 17)"),
+    ('{"prompt": "p\n', "Error: bad.jsonl:1: malformed JSON (Invalid control character at column 14)"),
+    ('{"prompt": "p', "Error: bad.jsonl:1: malformed JSON (Unterminated string starting at column 12)"),
     ('{"chosen": "a"}\n', "Error: bad.jsonl:1: missing field 'rejected'"),
     ('{"prompt": "p", "chosen": 3, "rejected": "b"}\n',
      "Error: bad.jsonl:1: field 'chosen' must be a string or a list of {role, content} messages, got int"),
