@@ -183,7 +183,9 @@ def test_bad_model_and_foreign_store_are_refused(mistral_model, byte_model, tmp_
                 "--quiet").returncode == 0
     other = _cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"), "--quiet")
     assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different model, tokenizer (store fingerprint ")
+    # the layout too: default shards are sized from the tokenized data
+    assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different layout, model, tokenizer (store "
+                                   "fingerprint ")
     debug = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "t"),
                  "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
