@@ -299,9 +299,7 @@ def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "au
     check_attention(attn_implementation, device=device, dtype=dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantize is not None:
-        if quantize != "4bit":
-            raise ModelError(f"unknown quantization {quantize!r}; the supported one is 4bit")
-        check_model_extras(quantize=quantize)
+        check_model_extras(quantize=quantize)  # 4bit only, and bitsandbytes installed
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,

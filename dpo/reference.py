@@ -29,7 +29,8 @@ from logitstore.errors import InputDataError
 
 from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
-from .models import check_attention, check_model_extras, load_model, load_tokenizer, model_fingerprint, precision, resolve_device
+from .models import (check_attention, check_model_extras, load_model, load_tokenizer, model_fingerprint, precision,
+                     resolve_device)
 from .tokenization import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"
@@ -113,8 +114,8 @@ class Plan:
     skipped: list[Skipped]
     keys: np.ndarray  # uint8 [n, 16]
     cost: np.ndarray  # int64 [n]: prompt + longer completion, in tokens
-    positions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # int64 [n]: positions
-    # through the model in one pass over prompt + chosen and prompt + rejected
+    # int64 [n]: positions through the model in one pass over prompt + chosen and prompt + rejected
+    positions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
