@@ -211,3 +211,24 @@ def test_two_builds_with_source_date_epoch_are_byte_identical(byte_model, tmp_pa
     assert digests[0] == digests[1] == f"Store digest: {logitstore.open(tmp_path / 'a').digest}"
     assert files[0] == files[1] and len(files[0]) == 3 * 16 + 4 + 28  # shard and commit files, plan files, documents
     assert logitstore.open(tmp_path / "a").header["created"] == "2023-11-14T22:13:20+00:00"
+
+
+@pytest.mark.slow  # two CLI builds in subprocesses
+def test_a_build_interrupted_after_a_shard_keeps_it_and_resumes(byte_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(12))
+    command = [sys.executable, "-m", "logitstore.cli.main", "build", "--model", str(byte_model), "--data", str(data),
+               "--out", str(tmp_path / "s"), "--max-length", "256", "--rows-per-shard", "4", "--quiet"]
+    env = {**os.environ, "LOGITSTORE_FAULT": "after-commit:1", "LOGITSTORE_FAULT_SIGNAL": "SIGINT"}
+    stopped = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert stopped.returncode == 130
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "Interrupted; run the same command again to resume: committed shards are kept, only the shard in progress "
+        "is redone.")
+    assert logitstore.open(tmp_path / "s").missing_shards == [2]
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.startswith("Resuming ")
+    assert "1 shard written" in again.stdout and logitstore.verify(tmp_path / "s").ok
