@@ -1,0 +1,84 @@
+"""Distillation losses on a stored teacher distribution, as small pure functions.
+
+The divergences are TRL 1.16's ``DistillationTrainer`` definitions (``ChunkedDivergenceFunction``): ``beta = 0`` is
+the forward KL(teacher || student), ``beta = 1`` the reverse KL(student || teacher), anything in between the
+generalized JSD ``beta * KL(t || m) + (1 - beta) * KL(s || m)`` with mixture ``m = (1 - beta) s + beta t``.
+
+A top-k record does not hold the whole teacher distribution, so the divergence is taken over K + 1 buckets: the K
+stored tokens and one tail bucket holding the rest of the mass (the teacher's stored tail log-mass; the student's
+logsumexp over the tokens outside the K). With K = V there is no tail and the loss and its gradient are the exact
+full-logit ones; with K < V the bucketed divergence is a lower bound of the full one (merging outcomes never
+raises an f-divergence), and ``benchmarks/test_topk.py`` reports by how much.
+
+A sampled record (Sparse Logit Sampling) holds K draws from the teacher as distinct ids with counts. Its loss is
+KL(empirical || student) over the drawn tokens with the empirical ``counts / K``: its gradient in the student's
+logits, ``softmax(student) - counts / K``, is an unbiased estimate of the forward KL's ``softmax(student) - p``.
+Only the forward KL has such an estimator; other betas are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _divergence(log_t: torch.Tensor, log_s: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row divergence between two distributions given as log-probs over the last dimension."""
+    def kl(log_a, log_b):  # Σ a (log a - log b), with 0 · log 0 = 0 and no NaN gradient from the unused branch
+        a = torch.exp(log_a)
+        safe_a = torch.where(a > 0, log_a, torch.zeros_like(log_a))
+        safe_b = torch.where(a > 0, log_b, torch.zeros_like(log_b))
+        return (a * (safe_a - safe_b)).sum(-1)
+
+    if beta == 0.0:
+        return kl(log_t, log_s)
+    if beta == 1.0:
+        return kl(log_s, log_t)
+    log_m = torch.logaddexp(log_s + math.log(1 - beta), log_t + math.log(beta))
+    return beta * kl(log_t, log_m) + (1 - beta) * kl(log_s, log_m)
+
+
+def check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--distill-beta must be in [0, 1], got {beta}")
+
+
+def top_k_divergence(student_logits: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor, tail_logp: torch.Tensor,
+                     beta: float = 0.0) -> torch.Tensor:
+    """Per-position divergence [N] between the student (`student_logits` [N, V]) and a top-k teacher record
+    (`ids` [N, K] long, `logps` [N, K], `tail_logp` [N]) over the K stored tokens and one tail bucket."""
+    check_beta(beta)
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    vocab, k = log_s.shape[-1], ids.shape[-1]
+    if k > vocab:
+        raise ValueError(f"the record holds {k} tokens per position, more than the student's vocabulary ({vocab})")
+    s_k = log_s.gather(-1, ids)
+    t_k = logps.float()
+    if k < vocab:
+        rest = log_s.scatter(-1, ids, float("-inf"))
+        s_k = torch.cat([s_k, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
+        t_k = torch.cat([t_k, tail_logp.float().unsqueeze(-1)], dim=-1)
+    return _divergence(t_k, s_k, beta)
+
+
+def sampled_divergence(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+                       beta: float = 0.0) -> torch.Tensor:
+    """Per-position KL(empirical || student) [N] of a sampled record (`ids`, `counts` [N, K'], padding count 0);
+    its gradient is unbiased for the forward KL's."""
+    check_beta(beta)
+    if beta != 0.0:
+        raise ValueError("a sampled teacher supports only the forward KL (--distill-beta 0)")
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    counts = counts.float()
+    draws = counts.sum(-1, keepdim=True).clamp(min=1.0)
+    q = counts / draws
+    log_q = torch.where(q > 0, torch.log(q.clamp(min=1e-30)), torch.zeros_like(q))
+    return (q * (log_q - log_s.gather(-1, ids))).sum(-1)
+
+
+def full_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """The exact per-position divergence from full teacher logits (what the stored records approximate)."""
+    check_beta(beta)
+    return _divergence(torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(student_logits.float(), -1),
+                       beta)
