@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import gzip
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-HH = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test-first1500.jsonl.gz"
+# the shared data folder beside the checkout; LOGITSTORE_SHARED_DATA names another (a worktree lives elsewhere)
+HH = (Path(os.environ.get("LOGITSTORE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+      / "hh-rlhf-harmless-base-test-first1500.jsonl.gz")
 MEDICAL = ROOT / "dpo" / "data" / "medical_pairs.jsonl"
 
 

@@ -123,3 +123,28 @@ def kl(teacher_logps: np.ndarray, other_logps: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         terms = np.where(p > 0, p * (teacher_logps - other_logps), 0.0)
     return terms.sum(axis=1)
+
+
+def reconstruction_kl(teacher_logps: np.ndarray, record: TopK) -> np.ndarray:
+    """Per-position KL(teacher || reconstruct(record)) without building the [N, V] reconstruction: the same
+    number as ``kl(teacher_logps, reconstruct(record, V))`` in O(N K) past the teacher's own entropy term."""
+    n, vocab = teacher_logps.shape
+    k = record.ids.shape[1]
+    p = np.exp(teacher_logps)
+    negentropy = np.where(p > 0, p * teacher_logps, 0.0).sum(axis=1)
+    ids = record.ids.astype(np.int64)
+    values = record.logps.astype(np.float64)
+    tail = record.tail_logp.astype(np.float64)
+    spread = tail - np.log(vocab - k) if k < vocab else np.full(n, -np.inf)
+    both = np.concatenate([values, spread[:, None]], axis=1)
+    top = both.max(axis=1, keepdims=True)
+    weights = np.exp(both - top)
+    weights[:, -1] *= vocab - k
+    log_z = top[:, 0] + np.log(weights.sum(axis=1))  # the reconstruction's normalizer
+    p_k = np.take_along_axis(p, ids, 1)
+    # the teacher's exact mass outside the K, in float64 from its full distribution (a measurement, not a record)
+    rest = np.maximum(1.0 - p_k.sum(axis=1), 0.0) if k < vocab else np.zeros(n)
+    with np.errstate(invalid="ignore"):
+        rest_term = np.where(rest > 0, rest * (spread - log_z), 0.0)
+    return negentropy - (p_k * (values - log_z[:, None])).sum(axis=1) - rest_term
+

@@ -124,14 +124,30 @@ def vocab_order(ids: np.ndarray, vocab: int) -> np.ndarray:
 
 
 def encode_order(order: np.ndarray) -> bytes:
-    return _pack(order.astype(np.uint64))
+    """The order's prefix up to where the rest runs in ascending id order (the tokens never seen): the prefix's
+    length, then its ids."""
+    order = np.asarray(order, np.int64)
+    falls = np.flatnonzero(np.diff(order) < 0)
+    m = int(falls[-1]) + 1 if falls.size else 0
+    return _pack(np.concatenate([[m], order[:m]]).astype(np.uint64))
 
 
 def decode_order(blob: bytes, vocab: int) -> np.ndarray:
-    order = _unpack(blob, vocab, "vocabulary order", 9 * vocab)
-    if not np.array_equal(np.sort(order), np.arange(vocab, dtype=np.uint64)):
+    try:
+        raw = Zstd().decode(blob)
+    except Exception as e:
+        raise FormatError(f"vocabulary order: undecodable zstd frame ({e})") from None
+    if len(raw) > 9 * (vocab + 1):
+        raise FormatError(f"vocabulary order: the stream is larger than {9 * (vocab + 1)} bytes")
+    b = np.frombuffer(bytes(raw), np.uint8)
+    values = varint_decode(bytes(raw), int(np.count_nonzero(b < 0x80)), "vocabulary order")
+    if values.size == 0 or int(values[0]) != values.size - 1 or values.size - 1 > vocab:
+        raise FormatError("vocabulary order: the stream does not match its length")
+    prefix = values[1:]
+    if prefix.size and (prefix.max() >= vocab or np.unique(prefix).size != prefix.size):
         raise FormatError("vocabulary order: not a permutation of the vocabulary")
-    return order.astype(np.int64)
+    rest = np.setdiff1d(np.arange(vocab, dtype=np.uint64), prefix)
+    return np.concatenate([prefix, rest]).astype(np.int64)
 
 
 def _ranks(order: np.ndarray) -> np.ndarray:

@@ -123,8 +123,12 @@ def test_vocab_order_round_trips_and_refuses_a_non_permutation():
     order = C.vocab_order(np.array([5, 5, 2, 9, 2, 5]), 10)
     assert order[:3].tolist() == [5, 2, 9]
     assert np.array_equal(C.decode_order(C.encode_order(order), 10), order)
+    assert len(C.decode_order(C.encode_order(order), 10)) == 10
+    assert np.array_equal(C.decode_order(C.encode_order(np.arange(10)), 10), np.arange(10))
     with pytest.raises(FormatError, match="^vocabulary order: not a permutation of the vocabulary$"):
-        C.decode_order(C.encode_order(np.zeros(10, np.uint32)), 10)
+        C.decode_order(C._pack(np.array([3, 1, 1, 2], np.uint64)), 10)
+    with pytest.raises(FormatError, match="^vocabulary order: the stream does not match its length$"):
+        C.decode_order(C._pack(np.array([4, 1, 2], np.uint64)), 10)
 
 
 def test_varints_round_trip_and_refuse_a_wrong_count():
@@ -157,3 +161,13 @@ def test_damaged_streams_are_errors_not_numbers():
 def test_unknown_preset():
     with pytest.raises(T.TeacherError, match="^unknown top-k codec 'tiny'; choose from exact, fine, standard, compact$"):
         C.preset("tiny")
+
+
+@pytest.mark.parametrize("k", [1, 8, 300])
+def test_reconstruction_kl_without_the_full_reconstruction(k):
+    x = logits()
+    full = T.log_softmax(x)
+    rec = T.top_k(x, k)
+    order = C.vocab_order(rec.ids, 300)
+    back = C.decode_top_k(C.encode_top_k(rec, order, "compact").streams, 40, k, order, "compact")
+    assert np.abs(T.reconstruction_kl(full, back) - T.kl(full, T.reconstruct(back, 300))).max() < 1e-12
