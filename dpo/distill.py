@@ -82,3 +82,33 @@ def full_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     check_beta(beta)
     return _divergence(torch.log_softmax(teacher_logits.float(), -1), torch.log_softmax(student_logits.float(), -1),
                        beta)
+
+
+def sequence_kl(policy_logits: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor, tail_logp: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """TDPO's sequential KL, Σ_t KL(π_ref(·|x, y<t) || π(·|x, y<t)) [B], from a stored top-k reference record.
+
+    `policy_logits` [B, T, V], `ids`/`logps` [B, T, K], `tail_logp` [B, T], `mask` [B, T] marks scored positions."""
+    b, t, v = policy_logits.shape
+    per_position = top_k_divergence(policy_logits.reshape(b * t, v), ids.reshape(b * t, -1),
+                                    logps.reshape(b * t, -1), tail_logp.reshape(b * t), 0.0).reshape(b, t)
+    return (per_position * mask).sum(-1)
+
+
+def tdpo_loss(chosen_margin: torch.Tensor, rejected_margin: torch.Tensor, chosen_kl: torch.Tensor,
+              rejected_kl: torch.Tensor, beta: float, *, alpha: float = 0.5, variant: str = "tdpo2",
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TDPO (Zeng et al. 2024, eq. 14 for TDPO1 and 16 for TDPO2, as the authors' ``tdpo_loss`` computes them).
+
+    ``*_margin`` [B]: Σ_t log π - log π_ref over each completion; ``*_kl`` [B]: :func:`sequence_kl`.
+    TDPO1: -log σ(β (margin_w - margin_l - (kl_l - kl_w))); TDPO2 scales the KL difference by α and stops the
+    gradient through the chosen side's KL. Returns (per-pair losses, chosen rewards, rejected rewards), the rewards
+    β (margin + kl), detached."""
+    if variant == "tdpo1":
+        logits = chosen_margin - rejected_margin - (rejected_kl - chosen_kl)
+    elif variant == "tdpo2":
+        logits = chosen_margin - rejected_margin - alpha * (rejected_kl - chosen_kl.detach())
+    else:
+        raise ValueError(f"unknown TDPO variant {variant!r}; choose from tdpo1, tdpo2")
+    losses = -torch.nn.functional.logsigmoid(beta * logits)
+    return losses, beta * (chosen_margin + chosen_kl).detach(), beta * (rejected_margin + rejected_kl).detach()

@@ -110,3 +110,54 @@ def test_refusals(call, message):
     with pytest.raises(ValueError) as e:
         call(student, record(teacher, 4))
     assert str(e.value) == message
+
+
+def reference_tdpo(policy_logits, ref_logits, labels, mask, beta, alpha, tdpo2):
+    """The published TDPO on full logits: per-position KL(π_ref || π) and log-ratio margins summed over the
+    completion, then eq. 14 (TDPO1) or eq. 16 (TDPO2, chosen KL without gradient); rows alternate chosen, rejected."""
+    logps, ref_logps = policy_logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    kl = (ref_logps.exp() * (ref_logps - logps)).sum(-1)
+    margin = (logps.gather(-1, labels[..., None]) - ref_logps.gather(-1, labels[..., None]))[..., 0]
+    kl, margin = (kl * mask).sum(-1), (margin * mask).sum(-1)
+    kl_w, kl_l, m_w, m_l = kl[0::2], kl[1::2], margin[0::2], margin[1::2]
+    kl_w_term = kl_w.detach() if tdpo2 else kl_w
+    logits = m_w - m_l - (alpha if tdpo2 else 1.0) * (kl_l - kl_w_term)
+    return -torch.nn.functional.logsigmoid(beta * logits)
+
+
+@pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
+def test_tdpo_with_the_whole_reference_distribution_equals_the_full_logit_loss(variant):
+    from logitstore.dpo.distill import sequence_kl, tdpo_loss
+
+    g = torch.Generator().manual_seed(7)
+    b, t, v = 4, 5, 16  # two pairs: rows chosen, rejected, chosen, rejected
+    policy = (torch.randn(b, t, v, generator=g) * 2).requires_grad_()
+    ref = torch.randn(b, t, v, generator=g) * 2
+    labels = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.ones(b, t)
+    mask[1, 3:] = 0
+    mask[2, 4:] = 0
+    rec = T.top_k(ref.reshape(-1, v).numpy(), v)
+    ids = torch.from_numpy(rec.ids).long().reshape(b, t, v)
+    logps, tail = torch.from_numpy(rec.logps).reshape(b, t, v), torch.from_numpy(rec.tail_logp).reshape(b, t)
+    ref_token = torch.from_numpy(T.log_softmax(ref.reshape(-1, v).numpy())).float().reshape(b, t, v)
+    ref_token = ref_token.gather(-1, labels[..., None])[..., 0]
+
+    def ours(p):
+        kl = sequence_kl(p, ids, logps, tail, mask)
+        margin = ((p.log_softmax(-1).gather(-1, labels[..., None])[..., 0] - ref_token) * mask).sum(-1)
+        return tdpo_loss(margin[0::2], margin[1::2], kl[0::2], kl[1::2], 0.1, alpha=0.5, variant=variant)[0]
+
+    ours_value, ours_grad = value_and_grad(ours, policy)
+    want, want_grad = value_and_grad(lambda p: reference_tdpo(p, ref, labels, mask, 0.1, 0.5, variant == "tdpo2"),
+                                     policy)
+    assert (ours_value - want).abs().max() < 1e-5 and (ours_grad - want_grad).abs().max() < 1e-6
+    assert float(ours_grad.abs().sum()) > 0
+
+
+def test_tdpo_refuses_an_unknown_variant():
+    from logitstore.dpo.distill import tdpo_loss
+
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="^unknown TDPO variant 'tdpo3'; choose from tdpo1, tdpo2$"):
+        tdpo_loss(x, x, x, x, 0.1, variant="tdpo3")
