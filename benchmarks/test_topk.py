@@ -1,0 +1,21 @@
+"""The teacher-record benchmark (benchmarks/topk.py) runs and its figures hang together, on two pairs."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow  # full 32,000-token distributions at every position
+def test_topk_benchmark_runs_and_orders_its_figures():
+    from topk import run, table
+
+    result = run(pairs=2, codecs=("exact", "compact"))
+    rows = {(r["kind"], r["k"], r["codec"]): r for r in result["rows"]}
+    kls = [rows[("top", k, "exact")]["kl"] for k in (1, 8, 32, 64, 128)]
+    assert kls == sorted(kls, reverse=True) and kls[-1] > 0  # more tokens, closer to the teacher
+    for k in (1, 8, 32, 64, 128):  # a coarser value step costs fidelity and saves bytes
+        assert rows[("top", k, "compact")]["kl"] >= rows[("top", k, "exact")]["kl"] - 1e-9
+        assert rows[("top", k, "compact")]["bytes_per_token"] < rows[("top", k, "exact")]["bytes_per_token"]
+    for r in result["rows"]:
+        assert 0 < r["grad_cosine"] <= 1 + 1e-6
+    assert "| sampled K=12 | - |" in table(result)
