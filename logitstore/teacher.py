@@ -95,12 +95,12 @@ def sample(logits: np.ndarray, k: int, *, seed: int, stream: int = 0) -> Sampled
     draws = np.empty((n, k), np.int64)
     for i in range(n):
         draws[i] = np.minimum(np.searchsorted(cdf[i], u[i], side="right"), vocab - 1)
-    draws.sort(axis=1)
+    keys, cnt = np.unique(np.arange(n)[:, None] * vocab + draws, return_counts=True)  # sorted by row, then id
+    row = keys // vocab
+    col = np.arange(keys.size) - np.searchsorted(row, row)  # place within its row
     ids = np.zeros((n, k), np.int32)
     counts = np.zeros((n, k), np.uint16)
-    for i in range(n):
-        uniq, cnt = np.unique(draws[i], return_counts=True)
-        ids[i, :uniq.size], counts[i, :uniq.size] = uniq, cnt
+    ids[row, col], counts[row, col] = keys % vocab, cnt
     return Sampled(ids, counts, int(k))
 
 
