@@ -15,7 +15,11 @@ For each record kind and size it measures, over the completion positions (chosen
 - **grad cosine**: cosine between the forward-KL distillation gradient in the student's logits from the record
   (``dpo.distill``: top-k plus tail bucket, or the sampled estimator) and from the full teacher, over all positions.
 
-Run: ``python benchmarks/topk.py [--pairs N] [--out results.json]``.
+``--teacher transformer`` swaps the teacher for a tiny Mistral trained for a few seeded steps on the same text
+(CPU minutes): weak, but a contextual softmax model, whose top-k lists vary from position to position far more
+than the bigram's (whose unseen contexts all fall back to the same unigram order).
+
+Run: ``python benchmarks/topk.py [--pairs N] [--teacher bigram|transformer] [--out results.json]``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,48 @@ class Bigram:
         return np.log(p)
 
 
+class TinyLM:
+    """A 2-layer Mistral (hidden 64, tied embeddings) trained for `steps` seeded steps on the teacher's fit text: a
+    weak but genuinely contextual softmax teacher, whose top-k lists vary from context to context."""
+
+    def __init__(self, train: list[np.ndarray], vocab: int, steps: int = 150, seed: int = 0):
+        import torch
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(seed)
+        config = MistralConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                               tie_word_embeddings=True)
+        self.model = MistralForCausalLM(config)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+        rng = np.random.default_rng(seed)
+        long = [t.astype(np.int64) for t in train if len(t) > 129]
+        self.losses = []
+        for _ in range(steps):
+            crops = []
+            for _ in range(16):
+                t = long[rng.integers(len(long))]
+                o = rng.integers(len(t) - 129)
+                crops.append(t[o:o + 129])
+            x = torch.from_numpy(np.stack(crops))
+            loss = self.model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            self.losses.append(float(loss.detach()))
+        self.model.eval()
+
+    def logps(self, prompt: np.ndarray, completion: np.ndarray) -> np.ndarray:
+        """[len(completion), V] log-probs of each completion token's position (prompt cut to its last 256 tokens)."""
+        import torch
+
+        prompt = prompt[-256:]
+        x = torch.from_numpy(np.concatenate([prompt, completion]).astype(np.int64))[None]
+        with torch.no_grad():
+            logits = self.model(input_ids=x).logits[0, len(prompt) - 1:-1]
+        return torch.log_softmax(logits.double(), -1).numpy()
+
+
 def positions(corpus, pairs: int) -> tuple[np.ndarray, np.ndarray]:
     """(previous token, token) of every completion position, chosen then rejected, of the first `pairs` pairs."""
     prev, cur = [], []
@@ -77,7 +123,8 @@ def positions(corpus, pairs: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(prev).astype(np.int64), np.concatenate(cur).astype(np.int64)
 
 
-def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact")) -> dict:
+def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teacher_kind: str = "bigram",
+        lm_steps: int = 150) -> dict:
     import torch
 
     from logitstore import teacher as T
@@ -92,6 +139,11 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact")) -> dic
     # the teacher is corpus.py's model: its log-prob of the token that was there is the stored one
     m = len(corpus.chosen[0])  # positions() starts with pair 0's chosen side
     assert np.allclose(teacher.logps(prev[:m])[np.arange(m), cur[:m]], corpus.chosen_logps[0], atol=1e-5)
+    lm = None
+    if teacher_kind == "transformer":
+        lm = TinyLM(fit[: 2 * len(fit) // 3], VOCAB, steps=lm_steps)
+        lm_logps = np.concatenate([lm.logps(corpus.prompt[i], side) for i in range(min(pairs, len(corpus)))
+                                   for side in (corpus.chosen[i], corpus.rejected[i])])
 
     configs = [("top", k, c) for k in TOP_K for c in codecs] + [("sample", k, "-") for k in SAMPLE_K]
     acc = {cfg: {"bytes": 0, "kl": 0.0, "dot": 0.0, "norm_rec": 0.0} for cfg in configs}
@@ -99,7 +151,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact")) -> dic
     norm_full = 0.0
     started = time.perf_counter()
     for start in range(0, prev.size, BLOCK):
-        t_logps = teacher.logps(prev[start:start + BLOCK])
+        t_logps = teacher.logps(prev[start:start + BLOCK]) if lm is None else lm_logps[start:start + BLOCK]
         s_logits = torch.from_numpy(student.logps(prev[start:start + BLOCK])).float().requires_grad_()
         t_logits = torch.from_numpy(t_logps).float()
         full_grad, = torch.autograd.grad(full_divergence(s_logits, t_logits, 0.0).sum(), s_logits)
@@ -140,7 +192,10 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact")) -> dic
                      "order_bytes": order_bytes,
                      "kl": a["kl"] / tokens if kind == "top" else None,
                      "grad_cosine": a["dot"] / np.sqrt(a["norm_rec"] * norm_full)})
-    return {"teacher": "interpolated bigram/unigram of benchmarks/corpus.py, Mistral tokenizer (V = 32000)",
+    name = ("interpolated bigram/unigram of benchmarks/corpus.py" if lm is None else
+            f"2-layer Mistral (hidden 64) trained {lm_steps} steps on the bigram's fit text, final training loss "
+            f"{np.mean(lm.losses[-10:]):.2f} nats")
+    return {"teacher": name + ", Mistral tokenizer (V = 32000)",
             "source": corpus.source, "pairs": min(pairs, len(corpus)), "positions": tokens, "block": BLOCK,
             "seconds": time.perf_counter() - started, "rows": rows}
 
@@ -161,8 +216,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=60)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--teacher", choices=("bigram", "transformer"), default="bigram")
+    parser.add_argument("--lm-steps", type=int, default=150)
     args = parser.parse_args()
-    result = run(args.pairs)
+    result = run(args.pairs, teacher_kind=args.teacher, lm_steps=args.lm_steps)
+    print(f"teacher: {result['teacher']}")
     print(f"{result['positions']} positions of {result['pairs']} pairs ({result['source']}); "
           f"{result['seconds']:.0f} s")
     print(table(result))
