@@ -112,3 +112,26 @@ def tdpo_loss(chosen_margin: torch.Tensor, rejected_margin: torch.Tensor, chosen
         raise ValueError(f"unknown TDPO variant {variant!r}; choose from tdpo1, tdpo2")
     losses = -torch.nn.functional.logsigmoid(beta * logits)
     return losses, beta * (chosen_margin + chosen_kl).detach(), beta * (rejected_margin + rejected_kl).detach()
+
+
+def head_top_k_divergence(hidden: torch.Tensor, head, config, ids: torch.Tensor, logps: torch.Tensor,
+                          tail_logp: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """:func:`top_k_divergence` from hidden states [M, H] through the LM head, in slices of at most
+    ``dpo.logps.LOGIT_BYTES`` of logits, each recomputed in the backward pass rather than kept: the trainer's
+    memory bound for the DPO log-probs, held for distillation too."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .logps import LOGIT_BYTES, head_logits
+
+    check_beta(beta)
+    logits_of = head_logits(head, config)
+    step = max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
+
+    def piece(h, i, lp, t):
+        return top_k_divergence(logits_of(h), i, lp, t, beta)
+
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    pieces = [checkpoint(piece, *(x[s:s + step] for x in (hidden, ids, logps, tail_logp)), use_reentrant=False)
+              if keep else piece(*(x[s:s + step] for x in (hidden, ids, logps, tail_logp)))
+              for s in range(0, hidden.shape[0], step)]
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -55,22 +55,33 @@ def split_lm(model: Any) -> tuple[Any, Any, Any]:
     return backbone, lm.get_output_embeddings(), lm.config
 
 
+def head_logits(head: Any, config: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """float32 logits of hidden rows as the model computes them (its logit scale and final soft-capping)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    scale = getattr(text_config, "logit_scale", None)
+
+    def logits_of(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return logits_of
+
+
 def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: Any, *,
                 sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(label | hidden) for rows of `hidden` [M, H], computed in slices of at most LOGIT_BYTES, and, with
     `sum_sq`, log Σ_v p_v² of each row (detached; WPO's weights)."""
     vocab = head.weight.shape[0]
     step = max(1, LOGIT_BYTES // (4 * vocab))
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
-    scale = getattr(text_config, "logit_scale", None)
+    logits_of = head_logits(head, config)
 
     def piece(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = head(h).float()
-        if scale is not None:
-            logits = logits * scale
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = logits_of(h)
         log_z = torch.logsumexp(logits, dim=-1)
         picked = logits.gather(1, y[:, None]).squeeze(1) - log_z
         if not sum_sq:

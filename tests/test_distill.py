@@ -161,3 +161,23 @@ def test_tdpo_refuses_an_unknown_variant():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="^unknown TDPO variant 'tdpo3'; choose from tdpo1, tdpo2$"):
         tdpo_loss(x, x, x, x, 0.1, variant="tdpo3")
+
+
+def test_head_divergence_in_slices_equals_one_pass(monkeypatch):
+    from types import SimpleNamespace
+
+    from logitstore.dpo import logps as logps_module
+    from logitstore.dpo.distill import head_top_k_divergence
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(30, 8, generator=g).requires_grad_()
+    config = SimpleNamespace(final_logit_softcapping=5.0)  # soft-capping applies before the divergence
+    teacher = torch.randn(30, 40, generator=g) * 2
+    ids, lp, tail = record(teacher, 6)
+    whole, whole_grad = value_and_grad(
+        lambda h: top_k_divergence(torch.tanh(head(h) / 5.0) * 5.0, ids, lp, tail, 0.5), hidden)
+    monkeypatch.setattr(logps_module, "LOGIT_BYTES", 4 * 40 * 7)  # slices of 7 rows
+    sliced, sliced_grad = value_and_grad(lambda h: head_top_k_divergence(h, head, config, ids, lp, tail, 0.5),
+                                         hidden)
+    assert (sliced - whole).abs().max() < 1e-6 and (sliced_grad - whole_grad).abs().max() < 1e-7
