@@ -27,6 +27,7 @@ import numpy as np
 from numcodecs import Zstd
 
 from .errors import FormatError
+from .shards import zstd_content_size
 from .teacher import Sampled, TeacherError, TopK
 
 ZSTD_LEVEL = 19  # records are written once and read many times
@@ -103,15 +104,30 @@ def _pack(values: np.ndarray) -> bytes:
     return Zstd(level=ZSTD_LEVEL).encode(varint_encode(values))
 
 
-def _unpack(blob: bytes, count: int, what: str, limit: int) -> np.ndarray:
-    """`count` varints from a zstd frame; the frame may not expand past `limit` bytes (9 per value at most)."""
+def _inflate(blob: bytes, what: str, limit: int) -> bytes:
+    """A zstd frame's bytes; the frame must declare its decoded size, at most `limit`, before anything is
+    allocated (the reader's rule for every chunk)."""
+    from numcodecs import zstd
+
     try:
-        raw = Zstd().decode(blob)
+        declared = zstd_content_size(blob)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
+    if declared is None:
+        raise FormatError(f"{what}: the zstd frame declares no decoded size")
+    if declared > limit:
+        raise FormatError(f"{what}: the stream is larger than {limit} bytes")
+    out = bytearray(declared)
+    try:
+        zstd.decompress(bytes(blob), out)
     except Exception as e:  # numcodecs raises RuntimeError on a damaged frame
         raise FormatError(f"{what}: undecodable zstd frame ({e})") from None
-    if len(raw) > limit:
-        raise FormatError(f"{what}: the stream is larger than {limit} bytes")
-    return varint_decode(bytes(raw), count, what)
+    return bytes(out)
+
+
+def _unpack(blob: bytes, count: int, what: str, limit: int) -> np.ndarray:
+    """`count` varints from a zstd frame that may not expand past `limit` bytes (9 per value at most)."""
+    return varint_decode(_inflate(blob, what, limit), count, what)
 
 
 # --- vocabulary order -----------------------------------------------------------------------------------------
@@ -133,13 +149,8 @@ def encode_order(order: np.ndarray) -> bytes:
 
 
 def decode_order(blob: bytes, vocab: int) -> np.ndarray:
-    try:
-        raw = Zstd().decode(blob)
-    except Exception as e:
-        raise FormatError(f"vocabulary order: undecodable zstd frame ({e})") from None
-    if len(raw) > 9 * (vocab + 1):
-        raise FormatError(f"vocabulary order: the stream is larger than {9 * (vocab + 1)} bytes")
-    b = np.frombuffer(bytes(raw), np.uint8)
+    raw = _inflate(blob, "vocabulary order", 9 * (vocab + 1))
+    b = np.frombuffer(raw, np.uint8)
     values = varint_decode(bytes(raw), int(np.count_nonzero(b < 0x80)), "vocabulary order")
     if values.size == 0 or int(values[0]) != values.size - 1 or values.size - 1 > vocab:
         raise FormatError("vocabulary order: the stream does not match its length")
@@ -236,10 +247,7 @@ def decode_top_k(streams: dict[str, bytes], n: int, k: int, order: np.ndarray, c
 
 
 def _floats(blob: bytes, count: int, what: str) -> np.ndarray:
-    try:
-        raw = Zstd().decode(blob)
-    except Exception as e:
-        raise FormatError(f"{what}: undecodable zstd frame ({e})") from None
+    raw = _inflate(blob, what, 4 * count)
     if len(raw) != 4 * count:
         raise FormatError(f"{what}: the stream does not hold {count} values")
     values = np.frombuffer(bytes(raw), np.uint8).reshape(4, count).T.copy().view("<f4").ravel()
@@ -272,14 +280,9 @@ def decode_sampled(streams: dict[str, bytes], n: int, k: int, order: np.ndarray)
     for name in ("counts", "ids"):
         if name not in streams:
             raise FormatError(f"sampled: the {name} stream is missing")
-    try:
-        raw = Zstd().decode(streams["counts"])
-    except Exception as e:
-        raise FormatError(f"sampled counts: undecodable zstd frame ({e})") from None
-    if len(raw) > 9 * n * k:
-        raise FormatError(f"sampled counts: the stream is larger than {9 * n * k} bytes")
-    b = np.frombuffer(bytes(raw), np.uint8)
-    counts = varint_decode(bytes(raw), int(np.count_nonzero(b < 0x80)), "sampled counts").astype(np.int64)
+    raw = _inflate(streams["counts"], "sampled counts", 9 * n * k)
+    b = np.frombuffer(raw, np.uint8)
+    counts = varint_decode(raw, int(np.count_nonzero(b < 0x80)), "sampled counts").astype(np.int64)
     if counts.size and (counts.min() < 1 or counts.max() > k):
         raise FormatError("sampled counts: a count is outside 1..K")
     total = np.cumsum(counts)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numcodecs import Zstd
 
 from logitstore import teacher as T
 from logitstore import topk_codec as C
@@ -142,8 +143,15 @@ def test_damaged_streams_are_errors_not_numbers():
     rec = T.top_k(logits(), 8)
     order = C.vocab_order(rec.ids, 300)
     enc = C.encode_top_k(rec, order)
-    with pytest.raises(FormatError, match="^top-k ids: undecodable zstd frame"):
+    with pytest.raises(FormatError, match="^top-k ids: inner chunk is not a zstd frame$"):
         C.decode_top_k({**enc.streams, "ids": b"\x00" * 12}, 40, 8, order)
+    frame = bytearray(enc.streams["ids"])
+    frame[-3] ^= 0xFF  # damage inside the frame, header intact
+    with pytest.raises(FormatError, match="^top-k ids: (undecodable zstd frame|the stream does not hold)"):
+        C.decode_top_k({**enc.streams, "ids": bytes(frame)}, 40, 8, order)
+    bomb = Zstd(level=1).encode(b"\x00" * (9 * 320 + 1))  # declares one byte more than 320 varints can take
+    with pytest.raises(FormatError, match="^top-k values: the stream is larger than 2880 bytes$"):
+        C.decode_top_k({**enc.streams, "values": bomb}, 40, 8, order)
     with pytest.raises(FormatError, match="^top-k values: the stream does not hold 320 values$"):
         C.decode_top_k({**enc.streams, "values": C._pack(np.zeros(319, np.uint64))}, 40, 8, order)
     with pytest.raises(FormatError, match="^top-k ids: a token id is outside the vocabulary$"):
