@@ -167,8 +167,9 @@ def test_damaged_streams_are_errors_not_numbers():
 
 
 def test_unknown_preset():
-    with pytest.raises(T.TeacherError, match="^unknown top-k codec 'tiny'; choose from exact, fine, standard, compact$"):
+    with pytest.raises(T.TeacherError) as e:
         C.preset("tiny")
+    assert str(e.value) == "unknown top-k codec 'tiny'; choose from exact, fine, standard, compact"
 
 
 @pytest.mark.parametrize("k", [1, 8, 300])

@@ -48,7 +48,8 @@ def test_block_size_keeps_under_the_entry_limit():
     (lambda b: b[:5], "teacher block: shorter than its header"),
     (lambda b: b"XXXX" + b[4:], "teacher block: not a top_k block"),
     (lambda b: b[:4] + b"\x02" + b[5:], "teacher block: not a top_k block"),
-    (lambda b: b[:5] + struct.pack("<I", 17) + b[9:], "teacher block: holds 17 positions of K = 8, expected 16 of K = 8"),
+    (lambda b: b[:5] + struct.pack("<I", 17) + b[9:],
+     "teacher block: holds 17 positions of K = 8, expected 16 of K = 8"),
     (lambda b: b + b"\x00", "teacher block: stream sizes do not add up to the block's size"),
     (lambda b: b[:-1], "teacher block: stream sizes do not add up to the block's size"),
 ])
