@@ -31,6 +31,7 @@ KINDS = {1: "top_k", 2: "sampled"}
 STREAMS = {"top_k": ("ids", "values", "tail"), "sampled": ("counts", "ids")}
 BLOCK_POSITIONS = 1024
 MAX_TOP_K = 1 << 16  # K a reader accepts
+MAX_DRAWS = (1 << 16) - 1  # sampled K: counts are uint16
 MAX_BLOCK_ENTRIES = 1 << 22  # positions x K in one block: bounds every decode allocation
 _HEAD = struct.Struct("<4sBIIB")
 
@@ -106,3 +107,22 @@ def row_spans(lengths: np.ndarray, rows: np.ndarray, step: int) -> list[list[tup
             lo = stop
         out.append(spans)
     return out
+
+
+def check_request(*, top_k: int | None, sample_k: int | None, vocab: int, codec: str = "standard") -> None:
+    """What a build checks before any model work: one line for each request it cannot store."""
+    from .teacher import TeacherError
+
+    C.preset(codec)
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise TeacherError(f"--top-k must be a positive integer, got {top_k!r}")
+        if top_k > vocab:
+            raise TeacherError(f"--top-k {top_k} is larger than the vocabulary ({vocab} tokens)")
+        if top_k > MAX_TOP_K:
+            raise TeacherError(f"--top-k {top_k} is more than the {codec} codec holds (at most {MAX_TOP_K})")
+    if sample_k is not None:
+        if isinstance(sample_k, bool) or not isinstance(sample_k, int) or sample_k < 1:
+            raise TeacherError(f"--sample-k must be a positive integer, got {sample_k!r}")
+        if sample_k > MAX_DRAWS:
+            raise TeacherError(f"--sample-k {sample_k} is more than the codec holds (at most {MAX_DRAWS} draws)")

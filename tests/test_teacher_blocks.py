@@ -67,3 +67,23 @@ def test_a_block_past_the_reader_limits_is_refused_before_decoding():
         B.decode_block(b"", kind="top_k", k=70000, positions=1, order=np.arange(10))
     with pytest.raises(FormatError, match=r"^teacher block: K = 128 with 40000 positions is past the reader's"):
         B.decode_block(b"", kind="top_k", k=128, positions=40000, order=np.arange(10))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"top_k": 33000}, "--top-k 33000 is larger than the vocabulary (32000 tokens)"),
+    ({"top_k": 70000, "vocab": 100000}, "--top-k 70000 is more than the standard codec holds (at most 65536)"),
+    ({"top_k": 0}, "--top-k must be a positive integer, got 0"),
+    ({"sample_k": 70000}, "--sample-k 70000 is more than the codec holds (at most 65535 draws)"),
+    ({"top_k": 8, "codec": "tiny"}, "unknown top-k codec 'tiny'; choose from exact, fine, standard, compact"),
+])
+def test_requests_a_store_cannot_hold_are_one_line(kw, message):
+    from logitstore.teacher import TeacherError
+
+    args = {"top_k": None, "sample_k": None, "vocab": 32000, **kw}
+    with pytest.raises(TeacherError) as e:
+        B.check_request(**args)
+    assert str(e.value) == message
+
+
+def test_requests_a_store_can_hold_pass():
+    B.check_request(top_k=128, sample_k=12, vocab=32000, codec="compact")
