@@ -12,6 +12,8 @@ For each record kind and size it measures, over the completion positions (chosen
   real data set).
 - **KL**: mean per-position KL(teacher || reconstruction), the tail mass spread evenly over the tokens left out
   (``teacher.reconstruct``); sampled records are not distributions (their use is an unbiased gradient), so none.
+- **loss / full loss**: the record's forward-KL loss (top-k: over K + 1 buckets, a lower bound; sampled: KL of the
+  draws' frequencies, not an estimate of the loss's value) over the full-logit loss: the K < V bias of the value.
 - **grad cosine**: cosine between the forward-KL distillation gradient in the student's logits from the record
   (``dpo.distill``: top-k plus tail bucket, or the sampled estimator) and from the full teacher, over all positions.
 
@@ -146,7 +148,8 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
                                    for side in (corpus.chosen[i], corpus.rejected[i])])
 
     configs = [("top", k, c) for k in TOP_K for c in codecs] + [("sample", k, "-") for k in SAMPLE_K]
-    acc = {cfg: {"bytes": 0, "kl": 0.0, "dot": 0.0, "norm_rec": 0.0} for cfg in configs}
+    acc = {cfg: {"bytes": 0, "kl": 0.0, "dot": 0.0, "norm_rec": 0.0, "loss": 0.0} for cfg in configs}
+    full_loss = 0.0
     orders: dict = {}
     norm_full = 0.0
     started = time.perf_counter()
@@ -154,7 +157,9 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
         t_logps = teacher.logps(prev[start:start + BLOCK]) if lm is None else lm_logps[start:start + BLOCK]
         s_logits = torch.from_numpy(student.logps(prev[start:start + BLOCK])).float().requires_grad_()
         t_logits = torch.from_numpy(t_logps).float()
-        full_grad, = torch.autograd.grad(full_divergence(s_logits, t_logits, 0.0).sum(), s_logits)
+        full = full_divergence(s_logits, t_logits, 0.0).sum()
+        full_grad, = torch.autograd.grad(full, s_logits)
+        full_loss += float(full)
         norm_full += float((full_grad ** 2).sum())
         n = t_logps.shape[0]
         for k in TOP_K:
@@ -167,8 +172,10 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
                 a["bytes"] += enc.nbytes
                 a["kl"] += float(T.reconstruction_kl(t_logps, back).sum())
                 ids = torch.from_numpy(back.ids).long()
-                grad, = torch.autograd.grad(top_k_divergence(s_logits, ids, torch.from_numpy(back.logps),
-                                                             torch.from_numpy(back.tail_logp), 0.0).sum(), s_logits)
+                loss = top_k_divergence(s_logits, ids, torch.from_numpy(back.logps),
+                                        torch.from_numpy(back.tail_logp), 0.0).sum()
+                grad, = torch.autograd.grad(loss, s_logits)
+                a["loss"] += float(loss)
                 a["dot"] += float((grad * full_grad).sum())
                 a["norm_rec"] += float((grad ** 2).sum())
         for k in SAMPLE_K:
@@ -179,9 +186,10 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
             assert np.array_equal(back.counts, rec.counts)
             a = acc[("sample", k, "-")]
             a["bytes"] += enc.nbytes
-            grad, = torch.autograd.grad(sampled_divergence(s_logits, torch.from_numpy(back.ids).long(),
-                                                           torch.from_numpy(back.counts.astype(np.int64))).sum(),
-                                        s_logits)
+            loss = sampled_divergence(s_logits, torch.from_numpy(back.ids).long(),
+                                      torch.from_numpy(back.counts.astype(np.int64))).sum()
+            grad, = torch.autograd.grad(loss, s_logits)
+            a["loss"] += float(loss)
             a["dot"] += float((grad * full_grad).sum())
             a["norm_rec"] += float((grad ** 2).sum())
     tokens = int(prev.size)
@@ -191,7 +199,8 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
         rows.append({"kind": kind, "k": k, "codec": codec, "bytes_per_token": a["bytes"] / tokens,
                      "order_bytes": order_bytes,
                      "kl": a["kl"] / tokens if kind == "top" else None,
-                     "grad_cosine": a["dot"] / np.sqrt(a["norm_rec"] * norm_full)})
+                     "grad_cosine": a["dot"] / np.sqrt(a["norm_rec"] * norm_full),
+                     "loss_ratio": a["loss"] / full_loss})  # the record's forward-KL loss over the full one
     name = ("interpolated bigram/unigram of benchmarks/corpus.py" if lm is None else
             f"2-layer Mistral (hidden 64) trained {lm_steps} steps on the bigram's fit text, final training loss "
             f"{np.mean(lm.losses[-10:]):.2f} nats")
@@ -201,14 +210,15 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
 
 
 def table(result: dict) -> str:
-    lines = ["| record | codec | bytes/token | KL(teacher ‖ reconstruction), nats | KD-gradient cosine |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| record | codec | bytes/token | KL(teacher ‖ reconstruction), nats | KD-gradient cosine "
+             "| loss / full loss |", "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
         name = f"top-{r['k']}" if r["kind"] == "top" else f"sampled K={r['k']}"
         kl = f"{r['kl']:.2e}" if r["kl"] is not None else "n/a (estimator)"
-        lines.append(f"| {name} | {r['codec']} | {r['bytes_per_token']:.1f} | {kl} | {r['grad_cosine']:.4f} |")
+        lines.append(f"| {name} | {r['codec']} | {r['bytes_per_token']:.1f} | {kl} | {r['grad_cosine']:.4f} "
+                     f"| {r['loss_ratio']:.4f} |")
     for name, b in OTHERS:
-        lines.append(f"| {name} | | {b} | | |")
+        lines.append(f"| {name} | | {b} | | | |")
     return "\n".join(lines)
 
 
