@@ -220,7 +220,10 @@ def decode_top_k(streams: dict[str, bytes], n: int, k: int, order: np.ndarray, c
     for name in ("ids", "values", "tail"):
         if name not in streams:
             raise FormatError(f"top-k: the {name} stream is missing")
-    rank = _unzigzag(_unpack(streams["ids"], n * k, "top-k ids", 9 * n * k)).reshape(n, k).cumsum(axis=1)
+    zz = _unpack(streams["ids"], n * k, "top-k ids", 9 * n * k)
+    if zz.size and zz.max() >= np.uint64(2 * vocab):  # a gap between two ranks is less than V either way
+        raise FormatError("top-k ids: a token id is outside the vocabulary")
+    rank = _unzigzag(zz).reshape(n, k).cumsum(axis=1)
     if rank.size and (rank.min() < 0 or rank.max() >= vocab):
         raise FormatError("top-k ids: a token id is outside the vocabulary")
     ids = order[rank].astype(np.int32)
@@ -290,7 +293,10 @@ def decode_sampled(streams: dict[str, bytes], n: int, k: int, order: np.ndarray)
     if counts.size > n * k or ends.size != n or (n and ends[-1] != counts.size - 1) or (total[ends] != k * np.arange(
             1, n + 1)).any():
         raise FormatError(f"sampled counts: the stream does not hold {n} positions of {k} draws")
-    gaps = _unpack(streams["ids"], counts.size, "sampled ids", 9 * n * k).astype(np.int64)
+    raw_gaps = _unpack(streams["ids"], counts.size, "sampled ids", 9 * n * k)
+    if raw_gaps.size and raw_gaps.max() >= np.uint64(vocab):
+        raise FormatError("sampled ids: a token id is outside the vocabulary")
+    gaps = raw_gaps.astype(np.int64)
     starts = np.concatenate([[0], ends[:-1] + 1])
     per_row = ends - starts + 1
     row = np.repeat(np.arange(n), per_row)

@@ -156,6 +156,10 @@ def test_damaged_streams_are_errors_not_numbers():
         C.decode_top_k({**enc.streams, "values": C._pack(np.zeros(319, np.uint64))}, 40, 8, order)
     with pytest.raises(FormatError, match="^top-k ids: a token id is outside the vocabulary$"):
         C.decode_top_k({**enc.streams, "ids": C._pack(np.full(320, 600, np.uint64))}, 40, 8, order)
+    wrap = np.zeros((40, 8), np.uint64)
+    wrap[0, :4] = 2 ** 63 - 2  # zigzag of 2^62 - 1 four times: wraps int64 back near 0 without the gap check
+    with pytest.raises(FormatError, match="^top-k ids: a token id is outside the vocabulary$"):
+        C.decode_top_k({**enc.streams, "ids": C._pack(wrap.ravel())}, 40, 8, order)
     with pytest.raises(FormatError, match="^top-k: the tail stream is missing$"):
         C.decode_top_k({"ids": enc.streams["ids"], "values": enc.streams["values"]}, 40, 8, order)
     s = T.sample(logits(), 12, seed=1)
