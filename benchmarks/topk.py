@@ -159,7 +159,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
         t_logits = torch.from_numpy(t_logps).float()
         full = full_divergence(s_logits, t_logits, 0.0).sum()
         full_grad, = torch.autograd.grad(full, s_logits)
-        full_loss += float(full)
+        full_loss += float(full.detach())
         norm_full += float((full_grad ** 2).sum())
         n = t_logps.shape[0]
         for k in TOP_K:
@@ -175,7 +175,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
                 loss = top_k_divergence(s_logits, ids, torch.from_numpy(back.logps),
                                         torch.from_numpy(back.tail_logp), 0.0).sum()
                 grad, = torch.autograd.grad(loss, s_logits)
-                a["loss"] += float(loss)
+                a["loss"] += float(loss.detach())
                 a["dot"] += float((grad * full_grad).sum())
                 a["norm_rec"] += float((grad ** 2).sum())
         for k in SAMPLE_K:
@@ -189,7 +189,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
             loss = sampled_divergence(s_logits, torch.from_numpy(back.ids).long(),
                                       torch.from_numpy(back.counts.astype(np.int64))).sum()
             grad, = torch.autograd.grad(loss, s_logits)
-            a["loss"] += float(loss)
+            a["loss"] += float(loss.detach())
             a["dot"] += float((grad * full_grad).sum())
             a["norm_rec"] += float((grad ** 2).sum())
     tokens = int(prev.size)
