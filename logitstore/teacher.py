@@ -7,7 +7,7 @@ Pure numpy, one position per row of a ``[N, V]`` logits array:
   the kept mass is close to 1, which it is for large K.
 - :func:`sample` draws K tokens from the distribution and keeps the distinct ones with their counts (the Sparse
   Logit Sampling estimator: ``counts / K`` is an unbiased estimate of the teacher's probabilities). Draws are a
-  function of ``(seed, stream)`` alone, so a resumed or re-sharded build draws the same tokens.
+  function of ``(seed, stream)`` and the logits alone, so a resumed or re-sharded build draws the same tokens.
 - :func:`reconstruct` turns a top-k record back into a full distribution (the tail mass spread evenly over the
   tokens left out), which is how fidelity is measured (KL(teacher || reconstruction)).
 """
