@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from . import format as fmt
+from . import kinds
 from .errors import FormatError
 from .storage import Location
 
@@ -57,10 +58,10 @@ def parse_root(raw: bytes, url: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise FormatError(f"{url} is a Zarr group without a logitstore header (another tool's store, or a "
                           "build interrupted while planning: run the build again)")
-    version = header.get("format_version")
-    if version != fmt.FORMAT_VERSION or type(version) is not int:
-        raise FormatError(f"{url} has format version {_short(version)}; this logitstore reads version "
-                          f"{fmt.FORMAT_VERSION}")
+    try:
+        kinds.kind_of(header)  # the format version (and, from version 3 on, the kind) says what follows
+    except FormatError as exc:
+        raise FormatError(f"{url} has {exc}") from None
     if set(meta) != _ROOT_KEYS or meta != fmt.root_metadata(header):
         raise FormatError(f"{url}/zarr.json holds more than the header (consolidated metadata or other keys: "
                           f"{', '.join(sorted(set(meta) - _ROOT_KEYS)) or 'attributes'})")
@@ -97,7 +98,9 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     fields = header.get("fields")
     if not isinstance(fields, dict):
         raise FormatError("header fields must be an object")
-    for name, (dtype, _) in fmt.ROW_FIELDS.items():
+    kind = kinds.kind_of(header)
+    _check_kind_keys(header, kind)
+    for name, (dtype, _) in kind.row_fields.items():
         if fields.get(name) != {"kind": "row", "dtype": dtype}:
             raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
                               f"{_short(fields.get(name))}")
@@ -106,23 +109,23 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
         raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
     ragged: dict[str, fmt.RaggedSpec] = {}
     for name, entry in fields.items():
-        if name in fmt.ROW_FIELDS or name == fmt.CONTENT_KEY:
+        if name in kind.row_fields or name == fmt.CONTENT_KEY:
             continue
-        if name not in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS:
-            raise FormatError(f"unknown field {_short(name)} in the header")
-        ragged[name] = _ragged_spec(name, entry)
-    missing = [name for name in fmt.TOKEN_FIELDS if name not in ragged]
+        if name not in kind.token_fields + kind.per_token_fields:
+            raise FormatError(f"unknown field {_short(name)} in the header of a {kind.name} store")
+        ragged[name] = _ragged_spec(name, entry, kind)
+    missing = [name for name in kind.token_fields if name not in ragged]
     if missing:
         raise FormatError(f"header lacks the field {missing[0]}")
-    per_token = [ragged.get(name) for name in fmt.PER_TOKEN_FIELDS]
+    per_token = [ragged.get(name) for name in kind.per_token_fields]
     if any(per_token) and not (all(per_token) and per_token[0].codec == per_token[1].codec  # type: ignore[union-attr]
                                and per_token[0].scale == per_token[1].scale):  # type: ignore[union-attr]
         raise FormatError("per-token fields must come as a pair with the same codec")
-    if len({ragged[name].dtype for name in fmt.TOKEN_FIELDS}) != 1:
+    if len({ragged[name].dtype for name in kind.token_fields}) != 1:
         raise FormatError("token id fields must share one dtype")
-    order = [name for name in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS if name in ragged]  # the format's order
+    order = [name for name in kind.token_fields + kind.per_token_fields if name in ragged]  # the format's order
     specs = [ragged[name] for name in order]
-    shard_files = fmt.shard_file_arrays(specs)
+    shard_files = fmt.shard_file_arrays(specs, kind)
     if header.get("shard_files") != shard_files:
         raise FormatError(f"header shard_files must be {shard_files}")
     _check_plan_files(header, n)
@@ -194,12 +197,20 @@ def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _ragged_spec(name: str, entry: Any) -> fmt.RaggedSpec:
+def _check_kind_keys(header: dict[str, Any], kind: kinds.Kind) -> None:
+    """An unpaired store records its KL pairing; a pairs store has none."""
+    if kind is kinds.UNPAIRED:
+        kinds.check_kl_pairing(header.get("kl_pairing"))
+    elif "kl_pairing" in header:
+        raise FormatError("header kl_pairing belongs to unpaired stores only")
+
+
+def _ragged_spec(name: str, entry: Any, kind: kinds.Kind = kinds.PAIRS) -> fmt.RaggedSpec:
     if not isinstance(entry, dict) or entry.get("kind") != "ragged":
         raise FormatError(f"header field {name} must be a ragged field")
     dtype, codec, scale = entry.get("dtype"), entry.get("codec"), entry.get("scale")
     allowed = set(entry) <= {"kind", "dtype", "codec", "scale"}
-    if name in fmt.TOKEN_FIELDS:
+    if name in kind.token_fields:
         ok = allowed and dtype in _TOKEN_DTYPES and codec in fmt.TOKEN_CODECS and "scale" not in entry
     else:
         ok = allowed and codec in fmt.LOGP_CODECS and dtype == _LOGP_DTYPES[codec] and (
