@@ -139,6 +139,13 @@ def cli() -> None:
     """
 
 
+def _kl_batch(value: int) -> int:
+    if value < 2:
+        raise click.BadParameter(f"{value}: KTO's KL term needs batches of at least 2 (TRL refuses a per-device "
+                                 "batch size of 1: the KL term would equal the reward)", param_hint="--kl-batch-size")
+    return value
+
+
 @cli.command()
 @click.option("--model", required=True, help="Causal LM: a local folder or a Hugging Face Hub name.")
 @revision_option
@@ -170,6 +177,10 @@ def cli() -> None:
               help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
+@click.option("--kl-batch-size", type=int, default=8, show_default=True, callback=lambda ctx, param, v: _kl_batch(v),
+              help="Unpaired data (prompt/completion/label): KTO's KL completions are paired within chunks of this "
+                   "many examples, as TRL's KTOTrainer pairs them within per_device_train_batch_size; train with "
+                   "this batch size.")
 @click.option("--reuse", multiple=True, metavar="STORE", help="Copy the values of pairs with the same content "
               "(token ids) from this store, built with the same model, adapter and precision; only the other pairs "
               "run through the model (repeatable).")
@@ -189,6 +200,7 @@ def build(quiet: bool, **options: Any) -> None:
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
       logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
+      logitstore build --model ./tiny --data thumbs.jsonl --out kto.lstore --kl-batch-size 8
     """
     from logitstore.dpo.reference import BuildConfig, build as run_build
 
