@@ -18,7 +18,7 @@ import click
 
 from logitstore.dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from logitstore.dpo.models import DTYPES
-from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, UNPAIRED_LOSS_TYPES
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 
@@ -79,6 +79,10 @@ def _quiet(quiet: bool) -> Iterator[None]:
 def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from logitstore.dpo.objective import ObjectiveError, parse_loss_types
 
+    from logitstore.dpo.objective import UNPAIRED_LOSS_TYPES
+
+    if any(t.strip() in UNPAIRED_LOSS_TYPES for t in value.split(",")):
+        return value.strip()  # checked with the other options by objective_of
     try:
         return ",".join(parse_loss_types(value))
     except ObjectiveError as exc:
@@ -399,7 +403,12 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "(IPO's τ for ipo).")
 @click.option("--loss", default="sigmoid", show_default=True, callback=_loss_types, metavar="TYPE[,TYPE...]",
               help="TRL 1.16's loss type, or several separated by commas, summed with --loss-weights: "
-              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md).")
+              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md). On an unpaired store: "
+              f"{', '.join(UNPAIRED_LOSS_TYPES)} (KTO, its APO-zero variant, BCO).")
+@click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
+              "the desirable (label true) examples' losses, as TRL's KTOConfig.")
+@click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
+              "the undesirable (label false) examples' losses.")
 @click.option("--loss-weights", callback=_float_list, metavar="W[,W...]", help="One weight per --loss type (default "
               "1 each); MPO (arXiv:2411.10442) is --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="Probability that a label is "
@@ -456,6 +465,7 @@ def train(**kw: Any) -> None:
       logitstore train --model ./tiny --store pairs.lstore --out run --loss sigmoid,bco_pair,sft \\
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
+      logitstore train --model ./tiny --store kto.lstore --out run --loss kto --batch-size 8
     """
     from logitstore.dpo.objective import ObjectiveError
     from logitstore.dpo.train import TrainConfig, objective_of, train as run_train

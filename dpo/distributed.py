@@ -44,3 +44,27 @@ def all_reduce_mean(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def gather(value):  # noqa: ANN001, ANN201 - a tensor in, a tensor out
+    """Every rank's copy of a scalar tensor, stacked (accelerate's gather_for_metrics on a scalar): [world]."""
+    import torch
+
+    if not is_distributed():
+        return value.reshape(1)
+    import torch.distributed as dist
+
+    parts = [torch.zeros_like(value) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, value.contiguous())
+    return torch.stack(parts)
+
+
+def all_reduce_sum(value):  # noqa: ANN001, ANN201
+    """The sum over ranks of a tensor (itself on one process)."""
+    if not is_distributed():
+        return value
+    import torch.distributed as dist
+
+    out = value.clone()
+    dist.all_reduce(out)
+    return out

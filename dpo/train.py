@@ -20,13 +20,15 @@ import logitstore
 from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, InputDataError, LogitstoreError
 from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
+from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps, token_logps
 from .losses import dpo_loss
 from .models import TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision
-from .objective import Objective
+from .objective import Objective, UnpairedObjective, unpaired_objective
+from .unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
 
 
 @dataclasses.dataclass
@@ -58,6 +60,8 @@ class TrainConfig:
     ld_alpha: float | None = None  # LD-DPO; the reference comes from the store's per-token values
     use_weighting: bool = False  # WPO
     discopop_tau: float | None = None
+    desirable_weight: float = 1.0  # unpaired losses (kto, apo_zero_unpaired, bco), as TRL's KTOConfig
+    undesirable_weight: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -80,8 +84,16 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = None
 
 
-def objective_of(cfg: TrainConfig) -> Objective:
-    """The DPO objective a config asks for (refusing what TRL 1.16 refuses, and options without effect)."""
+def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
+    """The objective a config asks for: a DPO objective (refusing what TRL 1.16 refuses, and options without
+    effect), or an unpaired one (kto, apo_zero_unpaired, bco) for an unpaired store."""
+    unpaired = unpaired_objective(
+        cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
+                     "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
+                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau})
+    if unpaired is not None:
+        return unpaired
     return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
                      ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau)
@@ -109,6 +121,29 @@ def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
         raise FingerprintMismatchError(
             f"{store.location.url} was built with a different {' and '.join(differ)} than {cfg.model}; "
             "train with the model the store was built from, or pass --allow-fingerprint-mismatch")
+
+
+def check_kind(store: logitstore.Store, objective: Objective | UnpairedObjective, cfg: TrainConfig,
+               world: int) -> None:
+    """The store's kind must fit the loss, and a KL loss must train in the chunks the store paired KL completions
+    within (TRL's per-device batches)."""
+    url = store.location.url
+    if isinstance(objective, UnpairedObjective):
+        if store.kind.name != "unpaired":
+            raise LogitstoreError(f"--loss {objective.loss_type} trains on an unpaired store; {url} holds preference "
+                                  "pairs (train it with a DPO loss, or build a store from prompt/completion/label data)")
+        chunk = store.kl_batch_size
+        if objective.uses_kl and cfg.batch_size != chunk * world:  # type: ignore[operator]
+            raise LogitstoreError(
+                f"{url} pairs KTO's KL completions within batches of {chunk}; train with --batch-size "
+                f"{chunk * world}{f' ({chunk} per rank)' if world > 1 else ''}, or rebuild it with --kl-batch-size "
+                f"{max(cfg.batch_size // world, 1)} for this batch size")
+        if objective.uses_kl and cfg.group_by_length:
+            raise LogitstoreError("--group-by-length reorders the examples, and KTO's KL term needs the store's "
+                                  "order (TRL trains KTO sequentially too)")
+    elif store.kind.name != "pairs":
+        raise LogitstoreError(f"{url} is an unpaired store (KTO, BCO); train it with --loss kto, apo_zero_unpaired "
+                              "or bco")
 
 
 def check_setup(cfg: TrainConfig) -> None:
@@ -172,13 +207,16 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
     """Refuse a batch whose reference values are not finite or whose token ids the model does not have, naming
     the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch)."""
     rows = batch["rows"]
-    refs = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], dim=1)
+    names = ("ref_chosen_logps", "ref_rejected_logps") if "ref_chosen_logps" in batch else ("ref_logps", "ref_kl_logps")
+    sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl
+    refs = torch.stack([batch[names[0]], batch[names[1]]], dim=1)
     bad = ~torch.isfinite(refs).all(dim=1)
     if bad.any():
         first = refs[bad][0]
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad])} "
                              f"{'have' if int(bad.sum()) > 1 else 'has'} a non-finite reference log-prob "
-                             f"(chosen {float(first[0])}, rejected {float(first[1])}); the store cannot be trained on")
+                             f"({sides[0]} {float(first[0])}, {sides[1]} {float(first[1])}); the store cannot be "
+                             "trained on")
     ids = batch["input_ids"]
     outside = (ids < 0) | (ids >= vocab_size)
     if outside.any():
@@ -213,8 +251,50 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     return out.losses.mean(), metrics
 
 
-def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
+def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
+                   objective: UnpairedObjective, running: RunningMean | None = None,
+                   training: bool = True) -> tuple[torch.Tensor, dict]:
+    """Mean KTO / APO-zero / BCO loss of one batch of an unpaired store, as TRL 1.16's KTOTrainer takes it."""
+    ids = batch["input_ids"].to(device, non_blocking=True)  # n completion rows, then n KL rows
+    attention = batch["attention_mask"].to(device, non_blocking=True)
+    completion = batch["completion_mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    ref = batch["ref_logps"].to(device, non_blocking=True)
+    n = labels.numel()
+    with precision(device, cfg.dtype):
+        policy = token_logps(model, ids[:n], attention[:n], completion[:n]).per_token.sum(dim=1)
+    weights = {"beta": objective.beta, "desirable_weight": objective.desirable_weight,
+               "undesirable_weight": objective.undesirable_weight}
+    if objective.loss_type == "bco":
+        assert running is not None
+        reduce = distributed.all_reduce_sum if distributed.is_distributed() else None
+        out = bco_loss(policy, ref, labels, running, update=training, reduce=reduce, **weights)
+    else:
+        kl = torch.zeros((), device=device)
+        if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
+            with torch.no_grad(), precision(device, cfg.dtype):
+                policy_kl = token_logps(model, ids[n:], attention[n:], completion[n:]).per_token.sum(dim=1)
+            kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
+                             distributed.gather if distributed.is_distributed() else None)
+        out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)
+    nan = torch.tensor(float("nan"), device=device)
+    metrics = {
+        "loss": out.losses.detach().nanmean(),
+        "kl": out.kl.detach().reshape(()),
+        "rewards/chosen": out.chosen_rewards.mean() if out.chosen_rewards.numel() else nan,
+        "rewards/rejected": out.rejected_rewards.mean() if out.rejected_rewards.numel() else nan,
+        "logps": policy.detach().mean(),
+    }
+    if out.delta is not None:
+        metrics["delta"] = out.delta.detach()
+    return out.losses.nanmean(), metrics
+
+
+def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: RunningMean | None = None,
+             ) -> dict[str, float]:
     objective = objective_of(cfg)
+    if isinstance(objective, UnpairedObjective):
+        return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
     store, vocab = loader.dataset.store, vocabulary_size(model)  # the loader's own open store
@@ -226,6 +306,27 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, 
         check_batch(batch, store, vocab)
         with torch.no_grad(), exact_4bit(model):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    model.train()
+    return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
+
+
+def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, objective: UnpairedObjective,
+                       running: RunningMean | None) -> dict[str, float]:
+    """Unpaired evaluation in the store's order and KL chunks; BCO's δ is read, not updated."""
+    store = logitstore.open(path, storage_options=cfg.storage_options)
+    chunk = store.kl_batch_size or cfg.batch_size
+    loader, _ = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
+                                     storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        n = batch["rows"].numel()
+        with torch.no_grad(), exact_4bit(model):
+            _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
         count += n
@@ -266,11 +367,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    check_kind(store, objective, cfg, world)
+    unpaired = isinstance(objective, UnpairedObjective)
+    running = RunningMean() if unpaired and objective.loss_type == "bco" else None  # BCO's δ: saved with the run
     if objective.ld_alpha is not None:
         require_per_token(store)
     if cfg.eval_store:
         eval_store = logitstore.open(cfg.eval_store, storage_options=cfg.storage_options)
         check_store_matches(eval_store, cfg)
+        if unpaired and eval_store.kind.name != "unpaired":
+            raise LogitstoreError(f"{cfg.eval_store} holds preference pairs; evaluate {objective.loss_type} on an "
+                                  "unpaired store")
         if objective.ld_alpha is not None:
             require_per_token(eval_store)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
@@ -286,11 +393,19 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
-    # Every rank sees the same global batch order and takes its own slice of each batch.
-    loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
-                                  rank=rank, world_size=world, num_workers=cfg.num_workers,
-                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
-                                  digest=cfg.expect_digest, pin_memory=device.type == "cuda")
+    # Every rank sees the same global batch order and takes its own slice of each batch. KTO trains the store's KL
+    # chunks in order, one per rank (TRL's sequential per-device batches).
+    if unpaired:
+        loader, sampler = make_unpaired_loader(
+            cfg.store, cfg.batch_size, seed=cfg.seed, shuffle=not objective.uses_kl, rank=rank,  # type: ignore[union-attr]
+            world_size=world, num_workers=cfg.num_workers, storage_options=cfg.storage_options,
+            digest=cfg.expect_digest, pin_memory=device.type == "cuda")
+    else:
+        loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed,
+                                      group_by_length=cfg.group_by_length, rank=rank, world_size=world,
+                                      num_workers=cfg.num_workers, storage_options=cfg.storage_options,
+                                      ld_alpha=objective.ld_alpha, digest=cfg.expect_digest,
+                                      pin_memory=device.type == "cuda")
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
@@ -303,6 +418,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         step, epoch, best = state["step"], state["epoch"], state["best_eval_loss"]
         position = state["sampler"]["position"]
         sampler.load_state_dict(state["sampler"])
+        if running is not None:
+            running.load_state_dict(state["bco_running"])
         if main:
             log(f"Resumed from {checkpoint} at step {step}.")
     else:
@@ -336,7 +453,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
             check_batch(batch, store, vocab)
-            loss, metrics = dpo_batch(model, batch, cfg, device, objective)
+            if unpaired:
+                loss, metrics = unpaired_batch(model, batch, cfg, device, objective, running)  # type: ignore[arg-type]
+            else:
+                loss, metrics = dpo_batch(model, batch, cfg, device, objective)  # type: ignore[arg-type]
             if not torch.isfinite(loss):  # stop before it reaches the weights
                 raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
                                          f"{_examples(store, batch['rows'])}; {_last_good(out)}")
@@ -366,7 +486,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
+            record.update(evaluate(model, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
                 save_weights(model, cfg, out / "best")
@@ -375,19 +495,21 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             metrics_file.flush()  # type: ignore[union-attr]
             history.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}"}
+                                                         if "rewards/accuracies" in record else {"kl": f"{record['kl']:.3f}"}))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
                             state={"step": step, "epoch": epoch, "best_eval_loss": best,
                                    "sampler": sampler.state_dict(batches_consumed=position),
-                                   "config": dataclasses.asdict(cfg)})
+                                   "config": dataclasses.asdict(cfg),
+                                   **({"bco_running": running.state_dict()} if running is not None else {})})
         distributed.barrier()
     bar.close()
 
     result: dict[str, Any] = {"steps": step, "out": str(out)}
     if main:
         if cfg.eval_store:
-            final = evaluate(model, cfg.eval_store, cfg, device)
+            final = evaluate(model, cfg.eval_store, cfg, device, running)
             result["eval"] = final
             if final["eval/loss"] < best:
                 save_weights(model, cfg, out / "best")
