@@ -299,20 +299,24 @@ def info(store: str, as_json: bool, expect_digest: str | None, storage_options: 
 @debug_option
 def export(store: str, to: str, data: str, split: str | None, out: str, expect_digest: str | None,
            storage_options: dict[str, Any] | None) -> None:
-    """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns, matched by example ID.
+    """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns (an unpaired store: TRL KTOTrainer's
+    `ref_logps`/`ref_KL_logps`), matched by example ID.
 
     \b
     Examples:
       logitstore export pairs.lstore --to trl --data pairs.jsonl --out pairs-trl
       logitstore export pairs.lstore --to parquet --data pairs.jsonl --out pairs.parquet
+      logitstore export kto.lstore --to trl --data thumbs.jsonl --out kto-trl
     """
     import logitstore
     from logitstore.export import export as run_export
 
     from logitstore.dpo.preference_data import export_records
+    from logitstore.dpo.unpaired_data import export_records as unpaired_records
 
     opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
-    result = run_export(opened, export_records(data, split), to, out)
+    records = unpaired_records(data, split) if opened.kind.name == "unpaired" else export_records(data, split)
+    result = run_export(opened, records, to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
 
