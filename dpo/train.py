@@ -261,8 +261,13 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
     labels = batch["label"].to(device, non_blocking=True)
     ref = batch["ref_logps"].to(device, non_blocking=True)
     n = labels.numel()
+
+    def half(rows: slice) -> tuple[torch.Tensor, ...]:  # each half without the other half's padding columns
+        width = int(attention[rows].sum(dim=1).max())
+        return ids[rows, :width], attention[rows, :width], completion[rows, :width]
+
     with precision(device, cfg.dtype):
-        policy = token_logps(model, ids[:n], attention[:n], completion[:n]).per_token.sum(dim=1)
+        policy = token_logps(model, *half(slice(0, n))).per_token.sum(dim=1)
     weights = {"beta": objective.beta, "desirable_weight": objective.desirable_weight,
                "undesirable_weight": objective.undesirable_weight}
     if objective.loss_type == "bco":
@@ -273,7 +278,7 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
         kl = torch.zeros((), device=device)
         if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
             with torch.no_grad(), precision(device, cfg.dtype):
-                policy_kl = token_logps(model, ids[n:], attention[n:], completion[n:]).per_token.sum(dim=1)
+                policy_kl = token_logps(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
             kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
                              distributed.gather if distributed.is_distributed() else None)
         out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)

@@ -284,3 +284,35 @@ def test_reuse_between_unpaired_builds_copies_rows_whose_kl_completion_is_unchan
     a, b = old.get([f"u{i}" for i in same]), new.get([f"u{i}" for i in same])
     assert np.array_equal(a["kl_logps"], b["kl_logps"]) and np.array_equal(a["label"], b["label"])
     assert logitstore.verify(tmp_path / "s2").ok
+
+
+def test_digest_pins_an_unpaired_store(tmp_path):
+    write_unpaired(tmp_path / "u")
+    digest = logitstore.open(tmp_path / "u").digest
+    assert logitstore.open(tmp_path / "u", digest=digest).get(["e1"])["kl_logps"].tolist() == [-2.5]
+    h = forge.header(tmp_path / "u")
+    h["kl_pairing"]["batch_size"] = 3  # another pairing is another store
+    forge.write_header(tmp_path / "u", h)
+    with pytest.raises(logitstore.DigestMismatchError):
+        logitstore.open(tmp_path / "u", digest=digest)
+
+
+def test_a_non_finite_kl_value_is_found_by_verify_and_refused_by_training(tmp_path):
+    import numcodecs
+    import torch
+
+    from logitstore.dpo.train import check_batch
+    from logitstore.unpaired_loader import make_unpaired_loader
+
+    write_unpaired(tmp_path / "u")
+    key = "kl_logps/c/0"
+    values = np.array([-1.5, np.nan, -3.5], dtype="<f4")
+    (tmp_path / "u" / key).write_bytes(numcodecs.Zstd(level=3).encode(values.tobytes()))
+    forge.recommit(tmp_path / "u", key)
+    assert "kl_logps: 1 values are not finite log-probs (first: e1)" in logitstore.verify(tmp_path / "u").problems
+    store = logitstore.open(tmp_path / "u")
+    batch = next(iter(make_unpaired_loader(str(tmp_path / "u"), 2, pin_memory=False)[0]))
+    with pytest.raises(InputDataError, match=r"example 'e1' has a non-finite reference log-prob \(completion "
+                                             r"-1.75, kl nan\); the store cannot be trained on$"):
+        check_batch(batch, store, 100)
+    assert torch.isfinite(batch["ref_logps"]).all()

@@ -1,0 +1,190 @@
+"""Unpaired (KTO) build and training time against TRL 1.16's KTOTrainer, with and without its precompute.
+
+    python benchmarks/kto.py [--examples 200] [--steps 8] [--out benchmarks/results/kto-cpu.json]
+
+Same model (workloads.py's "small" Mistral-architecture model, real 32k vocabulary), data and machine for every
+workload, each in its own process (peak memory is that process's maximum RSS). The data is hh-rlhf pairs unpaired
+as TRL unpairs them (each pair gives its chosen completion labelled true and its rejected one labelled false); the
+bundled medical pairs stand in when hh-rlhf is not in /work/shared/data.
+
+Workloads: `logitstore build` of the unpaired store (KL batch size 8) against KTOTrainer's
+`precompute_ref_log_probs` pass (per-device batch 8); then training steps of LoRA KTO at batch 8: `logitstore
+train --loss kto` from the store, KTOTrainer with precomputed reference values (the step then runs the policy
+only), and KTOTrainer without (every step also runs the reference, the adapter disabled, on the completions and the
+KL completions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+BATCH = 8
+
+
+def unpaired_rows(pairs: int, model: str, max_length: int) -> list[dict]:
+    from corpus import raw_pairs
+    from workloads import valid_rows
+
+    from logitstore.dpo.tokenization import extract_prompt
+
+    _, rows = raw_pairs(pairs)
+    rows = valid_rows(rows, model, max_length)
+    out = []
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
+        out.append({"id": f"e{2 * i}", "prompt": prompt, "completion": chosen, "label": True})
+        out.append({"id": f"e{2 * i + 1}", "prompt": prompt, "completion": rejected, "label": False})
+    return out
+
+
+# ---- workloads, each run in a child process ---------------------------------------------------------------------
+
+def build(args: dict) -> dict:
+    import resource
+
+    from logitstore.dpo.reference import BuildConfig, build as run
+
+    t = time.perf_counter()
+    result = run(BuildConfig(model=args["model"], data=args["data"], out=args["out"], max_length=args["max_length"],
+                             batch_size=BATCH, kl_batch_size=BATCH), progress=False, log=lambda _: None)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return {"seconds": time.perf_counter() - t, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "examples": result.examples, "tokens_scored": result.tokens}
+
+
+def _kto_config(args: dict, precompute: bool):
+    from trl import KTOConfig
+
+    return KTOConfig(output_dir=args["out"], precompute_ref_log_probs=precompute, max_length=args["max_length"],
+                     per_device_train_batch_size=BATCH, max_steps=args.get("steps", 1), learning_rate=1e-4,
+                     bf16=False, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+                     gradient_checkpointing=False, dataset_num_proc=None)
+
+
+def _rows(args: dict) -> list[dict]:
+    return [{k: r[k] for k in ("prompt", "completion", "label")}
+            for r in map(json.loads, Path(args["data"]).read_text().splitlines())]
+
+
+def trl_precompute(args: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import KTOTrainer
+
+    from logitstore.dpo.models import load_tokenizer
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    trainer = KTOTrainer(model=model, args=_kto_config(args, True), processing_class=load_tokenizer(args["model"]),
+                         train_dataset=datasets.Dataset.from_list(_rows(args)))
+    assert "ref_KL_logps" in trainer.train_dataset.column_names
+    return {"seconds": time.perf_counter() - t}
+
+
+def train(args: dict) -> dict:
+    from logitstore.dpo.train import TrainConfig, train as run
+
+    result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
+                             batch_size=BATCH, loss="kto", log_every=1, lr=1e-4, plot=False, lora_r=16,
+                             lora_alpha=32), progress=False, log=lambda s: None)
+    steps = result["history"][1:]  # the first step pays for warm-up
+    return {"step_seconds": statistics.median(h["step_seconds"] for h in steps),
+            "loss_first": result["history"][0]["loss"]}
+
+
+def trl_train(args: dict) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import KTOTrainer
+
+    from logitstore.dpo.models import load_tokenizer
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    trainer = KTOTrainer(model=model, args=_kto_config(args, args["precompute"]),
+                         processing_class=load_tokenizer(args["model"]),
+                         train_dataset=datasets.Dataset.from_list(_rows(args)),
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
+                         callbacks=[Timer()])
+    setup = time.perf_counter() - t
+    trainer.train()
+    return {"step_seconds": statistics.median(times[1:]), "setup_seconds": setup,
+            "loss_first": trainer.state.log_history[0]["loss"]}
+
+
+WORKLOADS = {"build": build, "trl-precompute": trl_precompute, "train": train, "trl-train": trl_train}
+
+
+def run_child(kind: str, args: dict) -> dict:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    done = subprocess.run([sys.executable, __file__, "child", kind, json.dumps(args)], capture_output=True, text=True,
+                          env=env, timeout=3000)
+    if done.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=200, help="unpaired examples (two per pair)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--out", default=str(HERE / "results" / "kto-cpu.json"))
+    opts = parser.parse_args()
+    from workloads import make_model
+
+    folder = Path(tempfile.mkdtemp(prefix="kto-bench-"))
+    model = str(folder / "model")
+    make_model(model)
+    rows = unpaired_rows(opts.examples // 2, model, opts.max_length)
+    data = folder / "thumbs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"model": model, "data": str(data), "max_length": opts.max_length}
+    results: dict = {"examples": len(rows), "max_length": opts.max_length, "batch": BATCH, "steps": opts.steps,
+                     "threads": os.environ.get("OMP_NUM_THREADS", "2")}
+    results["logitstore build"] = run_child("build", {**common, "out": str(folder / "store")})
+    results["TRL KTOTrainer precompute_ref_log_probs"] = run_child("trl-precompute", {**common, "out": str(folder / "p")})
+    results["logitstore train --loss kto"] = run_child("train", {**common, "store": str(folder / "store"),
+                                                                 "out": str(folder / "run"), "steps": opts.steps})
+    results["TRL KTOTrainer + peft, precomputed reference"] = run_child(
+        "trl-train", {**common, "out": str(folder / "t1"), "steps": opts.steps, "precompute": True})
+    results["TRL KTOTrainer + peft, reference each step"] = run_child(
+        "trl-train", {**common, "out": str(folder / "t2"), "steps": opts.steps, "precompute": False})
+    Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        measured = WORKLOADS[sys.argv[2]](json.loads(sys.argv[3]))
+        from workloads import peak_rss_bytes
+
+        measured["peak_rss_bytes"] = peak_rss_bytes()
+        print(json.dumps(measured))
+    else:
+        main()
