@@ -1,6 +1,7 @@
 """Unpaired (KTO) build and training time against TRL 1.16's KTOTrainer, with and without its precompute.
 
     python benchmarks/kto.py [--examples 200] [--steps 8] [--out benchmarks/results/kto-cpu.json]
+    python benchmarks/kto.py --render benchmarks/results/kto-cpu.json   # its section of docs/benchmarks.md
 
 Same model (workloads.py's "small" Mistral-architecture model, real 32k vocabulary), data and machine for every
 workload, each in its own process (peak memory is that process's maximum RSS). The data is hh-rlhf pairs unpaired
@@ -147,6 +148,69 @@ def run_child(kind: str, args: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+BEGIN, END = "<!-- kto:begin -->", "<!-- kto:end -->"
+
+
+def render(r: dict) -> str:
+    def gib(x: int) -> str:
+        return f"{x / 2**30:.2f}"
+
+    ours_build, trl_build = r["logitstore build"], r["TRL KTOTrainer precompute_ref_log_probs"]
+    ours, pre, live = (r["logitstore train --loss kto"], r["TRL KTOTrainer + peft, precomputed reference"],
+                       r["TRL KTOTrainer + peft, reference each step"])
+    lines = [
+        BEGIN,
+        "## Unpaired preferences: KTO against TRL's KTOTrainer",
+        "",
+        f"Measured by `python benchmarks/kto.py` on the CPU machine above ({r['threads']} math threads per process, "
+        "while other jobs shared its 2 cores: wall times are noisy, so compare the rows of one run, not runs). "
+        f"{r['examples']} unpaired examples (the first hh-rlhf harmless-base test pairs, each giving its chosen "
+        "completion labelled true and its rejected one labelled false), workloads.py's small Mistral-architecture "
+        f"model (real 32k vocabulary), max length {r['max_length']}, KL batch and per-device batch {r['batch']}; each "
+        "workload in its own process (peak memory is its maximum RSS).",
+        "",
+        "**Reference pass** (completions and KL completions, model load included):",
+        "",
+        "| pass | wall s | peak RSS GiB |",
+        "|---|---:|---:|",
+        f"| logitstore build (store written and fingerprinted; CPU {ours_build['cpu_seconds']:.1f} s) | "
+        f"{ours_build['seconds']:.1f} | {gib(ours_build['peak_rss_bytes'])} |",
+        f"| TRL KTOTrainer `precompute_ref_log_probs` (trainer set-up) | {trl_build['seconds']:.1f} | "
+        f"{gib(trl_build['peak_rss_bytes'])} |",
+        "",
+        f"**Training step**, LoRA r=16 on every linear layer, KTO, batch {r['batch']}, median of steps 2-{r['steps']}:",
+        "",
+        "| trainer | step s | step-0 loss | peak RSS GiB |",
+        "|---|---:|---:|---:|",
+        f"| logitstore train --loss kto (reference from the store) | {ours['step_seconds']:.2f} | "
+        f"{ours['loss_first']:.4f} | {gib(ours['peak_rss_bytes'])} |",
+        f"| TRL KTOTrainer + peft, precomputed reference ({pre['setup_seconds']:.0f} s of set-up and precompute "
+        f"first, again in every run) | {pre['step_seconds']:.2f} | {pre['loss_first']:.4f} | "
+        f"{gib(pre['peak_rss_bytes'])} |",
+        f"| TRL KTOTrainer + peft, reference each step (adapter off) | {live['step_seconds']:.2f} | "
+        f"{live['loss_first']:.4f} | {gib(live['peak_rss_bytes'])} |",
+        "",
+        f"logitstore's step takes {ours['step_seconds'] / pre['step_seconds']:.2f}x the time of TRL's with its "
+        f"precompute and {ours['step_seconds'] / live['step_seconds']:.2f}x that of TRL's computing the reference "
+        "in every step. TRL keeps its precomputed values in a `datasets` cache file keyed on the dataset's "
+        "fingerprint, a hash of the whole model (computed at every start) and whether KL is used; for a dataset "
+        "built in memory, as here, that file lives in a temporary folder, so every run pays the precompute again. "
+        "The store is built once and read by every run, `StoreKTOTrainer` included.",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, section: str) -> None:
+    text = doc.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
 def main() -> None:
     import tempfile
 
@@ -155,7 +219,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--out", default=str(HERE / "results" / "kto-cpu.json"))
+    parser.add_argument("--render", type=Path, help="write this results file's section into docs/benchmarks.md")
     opts = parser.parse_args()
+    if opts.render:
+        write_section(HERE.parent / "docs" / "benchmarks.md", render(json.loads(opts.render.read_text())))
+        return
     from workloads import make_model
 
     folder = Path(tempfile.mkdtemp(prefix="kto-bench-"))
