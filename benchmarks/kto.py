@@ -158,6 +158,11 @@ def render(r: dict) -> str:
     ours_build, trl_build = r["logitstore build"], r["TRL KTOTrainer precompute_ref_log_probs"]
     ours, pre, live = (r["logitstore train --loss kto"], r["TRL KTOTrainer + peft, precomputed reference"],
                        r["TRL KTOTrainer + peft, reference each step"])
+    rounds = r.get("rounds", 1)
+    ratios_pre = [a / b for a, b in zip(ours.get("step_seconds_per_round", [ours["step_seconds"]]),
+                                        pre.get("step_seconds_per_round", [pre["step_seconds"]]))]
+    ratios_live = [a / b for a, b in zip(ours.get("step_seconds_per_round", [ours["step_seconds"]]),
+                                         live.get("step_seconds_per_round", [live["step_seconds"]]))]
     lines = [
         BEGIN,
         "## Unpaired preferences: KTO against TRL's KTOTrainer",
@@ -178,7 +183,8 @@ def render(r: dict) -> str:
         f"| TRL KTOTrainer `precompute_ref_log_probs` (trainer set-up) | {trl_build['seconds']:.1f} | "
         f"{gib(trl_build['peak_rss_bytes'])} |",
         "",
-        f"**Training step**, LoRA r=16 on every linear layer, KTO, batch {r['batch']}, median of steps 2-{r['steps']}:",
+        f"**Training step**, LoRA r=16 on every linear layer, KTO, batch {r['batch']}, median of steps 2-{r['steps']}; "
+        f"{rounds} round{'s' if rounds > 1 else ''} of the three trainers back to back, medians over rounds:",
         "",
         "| trainer | step s | step-0 loss | peak RSS GiB |",
         "|---|---:|---:|---:|",
@@ -190,9 +196,9 @@ def render(r: dict) -> str:
         f"| TRL KTOTrainer + peft, reference each step (adapter off) | {live['step_seconds']:.2f} | "
         f"{live['loss_first']:.4f} | {gib(live['peak_rss_bytes'])} |",
         "",
-        f"logitstore's step takes {ours['step_seconds'] / pre['step_seconds']:.2f}x the time of TRL's with its "
-        f"precompute and {ours['step_seconds'] / live['step_seconds']:.2f}x that of TRL's computing the reference "
-        "in every step. TRL keeps its precomputed values in a `datasets` cache file keyed on the dataset's "
+        f"Per round, logitstore's step took {', '.join(f'{x:.2f}' for x in ratios_pre)}x the time of TRL's with its "
+        f"precompute and {', '.join(f'{x:.2f}' for x in ratios_live)}x that of TRL's computing the reference in "
+        "every step. TRL keeps its precomputed values in a `datasets` cache file keyed on the dataset's "
         "fingerprint, a hash of the whole model (computed at every start) and whether KL is used; for a dataset "
         "built in memory, as here, that file lives in a temporary folder, so every run pays the precompute again. "
         "The store is built once and read by every run, `StoreKTOTrainer` included.",
@@ -218,6 +224,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=200, help="unpaired examples (two per pair)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of the three trainers, interleaved (the "
+                        "machine is shared: each round runs them back to back, and the report takes medians)")
     parser.add_argument("--out", default=str(HERE / "results" / "kto-cpu.json"))
     parser.add_argument("--render", type=Path, help="write this results file's section into docs/benchmarks.md")
     opts = parser.parse_args()
@@ -237,12 +245,19 @@ def main() -> None:
                      "threads": os.environ.get("OMP_NUM_THREADS", "2")}
     results["logitstore build"] = run_child("build", {**common, "out": str(folder / "store")})
     results["TRL KTOTrainer precompute_ref_log_probs"] = run_child("trl-precompute", {**common, "out": str(folder / "p")})
-    results["logitstore train --loss kto"] = run_child("train", {**common, "store": str(folder / "store"),
-                                                                 "out": str(folder / "run"), "steps": opts.steps})
-    results["TRL KTOTrainer + peft, precomputed reference"] = run_child(
-        "trl-train", {**common, "out": str(folder / "t1"), "steps": opts.steps, "precompute": True})
-    results["TRL KTOTrainer + peft, reference each step"] = run_child(
-        "trl-train", {**common, "out": str(folder / "t2"), "steps": opts.steps, "precompute": False})
+    trainers = {
+        "logitstore train --loss kto": ("train", {"store": str(folder / "store"), "out": str(folder / "run")}),
+        "TRL KTOTrainer + peft, precomputed reference": ("trl-train", {"out": str(folder / "t1"), "precompute": True}),
+        "TRL KTOTrainer + peft, reference each step": ("trl-train", {"out": str(folder / "t2"), "precompute": False}),
+    }
+    rounds: dict[str, list[dict]] = {name: [] for name in trainers}
+    for _ in range(opts.repeat):
+        for name, (kind, extra) in trainers.items():
+            rounds[name].append(run_child(kind, {**common, **extra, "steps": opts.steps}))
+    for name, runs in rounds.items():
+        results[name] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+        results[name]["step_seconds_per_round"] = [r["step_seconds"] for r in runs]
+    results["rounds"] = opts.repeat
     Path(opts.out).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))
 
