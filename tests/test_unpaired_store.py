@@ -316,3 +316,33 @@ def test_a_non_finite_kl_value_is_found_by_verify_and_refused_by_training(tmp_pa
                                              r"-1.75, kl nan\); the store cannot be trained on$"):
         check_batch(batch, store, 100)
     assert torch.isfinite(batch["ref_logps"]).all()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.mark.slow  # TRL trainer set-up and its reference pass
+def test_conversational_build_equals_trl_kto_precompute(mistral_model, tmp_path):
+    from logitstore.dpo.reference import BuildConfig, build
+
+    folder = tmp_path / "chat"
+    shutil.copytree(mistral_model, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [{"id": r["id"], "prompt": [{"role": "user", "content": r["prompt"]}],
+             "completion": [{"role": "assistant", "content": r["completion"]}], "label": r["label"]}
+            for r in unpaired_rows(6)]
+    trl = trl_kto_dataset(folder, rows, tmp_path, max_length=64, batch_size=3)
+    build(BuildConfig(model=str(folder), data=str(write_jsonl(tmp_path / "d.jsonl", rows)), out=str(tmp_path / "s"),
+                      max_length=64, kl_batch_size=3), progress=False)
+    store = logitstore.open(tmp_path / "s")
+    for i in range(len(rows)):
+        room = 64 - len(trl[i]["prompt_ids"])
+        assert store.ragged("prompt_ids", [i])[0].tolist() == trl[i]["prompt_ids"]
+        assert store.ragged("completion_ids", [i])[0].tolist() == trl[i]["completion_ids"][:room]
+        assert store.ragged("kl_completion_ids", [i])[0].tolist() == trl[i]["KL_completion_ids"][:room]
+    got = store.get(store.ids)
+    assert np.max(np.abs(got["completion_logps"] - np.array(trl["ref_logps"]))) < 1e-4
+    assert np.max(np.abs(got["kl_logps"] - np.array(trl["ref_KL_logps"]))) < 1e-4

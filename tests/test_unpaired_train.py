@@ -120,3 +120,30 @@ def test_store_get_returns_completion_and_kl_by_id(kto_store):
     got = store.get(["u3", "u1"])
     assert got["completion_logps"].dtype.name == "float32" and got["kl_logps"].shape == (2,)
     assert got["label"].tolist() == [1, 0]
+
+
+@pytest.mark.slow  # torchrun: two gloo processes
+def test_two_ranks_train_one_kl_chunk_each(byte_model, kto_store, tmp_path):
+    """Each rank takes one of the store's KL chunks per step and the KL estimate is the mean over ranks: at step 0
+    the loss is 0.5 and the estimate 0 on both; the single process gets the same first step from batch 4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "logitstore"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["train", "--model", str(byte_model), "--store", str(kto_store), "--loss", "kto", "--max-steps", "3",
+              "--lr", "5e-3", "--lora-dropout", "0", "--log-every", "1", "--quiet"]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29531", "--no-python", str(script), *common, "--batch-size", "8", "--out",
+                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-5) and abs(lines[0]["kl"]) < 1e-5
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                              "--master_port", "29532", "--no-python", str(script), *common, "--batch-size", "4",
+                              "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "train with --batch-size 8 (4 per rank)" in refused.stderr
