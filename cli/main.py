@@ -456,6 +456,8 @@ def train(**kw: Any) -> None:
         raise click.UsageError(str(exc)) from None
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
+    if "history" not in result:  # not rank 0 of a distributed run: rank 0 reports
+        return
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "

@@ -23,9 +23,10 @@ from logitstore.loader import Prefetcher, make_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, pair_logps, token_logps
+from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
-from .models import TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision
+from .models import (TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision,
+                     resolve_device)
 from .objective import Objective
 
 
@@ -196,8 +197,8 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
-    with precision(device, cfg.dtype):
-        tokens = token_logps(model, ids, attention, completion, sum_sq=objective.use_weighting)
+    with precision(device, cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed.py)
+        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
     out = dpo_loss(pair, objective)
@@ -217,14 +218,14 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, 
     objective = objective_of(cfg)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
-    store, vocab = loader.dataset.store, vocabulary_size(model)  # the loader's own open store
+    store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
         check_batch(batch, store, vocab)
-        with torch.no_grad(), exact_4bit(model):
+        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
@@ -241,9 +242,18 @@ def _last_good(out: Path) -> str:
     last = latest_checkpoint(out)
     return (f"nothing from this step was applied; the last good checkpoint is {last}" if last is not None
             else "nothing from this step was applied; no checkpoint had been saved (see --save-every)")
+
+
 def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
-    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained."""
-    model.save_pretrained(str(folder))
+    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
+    In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
+    state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if distributed.is_distributed() and torch.distributed.get_rank() != 0:
+        return folder
+    if state is not None:
+        distributed.unwrap(model).save_pretrained(str(folder), state_dict=state)
+    else:
+        distributed.unwrap(model).save_pretrained(str(folder))
     if not cfg.lora:
         source = check_model_folder(cfg.model, cfg.revision)
         for name in TOKENIZER_FILES:
@@ -260,12 +270,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     store = logitstore.open(cfg.store, storage_options=cfg.storage_options, digest=cfg.expect_digest)
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
+    distributed.check_batch_size(cfg.batch_size, world)
     main = rank == 0
     out = Path(cfg.out)
     if not store.complete:
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    distributed.check_same_everywhere("store", store.digest)
+    distributed.check_same_everywhere("model", json.dumps(model_fingerprint(
+        cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize, revision=cfg.revision,
+        adapter_revision=cfg.adapter_revision, device=cfg.device), sort_keys=True))
     if objective.ld_alpha is not None:
         require_per_token(store)
     if cfg.eval_store:
@@ -280,10 +295,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = setup_policy(cfg)
-    device = next(model.parameters()).device
+    sharded = world > 1 and not cfg.lora  # FSDP2: loaded on the CPU, each rank moves only its shards
+    model = setup_policy(dataclasses.replace(cfg, device="cpu") if sharded else cfg)
+    device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     vocab = vocabulary_size(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
+    policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device)
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
     # Every rank sees the same global batch order and takes its own slice of each batch.
@@ -299,7 +319,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
 
     step, epoch, position, best = 0, 0, 0, float("inf")  # position: batches of this epoch consumed
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
+                                sharded_policy=policy if sharded else None, rank=rank)
         step, epoch, best = state["step"], state["epoch"], state["best_eval_loss"]
         position = state["sampler"]["position"]
         sampler.load_state_dict(state["sampler"])
@@ -312,7 +333,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         torch.cuda.reset_peak_memory_stats(device)
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
-    model.train()
+    policy.train()
     # Without worker processes, a background thread keeps the next batches ready while the model computes.
     fetch = (lambda: iter(Prefetcher(loader))) if cfg.num_workers == 0 else (lambda: iter(loader))
     batches = fetch()
@@ -336,7 +357,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
             check_batch(batch, store, vocab)
-            loss, metrics = dpo_batch(model, batch, cfg, device, objective)
+            loss, metrics = dpo_batch(policy, batch, cfg, device, objective)
             if not torch.isfinite(loss):  # stop before it reaches the weights
                 raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
                                          f"{_examples(store, batch['rows'])}; {_last_good(out)}")
@@ -344,12 +365,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-        if world > 1:  # data parallel: average LoRA gradients across ranks (small, so one all-reduce each)
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
+        # Gradients are already averaged over the ranks: DDP all-reduces them and FSDP2 reduce-scatters them in
+        # backward(); FSDP2's norm is a DTensor over the shards.
+        grad_norm = distributed.grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"training stopped at step {step + 1}: the gradient norm is {grad_norm}; "
                                      f"{_last_good(out)}")
@@ -364,34 +383,37 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
         if cuda:
             record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
+        eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
+            # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
+            record.update(evaluate(policy, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
-                save_weights(model, cfg, out / "best")
+                save_weights(policy, cfg, out / "best")
         if main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
             history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # every rank: collective
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
-                            state={"step": step, "epoch": epoch, "best_eval_loss": best,
+                            sharded_policy=policy if sharded else None, rank=rank,
+                            state={"step": step, "epoch": epoch, "best_eval_loss": best, "world_size": world,
                                    "sampler": sampler.state_dict(batches_consumed=position),
                                    "config": dataclasses.asdict(cfg)})
         distributed.barrier()
     bar.close()
 
     result: dict[str, Any] = {"steps": step, "out": str(out)}
+    if cfg.eval_store:  # every rank: evaluation and a sharded model's save are collective
+        final = evaluate(policy, cfg.eval_store, cfg, device)
+        result["eval"] = final
+        if final["eval/loss"] < best:
+            save_weights(policy, cfg, out / "best")
+    weights = save_weights(policy, cfg, out / ("adapter" if cfg.lora else "model"))
     if main:
-        if cfg.eval_store:
-            final = evaluate(model, cfg.eval_store, cfg, device)
-            result["eval"] = final
-            if final["eval/loss"] < best:
-                save_weights(model, cfg, out / "best")
-        result["weights"] = str(save_weights(model, cfg, out / ("adapter" if cfg.lora else "model")))
+        result["weights"] = str(weights)
         metrics_file.close()  # type: ignore[union-attr]
         if cfg.plot:
             from .plot import plot_metrics
