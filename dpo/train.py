@@ -124,6 +124,13 @@ def setup_policy(cfg: TrainConfig) -> Any:
     (`lora=False`; a given adapter is then merged into the weights first)."""
     from peft import LoraConfig, get_peft_model
 
+    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
+        model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
+                                        attn_implementation=cfg.attn_implementation)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                        trainable_adapter=cfg.lora, revision=cfg.revision, adapter_revision=cfg.adapter_revision,
                        attn_implementation=cfg.attn_implementation)
@@ -247,12 +254,11 @@ def _last_good(out: Path) -> str:
 def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
     """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
     In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
-    state = distributed.full_state_dict(model) if distributed.is_sharded(model) else None
+    if distributed.is_sharded(model):
+        distributed.save_gathered_model(model, folder)  # collective
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return folder
-    if state is not None:
-        distributed.unwrap(model).save_pretrained(str(folder), state_dict=state)
-    else:
+    if not distributed.is_sharded(model):
         distributed.unwrap(model).save_pretrained(str(folder))
     if not cfg.lora:
         source = check_model_folder(cfg.model, cfg.revision)
@@ -271,6 +277,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
     distributed.check_batch_size(cfg.batch_size, world)
+    if world > 1 and not cfg.lora and cfg.adapter is not None:
+        raise distributed.DistributedSetupError(
+            "--no-lora with --adapter merges the adapter into the whole model, which no rank of a sharded run holds; "
+            "merge it into a model folder first (peft's merge_and_unload, then save_pretrained) and train that")
     main = rank == 0
     out = Path(cfg.out)
     if not store.complete:
@@ -295,14 +305,15 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    sharded = world > 1 and not cfg.lora  # FSDP2: loaded on the CPU, each rank moves only its shards
-    model = setup_policy(dataclasses.replace(cfg, device="cpu") if sharded else cfg)
+    sharded = world > 1 and not cfg.lora  # FSDP2: no rank ever holds the whole model
+    model = setup_policy(dataclasses.replace(cfg, device="meta") if sharded else cfg)
     device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     vocab = vocabulary_size(model)
     # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
-    policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device)
+    policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
+                                     weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
