@@ -149,6 +149,11 @@ def cli() -> None:
 @dtype_option
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="For a reference larger than one device: spread its layers over this machine's GPUs (accelerate's "
+              "big-model inference), then the CPU, then disk, in one process.")
+@click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+              help="With --device-map: the most to place on a device, e.g. 0=70GiB, cpu=200GiB (repeatable).")
 @attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -189,8 +194,12 @@ def build(quiet: bool, **options: Any) -> None:
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
       logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
+      logitstore build --model ./llama-70b --device-map auto --max-memory 0=75GiB --max-memory 1=75GiB \\
+          --data pairs.jsonl --out pairs.lstore
     """
     from logitstore.dpo.reference import BuildConfig, build as run_build
+
+    options["max_memory"] = tuple(options["max_memory"])
 
     with _quiet(quiet):
         result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
