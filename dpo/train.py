@@ -25,8 +25,8 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
-from .models import (TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision,
-                     resolve_device)
+from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
+                     model_fingerprint, peft_wrapping, precision, resolve_device)
 from .objective import Objective
 
 
@@ -117,6 +117,16 @@ def check_setup(cfg: TrainConfig) -> None:
     if not cfg.lora and cfg.quantize:
         raise LogitstoreError("--no-lora trains every weight, and 4-bit weights cannot be trained; drop --quantize "
                               "4bit, or train a LoRA adapter on the 4-bit model")
+    check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter, optimizer=cfg.optimizer)
+
+
+def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
 
 
 def setup_policy(cfg: TrainConfig) -> Any:
@@ -127,9 +137,7 @@ def setup_policy(cfg: TrainConfig) -> Any:
     if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
         model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
                                         attn_implementation=cfg.attn_implementation)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        enable_checkpointing(model, cfg)
         return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                        trainable_adapter=cfg.lora, revision=cfg.revision, adapter_revision=cfg.adapter_revision,
@@ -138,18 +146,17 @@ def setup_policy(cfg: TrainConfig) -> Any:
     # the policy compute other numerics than the reference pass did (step-0 loss off ln 2 in bf16) and cost memory.
     if cfg.quantize:
         model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    enable_checkpointing(model, cfg)
     if not cfg.lora:
         if cfg.adapter is not None:
             model = model.merge_and_unload()
         return model.requires_grad_(True)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        with peft_wrapping():
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
     return model
 
 

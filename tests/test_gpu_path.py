@@ -206,7 +206,8 @@ def test_quiet_prints_only_the_final_line(byte_model, medical, tmp_path):
     assert out.returncode == 0 and out.stderr == ""
     assert out.stdout.splitlines() == [
         f"Trained 2 steps; last logged loss {json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])['loss']:.4f}. "
-        f"Adapter in {tmp_path / 'run' / 'adapter'}, metrics in {tmp_path / 'run' / 'metrics.jsonl'}."]
+        f"Adapter in {tmp_path / 'run' / 'adapter'}, metrics in {tmp_path / 'run' / 'metrics.jsonl'} "
+        f"(plot: {tmp_path / 'run' / 'metrics.png'})."]
     loud = _cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "loud"),
                 "--max-steps", "2", "--batch-size", "4", "--optimizer", "paged_adamw_8bit")
     assert loud.returncode == 0 and "Loading weights" in loud.stderr and "Warning" in loud.stderr
