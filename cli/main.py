@@ -394,7 +394,7 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over the store (without --max-steps).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Pairs per forward pass (per rank under torchrun).")
+              help="Pairs per micro-batch, all processes together: each of N torchrun ranks takes batch-size / N.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches per optimizer step.")
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
@@ -473,6 +473,8 @@ def train(**kw: Any) -> None:
       logitstore train --model ./tiny --store pairs.lstore --out run --loss sigmoid,bco_pair,sft \\
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
+      torchrun --nproc_per_node 8 --no-python logitstore train --model ./mistral-7b --no-lora \\
+          --store hh.lstore --out run --batch-size 64 --save-every 200
     """
     from logitstore.dpo.objective import ObjectiveError
     from logitstore.dpo.train import TrainConfig, objective_of, train as run_train

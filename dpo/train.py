@@ -269,7 +269,9 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
         distributed.unwrap(model).save_pretrained(str(folder))
     if not cfg.lora:
         source = check_model_folder(cfg.model, cfg.revision)
-        for name in TOKENIZER_FILES:
+        # A sharded run's model was made from config.json alone: its generation settings come from the source too.
+        extra = ("generation_config.json",) if distributed.is_sharded(model) else ()
+        for name in (*TOKENIZER_FILES, *extra):
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
     return folder

@@ -117,6 +117,8 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
         model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "two" / "model"))
         assert (model.get_input_embeddings().weight - whole["model.embed_tokens.weight"]).abs().max() < 1e-4
         assert (tmp_path / "two" / "model" / "tokenizer.model").is_file()
+        assert (tmp_path / "two" / "model" / "generation_config.json").read_text() == \
+            (mistral_model / "generation_config.json").read_text()
 
 
 def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_path):
