@@ -84,11 +84,23 @@ def store(mistral_model, data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral_model, store, tmp_path, mode):
-    """LoRA under DDP, every weight under FSDP2: each step's loss equals one process's at the same global batch."""
+@pytest.fixture(scope="module")
+def store_4bit(mistral_model, data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("store4") / "s"
+    done = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, out), "--quantize", "4bit"],
+                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral_model, store, store_4bit, tmp_path,
+                                                                         mode):
+    """LoRA and QLoRA under DDP, every weight under FSDP2: each step's loss equals one process's at the same
+    global batch."""
     env = {**os.environ, **ENV}
-    extra = ["--max-steps", "3"] + (["--no-lora"] if mode == "full" else [])
+    extra = ["--max-steps", "3"] + {"lora": [], "qlora": ["--quantize", "4bit"], "full": ["--no-lora"]}[mode]
+    store = store_4bit if mode == "qlora" else store
     one = subprocess.run([str(SCRIPT), *train_args(mistral_model, store, tmp_path / "one", *extra)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
