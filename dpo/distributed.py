@@ -264,6 +264,17 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
     return scorer
 
 
+def accumulating(policy: Any, last: bool) -> Any:
+    """Context for one micro-batch's forward and backward: under DDP, no all-reduce but on the step's last
+    micro-batch (gradients accumulate locally, then one all-reduce averages their sums). FSDP2 reduce-scatters
+    every micro-batch: skipping it would keep a whole unsharded gradient on every rank."""
+    import contextlib
+
+    if not last and getattr(policy, "_logitstore_engine", None) == "ddp":
+        return policy.no_sync()
+    return contextlib.nullcontext()
+
+
 def grad_norm_value(norm: Any) -> float:
     """clip_grad_norm_'s total norm as a float (a DTensor over FSDP2's sharded gradients)."""
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -366,7 +366,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             group["lr"] = lr
         sums: dict[str, float] = {}
         tokens, loader_s = 0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             t_fetch = time.perf_counter()
             batch = next(batches, None)
             if batch is None:  # epoch boundary: a fresh, deterministic order
@@ -377,11 +377,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
             check_batch(batch, store, vocab)
-            loss, metrics = dpo_batch(policy, batch, cfg, device, objective)
-            if not torch.isfinite(loss):  # stop before it reaches the weights
-                raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
-                                         f"{_examples(store, batch['rows'])}; {_last_good(out)}")
-            (loss / cfg.grad_accum).backward()
+            with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
+                loss, metrics = dpo_batch(policy, batch, cfg, device, objective)
+                if not torch.isfinite(loss):  # stop before it reaches the weights
+                    raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is "
+                                             f"{float(loss.detach())} on {_examples(store, batch['rows'])}; "
+                                             f"{_last_good(out)}")
+                (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum

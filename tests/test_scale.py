@@ -99,7 +99,9 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
     """LoRA and QLoRA under DDP, every weight under FSDP2: each step's loss equals one process's at the same
     global batch."""
     env = {**os.environ, **ENV}
-    extra = ["--max-steps", "3"] + {"lora": [], "qlora": ["--quantize", "4bit"], "full": ["--no-lora"]}[mode]
+    # Gradient accumulation too: DDP all-reduces once per step, FSDP2 reduce-scatters every micro-batch.
+    extra = ["--max-steps", "3"] + {"lora": ["--grad-accum", "2"], "qlora": ["--quantize", "4bit"],
+                                    "full": ["--no-lora", "--grad-accum", "2"]}[mode]
     store = store_4bit if mode == "qlora" else store
     one = subprocess.run([str(SCRIPT), *train_args(mistral_model, store, tmp_path / "one", *extra)], env=env,
                          capture_output=True, text=True, timeout=600)
