@@ -303,9 +303,9 @@ def save_gathered_model(policy: Any, folder: Any, max_file_bytes: int = MAX_FILE
     main = dist.get_rank() == 0
     tensors, seen = [], set()
     for name, t in model.state_dict().items():  # sharded DTensors; tied copies appear once (the first name)
-        key = id(t.to_local()) if hasattr(t, "to_local") else id(t)
         local = t.to_local() if hasattr(t, "to_local") else t
-        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape)) if local.numel() else key
+        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape)) if local.numel() \
+            else id(local)
         if ident in seen:
             continue
         seen.add(ident)
