@@ -160,6 +160,11 @@ def _kl_batch(value: int) -> int:
 @dtype_option
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="For a reference larger than one device: spread its layers over this machine's GPUs (accelerate's "
+              "big-model inference), then the CPU, then disk, in one process.")
+@click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+              help="With --device-map: the most to place on a device, e.g. 0=70GiB, cpu=200GiB (repeatable).")
 @attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -211,8 +216,12 @@ def build(quiet: bool, **options: Any) -> None:
       logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
       logitstore build --model ./tiny --data thumbs.jsonl --out kto.lstore --kl-batch-size 8
+      logitstore build --model ./llama-70b --device-map auto --max-memory 0=75GiB --max-memory 1=75GiB \\
+          --data pairs.jsonl --out pairs.lstore
     """
     from logitstore.dpo.reference import BuildConfig, build as run_build
+
+    options["max_memory"] = tuple(options["max_memory"])
 
     with _quiet(quiet):
         result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
@@ -405,7 +414,7 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over the store (without --max-steps).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Pairs per forward pass (per rank under torchrun).")
+              help="Pairs per micro-batch, all processes together: each of N torchrun ranks takes batch-size / N.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches per optimizer step.")
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
@@ -490,6 +499,8 @@ def train(**kw: Any) -> None:
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
       logitstore train --model ./tiny --store kto.lstore --out run --loss kto --batch-size 8
+      torchrun --nproc_per_node 8 --no-python logitstore train --model ./mistral-7b --no-lora \\
+          --store hh.lstore --out run --batch-size 64 --save-every 200
     """
     from logitstore.dpo.objective import ObjectiveError
     from logitstore.dpo.train import TrainConfig, objective_of, train as run_train
@@ -502,6 +513,8 @@ def train(**kw: Any) -> None:
         raise click.UsageError(str(exc)) from None
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
+    if "history" not in result:  # not rank 0 of a distributed run: rank 0 reports
+        return
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     plot = f" (plot: {result['plot']})" if result.get("plot") else ""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,8 +31,8 @@ from logitstore.errors import InputDataError
 
 from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
-from .models import (check_attention, check_model_extras, load_model, load_tokenizer, model_fingerprint, precision,
-                     resolve_device)
+from .models import (check_attention, check_model_extras, input_device, load_model, load_tokenizer, model_fingerprint,
+                     parse_max_memory, precision, resolve_device)
 from .tokenization import TokenizedPair, tokenize_pair
 from .unpaired_data import UnpairedExample, data_kind, load_unpaired, pair_kl, tokenize_example
 from .unpaired_data import data_digest as unpaired_digest
@@ -58,6 +59,8 @@ class BuildConfig:
     revision: str | None = None  # of a Hub model name
     adapter_revision: str | None = None
     attn_implementation: str = "sdpa"
+    device_map: str | None = None  # "auto": layers over the GPUs, then CPU, then disk (accelerate big-model inference)
+    max_memory: tuple[str, ...] = ()  # per device with device_map: "0=20GiB", "cpu=60GiB"
     split: str | None = None
     max_length: int = 1024
     max_prompt_length: int | None = None
@@ -278,11 +281,40 @@ def shard_data(pairs: list[TokenizedPair], chosen: list[np.ndarray], rejected: l
     return data
 
 
+def placement(model: Any) -> str:
+    """Where accelerate put the model's modules: "12 modules on 0, 3 on cpu, 2 on disk" (in placement order)."""
+    counts: dict[str, int] = {}
+    for where in getattr(model, "hf_device_map", {}).values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    parts = [f"{n} module{'s' if n > 1 else ''} on {where}" for where, n in counts.items()]
+    return ", ".join(parts) or "one device"
+
+
+def check_device_map(cfg: BuildConfig) -> None:
+    """--device-map and --max-memory: refused where they cannot apply, before anything is read or written."""
+    from logitstore.errors import LogitstoreError
+
+    from .models import DEVICE_MAPS
+
+    if cfg.max_memory and cfg.device_map is None:
+        raise LogitstoreError("--max-memory limits what --device-map places on each device; pass --device-map auto")
+    if cfg.device_map is None:
+        return
+    if cfg.device_map not in DEVICE_MAPS:
+        raise LogitstoreError(f"unknown --device-map {cfg.device_map!r}; choose one of {', '.join(DEVICE_MAPS)}")
+    if cfg.device != "auto":
+        raise LogitstoreError(f"--device-map places the layers itself; drop --device {cfg.device}")
+    if cfg.share_prompt:
+        raise LogitstoreError("--prompt-sharing runs on one device; drop it with --device-map")
+    parse_max_memory(cfg.max_memory)
+
+
 def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
     """Run the reference pass described by `cfg`; resumes a partial store with the same fingerprint."""
     import torch
     from tqdm import tqdm
 
+    check_device_map(cfg)
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -335,11 +367,17 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             f"{writer.geometry.num_shards} shards already written.")
     dtype = fingerprint["precision"]["dtype"]
     model = None
+    offload = contextlib.ExitStack()  # the disk-offload folder of a --device-map build lives as long as the model
     if total_rows:  # a rank with only copies to make never loads the model
         model = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                            revision=cfg.revision, adapter_revision=cfg.adapter_revision,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=cfg.attn_implementation, device_map=cfg.device_map,
+                           max_memory=parse_max_memory(cfg.max_memory) or None,
+                           offload_folder=offload.enter_context(tempfile.TemporaryDirectory(prefix="logitstore-"))
+                           if cfg.device_map else None)
         model.eval()
+        if cfg.device_map:
+            log(f"--device-map {cfg.device_map}: {placement(model)}")
     pad_id = tokenizer.pad_token_id
     tokens = 0
     pairs_scored = 0
@@ -353,7 +391,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(n_pairs)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    autocast = precision(next(model.parameters()).device, dtype) if model is not None else contextlib.nullcontext()
+    autocast = precision(input_device(model), dtype) if model is not None else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         for shard in todo:
             rows = writer.shard_rows(shard)
@@ -375,6 +413,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     if rank == 0:
         writer.finalize()
     distributed.barrier()
+    offload.close()
     return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
                        time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=pairs_scored, **counts)
 

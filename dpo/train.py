@@ -24,10 +24,10 @@ from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, pair_logps, token_logps
+from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
 from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
-                     model_fingerprint, peft_wrapping, precision)
+                     model_fingerprint, peft_wrapping, precision, resolve_device)
 from .objective import Objective, UnpairedObjective, unpaired_objective
 from .unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
 
@@ -155,11 +155,25 @@ def check_setup(cfg: TrainConfig) -> None:
     check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter, optimizer=cfg.optimizer)
 
 
+def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
 def setup_policy(cfg: TrainConfig) -> Any:
     """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
     (`lora=False`; a given adapter is then merged into the weights first)."""
     from peft import LoraConfig, get_peft_model
 
+    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
+        model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
+                                        attn_implementation=cfg.attn_implementation)
+        enable_checkpointing(model, cfg)
+        return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                        trainable_adapter=cfg.lora, revision=cfg.revision, adapter_revision=cfg.adapter_revision,
                        attn_implementation=cfg.attn_implementation)
@@ -167,12 +181,7 @@ def setup_policy(cfg: TrainConfig) -> Any:
     # the policy compute other numerics than the reference pass did (step-0 loss off ln 2 in bf16) and cost memory.
     if cfg.quantize:
         model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    enable_checkpointing(model, cfg)
     if not cfg.lora:
         if cfg.adapter is not None:
             model = model.merge_and_unload()
@@ -240,8 +249,8 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
-    with precision(device, cfg.dtype):
-        tokens = token_logps(model, ids, attention, completion, sum_sq=objective.use_weighting)
+    with precision(device, cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed.py)
+        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
     out = dpo_loss(pair, objective)
@@ -273,7 +282,7 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
         return ids[rows, :width], attention[rows, :width], completion[rows, :width]
 
     with precision(device, cfg.dtype):
-        policy = token_logps(model, *half(slice(0, n))).per_token.sum(dim=1)
+        policy = distributed.score(model, *half(slice(0, n))).per_token.sum(dim=1)
     weights = {"beta": objective.beta, "desirable_weight": objective.desirable_weight,
                "undesirable_weight": objective.undesirable_weight}
     if objective.loss_type == "bco":
@@ -284,7 +293,7 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
         kl = torch.zeros((), device=device)
         if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
             with torch.no_grad(), precision(device, cfg.dtype):
-                policy_kl = token_logps(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
+                policy_kl = distributed.score(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
             kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
                              distributed.gather if distributed.is_distributed() else None)
         out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)
@@ -308,14 +317,14 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
-    store, vocab = loader.dataset.store, vocabulary_size(model)  # the loader's own open store
+    store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
         check_batch(batch, store, vocab)
-        with torch.no_grad(), exact_4bit(model):
+        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
@@ -336,7 +345,7 @@ def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, obj
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
-        with torch.no_grad(), exact_4bit(model):
+        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
@@ -353,12 +362,22 @@ def _last_good(out: Path) -> str:
     last = latest_checkpoint(out)
     return (f"nothing from this step was applied; the last good checkpoint is {last}" if last is not None
             else "nothing from this step was applied; no checkpoint had been saved (see --save-every)")
+
+
 def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
-    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained."""
-    model.save_pretrained(str(folder))
+    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
+    In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
+    if distributed.is_sharded(model):
+        distributed.save_gathered_model(model, folder)  # collective
+    if distributed.is_distributed() and torch.distributed.get_rank() != 0:
+        return folder
+    if not distributed.is_sharded(model):
+        distributed.unwrap(model).save_pretrained(str(folder))
     if not cfg.lora:
         source = check_model_folder(cfg.model, cfg.revision)
-        for name in TOKENIZER_FILES:
+        # A sharded run's model was made from config.json alone: its generation settings come from the source too.
+        extra = ("generation_config.json",) if distributed.is_sharded(model) else ()
+        for name in (*TOKENIZER_FILES, *extra):
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
     return folder
@@ -372,6 +391,11 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     store = logitstore.open(cfg.store, storage_options=cfg.storage_options, digest=cfg.expect_digest)
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
+    distributed.check_batch_size(cfg.batch_size, world)
+    if world > 1 and not cfg.lora and cfg.adapter is not None:
+        raise distributed.DistributedSetupError(
+            "--no-lora with --adapter merges the adapter into the whole model, which no rank of a sharded run holds; "
+            "merge it into a model folder first (peft's merge_and_unload, then save_pretrained) and train that")
     main = rank == 0
     out = Path(cfg.out)
     if not store.complete:
@@ -379,6 +403,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                                    "finish the build first")
     check_store_matches(store, cfg)
     check_kind(store, objective, cfg, world)
+    distributed.check_same_everywhere("store", store.digest)
+    distributed.check_same_everywhere("model", json.dumps(model_fingerprint(
+        cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize, revision=cfg.revision,
+        adapter_revision=cfg.adapter_revision, device=cfg.device), sort_keys=True))
     unpaired = isinstance(objective, UnpairedObjective)
     running = RunningMean() if unpaired and objective.loss_type == "bco" else None  # BCO's δ: saved with the run
     if objective.ld_alpha is not None:
@@ -398,10 +426,16 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = setup_policy(cfg)
-    device = next(model.parameters()).device
+    sharded = world > 1 and not cfg.lora  # FSDP2: no rank ever holds the whole model
+    model = setup_policy(dataclasses.replace(cfg, device="meta") if sharded else cfg)
+    device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     vocab = vocabulary_size(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
+    policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
+                                     weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
     # Every rank sees the same global batch order and takes its own slice of each batch. KTO trains the store's KL
@@ -425,7 +459,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
 
     step, epoch, position, best = 0, 0, 0, float("inf")  # position: batches of this epoch consumed
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
+                                sharded_policy=policy if sharded else None, rank=rank)
         step, epoch, best = state["step"], state["epoch"], state["best_eval_loss"]
         position = state["sampler"]["position"]
         sampler.load_state_dict(state["sampler"])
@@ -440,7 +475,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         torch.cuda.reset_peak_memory_stats(device)
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
-    model.train()
+    policy.train()
     # Without worker processes, a background thread keeps the next batches ready while the model computes.
     fetch = (lambda: iter(Prefetcher(loader))) if cfg.num_workers == 0 else (lambda: iter(loader))
     batches = fetch()
@@ -453,7 +488,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             group["lr"] = lr
         sums: dict[str, float] = {}
         tokens, loader_s = 0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             t_fetch = time.perf_counter()
             batch = next(batches, None)
             if batch is None:  # epoch boundary: a fresh, deterministic order
@@ -464,23 +499,23 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
             check_batch(batch, store, vocab)
-            if unpaired:
-                loss, metrics = unpaired_batch(model, batch, cfg, device, objective, running)  # type: ignore[arg-type]
-            else:
-                loss, metrics = dpo_batch(model, batch, cfg, device, objective)  # type: ignore[arg-type]
-            if not torch.isfinite(loss):  # stop before it reaches the weights
-                raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
-                                         f"{_examples(store, batch['rows'])}; {_last_good(out)}")
-            (loss / cfg.grad_accum).backward()
+            with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
+                if unpaired:
+                    loss, metrics = unpaired_batch(policy, batch, cfg, device, objective, running)  # type: ignore[arg-type]
+                else:
+                    loss, metrics = dpo_batch(policy, batch, cfg, device, objective)  # type: ignore[arg-type]
+                if not torch.isfinite(loss):  # stop before it reaches the weights
+                    raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is "
+                                             f"{float(loss.detach())} on {_examples(store, batch['rows'])}; "
+                                             f"{_last_good(out)}")
+                (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-        if world > 1:  # data parallel: average LoRA gradients across ranks (small, so one all-reduce each)
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
+        # Gradients are already averaged over the ranks: DDP all-reduces them and FSDP2 reduce-scatters them in
+        # backward(); FSDP2's norm is a DTensor over the shards.
+        grad_norm = distributed.grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"training stopped at step {step + 1}: the gradient norm is {grad_norm}; "
                                      f"{_last_good(out)}")
@@ -495,12 +530,13 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
         if cuda:
             record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
+        eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            record.update(evaluate(model, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
+            # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
+            record.update(evaluate(policy, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
-                save_weights(model, cfg, out / "best")
+                save_weights(policy, cfg, out / "best")
         if main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
@@ -508,9 +544,10 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}"}
                                                          if "rewards/accuracies" in record else {"kl": f"{record['kl']:.3f}"}))
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # every rank: collective
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
-                            state={"step": step, "epoch": epoch, "best_eval_loss": best,
+                            sharded_policy=policy if sharded else None, rank=rank,
+                            state={"step": step, "epoch": epoch, "best_eval_loss": best, "world_size": world,
                                    "sampler": sampler.state_dict(batches_consumed=position),
                                    "config": dataclasses.asdict(cfg),
                                    **({"bco_running": running.state_dict()} if running is not None else {})})
@@ -518,13 +555,14 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     bar.close()
 
     result: dict[str, Any] = {"steps": step, "out": str(out)}
+    if cfg.eval_store:  # every rank: evaluation and a sharded model's save are collective
+        final = evaluate(policy, cfg.eval_store, cfg, device, running)
+        result["eval"] = final
+        if final["eval/loss"] < best:
+            save_weights(policy, cfg, out / "best")
+    weights = save_weights(policy, cfg, out / ("adapter" if cfg.lora else "model"))
     if main:
-        if cfg.eval_store:
-            final = evaluate(model, cfg.eval_store, cfg, device, running)
-            result["eval"] = final
-            if final["eval/loss"] < best:
-                save_weights(model, cfg, out / "best")
-        result["weights"] = str(save_weights(model, cfg, out / ("adapter" if cfg.lora else "model")))
+        result["weights"] = str(weights)
         metrics_file.close()  # type: ignore[union-attr]
         if cfg.plot:
             from .plot import plot_metrics
