@@ -148,7 +148,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
                                    for side in (corpus.chosen[i], corpus.rejected[i])])
 
     configs = [("top", k, c) for k in TOP_K for c in codecs] + [("sample", k, "-") for k in SAMPLE_K]
-    acc = {cfg: {"bytes": 0, "kl": 0.0, "dot": 0.0, "norm_rec": 0.0, "loss": 0.0} for cfg in configs}
+    acc = {cfg: {"bytes": 0, "kl": 0.0, "dot": 0.0, "norm_rec": 0.0, "loss": 0.0, "streams": {}} for cfg in configs}
     full_loss = 0.0
     orders: dict = {}
     norm_full = 0.0
@@ -170,6 +170,8 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
                 back = C.decode_top_k(enc.streams, n, k, orders[("top", k)], codec)
                 a = acc[("top", k, codec)]
                 a["bytes"] += enc.nbytes
+                for name, blob in enc.streams.items():
+                    a["streams"][name] = a["streams"].get(name, 0) + len(blob)
                 a["kl"] += float(T.reconstruction_kl(t_logps, back).sum())
                 ids = torch.from_numpy(back.ids).long()
                 loss = top_k_divergence(s_logits, ids, torch.from_numpy(back.logps),
@@ -186,6 +188,8 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
             assert np.array_equal(back.counts, rec.counts)
             a = acc[("sample", k, "-")]
             a["bytes"] += enc.nbytes
+            for name, blob in enc.streams.items():
+                a["streams"][name] = a["streams"].get(name, 0) + len(blob)
             loss = sampled_divergence(s_logits, torch.from_numpy(back.ids).long(),
                                       torch.from_numpy(back.counts.astype(np.int64))).sum()
             grad, = torch.autograd.grad(loss, s_logits)
@@ -198,6 +202,7 @@ def run(pairs: int = 60, codecs=("exact", "fine", "standard", "compact"), teache
         order_bytes = len(C.encode_order(orders[(kind, k)]))
         rows.append({"kind": kind, "k": k, "codec": codec, "bytes_per_token": a["bytes"] / tokens,
                      "order_bytes": order_bytes,
+                     "stream_bytes_per_token": {k: v / tokens for k, v in a["streams"].items()},
                      "kl": a["kl"] / tokens if kind == "top" else None,
                      "grad_cosine": a["dot"] / np.sqrt(a["norm_rec"] * norm_full),
                      "loss_ratio": a["loss"] / full_loss})  # the record's forward-KL loss over the full one
@@ -237,6 +242,9 @@ def main() -> None:
     for r in result["rows"]:
         if r["kind"] == "top" and r["codec"] == "exact" or r["kind"] == "sample":
             print(f"vocabulary order, {r['kind']} {r['k']}: {r['order_bytes']} bytes once per store")
+    for r in result["rows"]:
+        split = ", ".join(f"{name} {b:.1f}" for name, b in r["stream_bytes_per_token"].items())
+        print(f"bytes/token by stream, {r['kind']} {r['k']} {r['codec']}: {split}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
 
