@@ -181,8 +181,8 @@ def stage_train(a: dict) -> dict:
     return {"step_seconds": statistics.median(timed), "first_step_seconds": steps[0]["step_seconds"],
             "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "steps": len(steps),
             "tokens_per_second": statistics.median(h["tokens_per_second"] for h in steps[1:] or steps),
-            **_gpu_memory(), **({"peak_allocated_gib": max(h["gpu_peak_gib"] for h in steps)}
-                                if "gpu_peak_gib" in steps[0] else {})}
+            **_gpu_memory(), **({"peak_allocated_gib": max(h["peak_memory_gib"] for h in steps)}
+                                if torch.cuda.is_available() else {})}
 
 
 def stage_trl_train(a: dict) -> dict:

@@ -459,7 +459,8 @@ def train(**kw: Any) -> None:
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
-               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}.")
+               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}. "
+               f"{result['peak_memory'][0].upper()}{result['peak_memory'][1:]}.")
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps, token_logps
 from .losses import dpo_loss
+from .memory import PeakMeter, is_out_of_memory
 from .models import TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision
 from .objective import Objective
 
@@ -253,6 +254,17 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train; running out of memory becomes one line with the peak reached and what lowers it (dpo/memory.py)."""
+    meter = PeakMeter()
+    try:
+        return _train(cfg, meter, progress=progress, log=log)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise meter.out_of_memory(exc) from None
+
+
+def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm import tqdm
 
     objective = objective_of(cfg)
@@ -307,9 +319,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             log(f"Resumed from {checkpoint} at step {step}.")
     else:
         sampler.set_epoch(0)
-    cuda = device.type == "cuda"
-    if cuda:  # the peak logged below is the training steps' own, not the model load's
-        torch.cuda.reset_peak_memory_stats(device)
+    meter.start(device)  # on a GPU the peak logged below is the training steps' own, not the model load's
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
     model.train()
@@ -319,6 +329,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     history: list[dict[str, Any]] = []
 
     while step < total_steps:
+        meter.step = step + 1
         t_step = time.perf_counter()
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -344,6 +355,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+            del batch, loss, metrics  # the next micro-batch's forward does not need this one's inputs or graph
         if world > 1:  # data parallel: average LoRA gradients across ranks (small, so one all-reduce each)
             for p in params:
                 if p.grad is not None:
@@ -362,8 +374,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         elapsed = time.perf_counter() - t_step
         record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
-        if cuda:
-            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        record.update(meter.record())
         eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
             record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
@@ -384,7 +395,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         distributed.barrier()
     bar.close()
 
-    result: dict[str, Any] = {"steps": step, "out": str(out)}
+    result: dict[str, Any] = {"steps": step, "out": str(out), "peak_memory": meter.summary(),
+                              "peak_memory_gib": meter.peak_bytes() / 2**30}
     if main:
         if cfg.eval_store:
             final = evaluate(model, cfg.eval_store, cfg, device)
