@@ -119,3 +119,50 @@ def peak_breakdown(prof: Any, *, vocab: int, device_type: str = "cpu") -> dict[s
             parent = parent.parent
         pieces[_piece(names, size, vocab)] += size
     return {"tracked_peak_bytes": best, "pieces": dict(pieces)}
+
+
+def _frame_piece(frames: list[dict]) -> str:
+    """The piece of a GPU allocation, from the Python frames torch.cuda.memory recorded with it."""
+    import linecache
+
+    files = [f.get("filename", "") for f in frames]
+    names = [f.get("name", "") for f in frames]
+    if any(n in ("_head_logps",) or "HeadLogps" in n for n in names) or any("chunked_logprob" in f for f in files):
+        return "logits / log-softmax"
+    if any(f.endswith("losses.py") for f in files):
+        return "loss"
+    if any("/optim" in f for f in files):
+        return "optimizer state"
+    if any(f.endswith("torch/autograd/__init__.py") or f.endswith("torch/autograd/graph.py") for f in files):
+        return "backward: gradients in flight"
+    if any("ref_outputs" in linecache.getline(f["filename"], f["line"]) or "ref_model" in
+           linecache.getline(f["filename"], f["line"]) for f in frames if f.get("filename", "").endswith("dpo_trainer.py")):
+        return "reference forward (TRL)"
+    if any(n == "forward" for n in names):
+        return "activations saved for backward"
+    return "other (optimizer step, loader)"
+
+
+def snapshot_breakdown(snapshot: dict) -> dict[str, Any]:
+    """The largest instant of a torch.cuda.memory snapshot's allocation trace, split into pieces. Blocks that
+    existed before recording began (the weights) are `before_recording_bytes`, read from the snapshot's segments
+    less what the trace added."""
+    trace = snapshot["device_traces"][0] if snapshot.get("device_traces") else []
+    live: dict[int, tuple[int, list]] = {}
+    total, best, best_live = 0, 0, {}
+    for event in trace:
+        action, addr, size = event["action"], event["addr"], event["size"]
+        if action == "alloc":
+            live[addr] = (size, event.get("frames", []))
+            total += size
+            if total > best:
+                best, best_live = total, dict(live)
+        elif action == "free_completed" and addr in live:
+            total -= live.pop(addr)[0]
+    pieces: dict[str, int] = defaultdict(int)
+    for size, frames in best_live.values():
+        pieces[_frame_piece(frames)] += size
+    allocated_now = sum(b["size"] for seg in snapshot.get("segments", []) for b in seg.get("blocks", [])
+                        if b.get("state") == "active_allocated")
+    return {"tracked_peak_bytes": best, "pieces": dict(pieces),
+            "before_recording_bytes": allocated_now - total}
