@@ -4,6 +4,7 @@ peak memory = that process's maximum resident set size (model load included, as 
     python benchmarks/memory.py compare [--json OUT]     # peak RSS and step time, side by side
     python benchmarks/memory.py breakdown [--json OUT]   # one step's peak split by what holds the memory
     python benchmarks/memory.py ... --smoke              # a tiny model and 2 steps (the tests run this)
+    python benchmarks/memory.py render COMPARE BREAKDOWN  # write both into docs/benchmarks.md
 
 The setting: a Mistral-architecture model of 12 layers x 512 (MLP 1792, the real 32k vocabulary, float32), LoRA
 r=8 on every linear layer (alpha 16, dropout 0.05), max length 512, batch 4 pairs, 6 steps, AdamW. The pairs are
@@ -62,13 +63,69 @@ def breakdown(work: Path, s: dict) -> dict:
     return {"setting": s, "logitstore": ours, "trl": trl}
 
 
+BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
+ROOT = HERE.parent
+PIECES = ["weights", "adapter weights", "optimizer state", "activations saved for backward", "logits / log-softmax",
+          "reference forward (TRL)", "loss", "batch tensors", "backward: gradients in flight",
+          "other (optimizer step, loader)"]
+
+
+def render(compare_result: dict, breakdown_result: dict) -> str:
+    gb = 1e9
+    s, ours, trl = compare_result["setting"], compare_result["logitstore"], compare_result["trl"]
+    lines = [BEGIN, "| trainer | peak RSS | vs TRL | step time | vs TRL | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
+    for name, r in (("logitstore train", ours), ("TRL DPOTrainer + peft", trl)):
+        lines.append(f"| {name} | {r['peak_rss_bytes'] / gb:.2f} GB | {r['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}x "
+                     f"| {r['step_seconds']:.2f} s | {r['step_seconds'] / trl['step_seconds']:.2f}x | "
+                     f"{r['loss_first']:.6f} |")
+    lines += ["", f"Where one step's peak goes (`python benchmarks/memory.py breakdown`: the first step of each trainer "
+                  f"under torch.profiler's memory records; {s['max_length']} tokens x {2 * s['batch_size']} sequences):", "",
+              "| piece | logitstore | TRL + peft |", "|---|---:|---:|"]
+    b_ours, b_trl = breakdown_result["logitstore"], breakdown_result["trl"]
+
+    def get(b: dict, piece: str) -> int:
+        return b["held"].get(piece, 0) + b["pieces"].get(piece, 0)
+
+    total = {}
+    for name, b in (("ours", b_ours), ("trl", b_trl)):
+        total[name] = sum(b["held"].values()) + b["tracked_peak_bytes"]
+    for piece in PIECES:
+        a, t = get(b_ours, piece), get(b_trl, piece)
+        if a or t:
+            lines.append(f"| {piece} | {a / gb:.3f} GB | {t / gb:.3f} GB |")
+    lines.append(f"| **tensors at the peak** | **{total['ours'] / gb:.2f} GB** | **{total['trl'] / gb:.2f} GB** |")
+    slack = {k: r["peak_rss_bytes"] - total[k] for k, r in (("ours", ours), ("trl", trl))}
+    lines.append(f"| interpreter, libraries, allocator slack (peak RSS above less the tensors) | "
+                 f"{slack['ours'] / gb:.2f} GB | {slack['trl'] / gb:.2f} GB |")
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, section: str) -> None:
+    text = doc.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compare", "breakdown"])
+    parser.add_argument("what", choices=["compare", "breakdown", "render"])
+    parser.add_argument("results", nargs="*", type=Path, help="render: the compare and breakdown JSON files")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps")
     parser.add_argument("--work", type=Path, help="folder for the model, data and store (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args(argv)
+    if args.what == "render":
+        compare_result, breakdown_result = (json.loads(p.read_text()) for p in args.results)
+        if compare_result["setting"] != json.loads(json.dumps(SETTING)):
+            raise SystemExit("benchmarks/memory.py: these results are not from the benchmark's setting (--smoke?)")
+        write_section(args.doc, render(compare_result, breakdown_result))
+        return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-memory-"))
     work.mkdir(parents=True, exist_ok=True)
     s = SMOKE if args.smoke else SETTING

@@ -247,7 +247,8 @@ def profile_trl_train(args: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
     config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
                        max_steps=1, learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
-                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear")
+                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear",
+                       gradient_checkpointing=args.get("gradient_checkpointing", False))  # as trl_train runs it
     trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(rows),
                          peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
