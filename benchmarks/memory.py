@@ -4,7 +4,7 @@ peak memory = that process's maximum resident set size (model load included, as 
     python benchmarks/memory.py compare [--json OUT]     # peak RSS and step time, side by side
     python benchmarks/memory.py breakdown [--json OUT]   # one step's peak split by what holds the memory
     python benchmarks/memory.py ... --smoke              # a tiny model and 2 steps (the tests run this)
-    python benchmarks/memory.py render COMPARE BREAKDOWN  # write both into docs/benchmarks.md
+    python benchmarks/memory.py render COMPARE BREAKDOWN [BEFORE BEFORE_BREAKDOWN]  # into docs/benchmarks.md
 
 The setting: a Mistral-architecture model of 12 layers x 512 (MLP 1792, the real 32k vocabulary, float32), LoRA
 r=8 on every linear layer (alpha 16, dropout 0.05), max length 512, batch 4 pairs, 6 steps, AdamW. The pairs are
@@ -70,33 +70,58 @@ PIECES = ["weights", "adapter weights", "optimizer state", "activations saved fo
           "other (optimizer step, loader)"]
 
 
-def render(compare_result: dict, breakdown_result: dict) -> str:
+def _table(compare_result: dict) -> list[str]:
+    trl = compare_result["trl"]
+    rows = []
+    for name, r in (("logitstore train", compare_result["logitstore"]), ("TRL DPOTrainer + peft", trl)):
+        rows.append(f"{r['peak_rss_bytes'] / 1e9:.2f} GB | {r['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}x | "
+                    f"{r['step_seconds']:.1f} s | {r['step_seconds'] / trl['step_seconds']:.2f}x | "
+                    f"{r['loss_first']:.6f}")
+    return rows
+
+
+def render(compare_result: dict, breakdown_result: dict, before: dict | None = None,
+           before_breakdown: dict | None = None) -> str:
+    """The section of docs/benchmarks.md; `before`: the same two measurements of an earlier version, side by side."""
     gb = 1e9
-    s, ours, trl = compare_result["setting"], compare_result["logitstore"], compare_result["trl"]
-    lines = [BEGIN, "| trainer | peak RSS | vs TRL | step time | vs TRL | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
-    for name, r in (("logitstore train", ours), ("TRL DPOTrainer + peft", trl)):
-        lines.append(f"| {name} | {r['peak_rss_bytes'] / gb:.2f} GB | {r['peak_rss_bytes'] / trl['peak_rss_bytes']:.2f}x "
-                     f"| {r['step_seconds']:.2f} s | {r['step_seconds'] / trl['step_seconds']:.2f}x | "
-                     f"{r['loss_first']:.6f} |")
-    lines += ["", f"Where one step's peak goes (`python benchmarks/memory.py breakdown`: the first step of each trainer "
-                  f"under torch.profiler's memory records; {s['max_length']} tokens x {2 * s['batch_size']} sequences):", "",
-              "| piece | logitstore | TRL + peft |", "|---|---:|---:|"]
-    b_ours, b_trl = breakdown_result["logitstore"], breakdown_result["trl"]
+    s = compare_result["setting"]
+    lines = [BEGIN, "## Training memory on CPU, against TRL", "",
+             f"`python benchmarks/memory.py compare`: a Mistral-architecture model of 12 layers x 512 (MLP 1792, the "
+             f"real 32k vocabulary, float32), LoRA r={s['lora_r']} on every linear layer, max length {s['max_length']}, "
+             f"batch {s['batch_size']} pairs, {s['steps']} steps, AdamW, no gradient checkpointing; {s['pairs']} "
+             f"synthetic pairs whose every sequence reaches the {s['max_length']}-token limit, so both trainers meet "
+             "the same batch shapes. Each trainer runs in its own process; peak RSS is that process's maximum "
+             "resident set size (model load included, what the operating system counts); step time is the median "
+             "after the first step. Both ran one math thread each, one after the other, on the 2-core machine of this "
+             "page while other jobs shared it: step times are noisy, their ratio less so.", "",
+             "| trainer | peak RSS | vs TRL | step time | vs TRL | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
+    names = ["logitstore train", "TRL DPOTrainer + peft"]
+    if before is not None:
+        for name, row in zip(names, _table(before)):
+            lines.append(f"| {name}, before | {row} |")
+    for name, row in zip(names, _table(compare_result)):
+        lines.append(f"| {name}{', after' if before is not None else ''} | {row} |")
+    lines += ["", "Where one step's peak goes (`python benchmarks/memory.py breakdown`: each trainer's first step "
+                  "under torch.profiler's allocation records, the live allocations at its largest instant put in "
+                  "pieces by the region they were made in; weights, adapter, optimizer state and batch counted from "
+                  "the tensors; the last row is the peak RSS of the table above less the tensors):", ""]
+    columns = [("logitstore", breakdown_result["logitstore"], compare_result["logitstore"]),
+               ("TRL + peft", breakdown_result["trl"], compare_result["trl"])]
+    if before_breakdown is not None and before is not None:
+        columns.insert(0, ("logitstore, before", before_breakdown["logitstore"], before["logitstore"]))
+    lines += ["| piece | " + " | ".join(c[0] for c in columns) + " |", "|---|" + "---:|" * len(columns)]
 
     def get(b: dict, piece: str) -> int:
         return b["held"].get(piece, 0) + b["pieces"].get(piece, 0)
 
-    total = {}
-    for name, b in (("ours", b_ours), ("trl", b_trl)):
-        total[name] = sum(b["held"].values()) + b["tracked_peak_bytes"]
     for piece in PIECES:
-        a, t = get(b_ours, piece), get(b_trl, piece)
-        if a or t:
-            lines.append(f"| {piece} | {a / gb:.3f} GB | {t / gb:.3f} GB |")
-    lines.append(f"| **tensors at the peak** | **{total['ours'] / gb:.2f} GB** | **{total['trl'] / gb:.2f} GB** |")
-    slack = {k: r["peak_rss_bytes"] - total[k] for k, r in (("ours", ours), ("trl", trl))}
-    lines.append(f"| interpreter, libraries, allocator slack (peak RSS above less the tensors) | "
-                 f"{slack['ours'] / gb:.2f} GB | {slack['trl'] / gb:.2f} GB |")
+        values = [get(b, piece) for _, b, _ in columns]
+        if any(values):
+            lines.append(f"| {piece} | " + " | ".join(f"{v / gb:.3f} GB" for v in values) + " |")
+    totals = [sum(b["held"].values()) + b["tracked_peak_bytes"] for _, b, _ in columns]
+    lines.append("| **tensors at the peak** | " + " | ".join(f"**{t / gb:.2f} GB**" for t in totals) + " |")
+    lines.append("| interpreter, libraries, allocator slack | " +
+                 " | ".join(f"{(r['peak_rss_bytes'] - t) / gb:.2f} GB" for (_, _, r), t in zip(columns, totals)) + " |")
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -121,10 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args(argv)
     if args.what == "render":
-        compare_result, breakdown_result = (json.loads(p.read_text()) for p in args.results)
-        if compare_result["setting"] != json.loads(json.dumps(SETTING)):
+        if len(args.results) not in (2, 4):
+            parser.error("render takes COMPARE BREAKDOWN, and optionally an earlier version's two after them")
+        loaded = [json.loads(p.read_text()) for p in args.results]
+        if any(r["setting"] != json.loads(json.dumps(SETTING)) for r in loaded):
             raise SystemExit("benchmarks/memory.py: these results are not from the benchmark's setting (--smoke?)")
-        write_section(args.doc, render(compare_result, breakdown_result))
+        write_section(args.doc, render(*loaded))
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-memory-"))
     work.mkdir(parents=True, exist_ok=True)
