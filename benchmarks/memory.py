@@ -122,6 +122,38 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
     lines.append("| **tensors at the peak** | " + " | ".join(f"**{t / gb:.2f} GB**" for t in totals) + " |")
     lines.append("| interpreter, libraries, allocator slack | " +
                  " | ".join(f"{(r['peak_rss_bytes'] - t) / gb:.2f} GB" for (_, _, r), t in zip(columns, totals)) + " |")
+    ours, trl = breakdown_result["logitstore"], breakdown_result["trl"]
+    positions, layers = 2 * s["batch_size"] * s["max_length"], 12
+    act = ours["pieces"].get("activations saved for backward", 0)
+    lines += ["", "What each piece is, and why it is that size:", "",
+              f"- **weights**: the frozen base model in float32, {ours['held']['weights'] / 4e6:.0f} M parameters x 4 "
+              "bytes, the same in both: TRL's reference is these weights with the adapter switched off, not a copy.",
+              f"- **adapter weights, optimizer state**: LoRA's A and B on the 84 linear layers "
+              f"({ours['held']['adapter weights'] / 4e6:.2f} M parameters at r={s['lora_r']}) and AdamW's two moments "
+              "for each; small at this rank.",
+              f"- **activations saved for backward**: what autograd keeps from the forward pass: for each layer and "
+              "position the input of every adapted linear layer and LoRA's dropout copy of it (with its mask), the "
+              "MLP's 1,792-wide intermediates (gate, up, their activation and product), attention's queries, keys, "
+              f"values and output, the norms' inputs; {act / (positions * layers) / 1e3:.0f} kB per position per "
+              f"layer here, for {positions:,} positions x {layers} layers. The policy's forward is the same in both "
+              "trainers; gradient checkpointing is what shrinks it.",
+              "- **logits / log-softmax**: logitstore runs the LM head only at positions that score a completion "
+              "token, in slices of at most 64 MiB of float32 logits; at the peak one slice's logits and logsumexp's "
+              "temporary are live, and the backward recomputes a slice's logits and turns them into their own "
+              "gradient in place (`_LinearHeadLogps` in dpo/logps.py). Before, autograd through a checkpointed "
+              "256 MiB slice held five [2,097 x 32,000] float32 tensors at the start of the backward (the logits, "
+              "their difference from log Z, its exponential, its product with the incoming gradient and gather's "
+              "zero-filled gradient). TRL 1.16 computes log-probs with its chunked log-prob function, whose CPU "
+              "path works on 4,096-token tiles of the vocabulary's chunks.",
+              "- **reference**: nothing in logitstore: the reference is two floats per pair read from the store. TRL "
+              "runs a second forward with the adapter off under `no_grad`; its buffers live only while it runs.",
+              "- **batch tensors**: token ids and masks (int64) and the two reference floats per pair.",
+              "- **interpreter, libraries, allocator slack**: Python, torch, transformers, peft (and TRL's "
+              "imports), and memory freed by PyTorch that the C library's allocator has not returned to the system. "
+              "`logitstore train` sets glibc's mmap threshold to 1 MiB (dpo/memory.py), so that activation-sized "
+              "blocks are returned when freed; with glibc's default the same run held 1.6 GB more (5.95 GB peak "
+              "RSS).",
+              ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
 

@@ -58,7 +58,7 @@ def test_memory_section_renders_before_and_after():
     def breakdown(logits: int) -> dict:
         side = {"tracked_peak_bytes": 3_000_000_000 + logits,
                 "pieces": {"activations saved for backward": 3_000_000_000, "logits / log-softmax": logits},
-                "held": {"weights": 300_000_000}}
+                "held": {"weights": 300_000_000, "adapter weights": 4_000_000}}
         return {"setting": setting, "logitstore": side, "trl": side}
 
     text = memory.render(compare(6e9, 8e9), breakdown(100_000_000), compare(8e9, 8e9), breakdown(1_300_000_000))
