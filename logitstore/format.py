@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -187,6 +188,15 @@ def commit_file(row: np.ndarray, column: int) -> tuple[int, bytes]:
     """(size, sha256 digest) of file `column` of a commit row."""
     start = 2 + COMMIT_FILE_WORDS * column
     return int(row[start]), np.asarray(row[start + 1:start + 5], dtype="<u8").tobytes()
+
+
+def data_bytes(document_sizes: Iterable[int], plan_files: Mapping[str, Any], commits: np.ndarray) -> int:
+    """`summary.data_bytes` of a store whose shards are all committed: the recorded sizes of every file but the root
+    zarr.json (the other metadata documents, the plan files, the commit files and every shard file)."""
+    num_files = (commits.shape[1] - 2) // COMMIT_FILE_WORDS
+    shard_files = int(commits[:, 2::COMMIT_FILE_WORDS][:, :num_files].sum(dtype=np.uint64))
+    commit_files = commits.shape[0] * (8 * commits.shape[1] + 4)
+    return int(sum(document_sizes)) + sum(int(size) for size, _ in plan_files.values()) + commit_files + shard_files
 
 
 # ---- canonical JSON and the metadata every array must have -----------------------------------------------------

@@ -9,8 +9,11 @@ metadata) is refused before a byte of its data is read.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
 import math
 import os
+import re
 from typing import Any
 
 from . import format as fmt
@@ -21,6 +24,14 @@ _V2_NAMES = (".zarray", ".zgroup", ".zattrs", ".zmetadata")
 _TOKEN_DTYPES = ("uint16", "uint32")
 _LOGP_DTYPES = {"fixed": "uint16", "float16": "float16", "float32": "float32", "raw": "float32"}
 _ROOT_KEYS = {"zarr_format", "node_type", "attributes"}
+# The header's keys (docs/FORMAT.md, "Header"); a key outside these is refused, since a reader that ignored it might
+# misread a store whose meaning it changes. `complete` and `summary` are written together by finalisation.
+HEADER_KEYS = {"format_version", "num_examples", "rows_per_shard", "num_shards", "max_length", "shard_capacity",
+               "inner_chunk", "id_bytes", "fields", "shard_files", "fingerprint", "fingerprint_digest", "tokenizer",
+               "settings", "created", "plan_files", "skipped", "content_key", "provenance"}
+FINAL_KEYS = {"complete", "summary"}
+_TOKENIZER_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "vocab_size"}
+_CREATED = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,8 +129,8 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     if any(per_token) and not (all(per_token) and per_token[0].codec == per_token[1].codec  # type: ignore[union-attr]
                                and per_token[0].scale == per_token[1].scale):  # type: ignore[union-attr]
         raise FormatError("per-token fields must come as a pair with the same codec")
-    if len({ragged[name].dtype for name in fmt.TOKEN_FIELDS}) != 1:
-        raise FormatError("token id fields must share one dtype")
+    if len({(ragged[name].dtype, ragged[name].codec) for name in fmt.TOKEN_FIELDS}) != 1:
+        raise FormatError("token id fields must share one dtype and one codec")
     order = [name for name in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS if name in ragged]  # the format's order
     specs = [ragged[name] for name in order]
     shard_files = fmt.shard_file_arrays(specs)
@@ -129,21 +140,86 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     for key, kind in (("fingerprint", dict), ("tokenizer", dict), ("settings", dict), ("skipped", list)):
         if not isinstance(header.get(key), kind):
             raise FormatError(f"header {key} must be {'an object' if kind is dict else 'a list'}")
-    if not isinstance(header.get("fingerprint_digest"), str) or len(header["fingerprint_digest"]) != 64:
-        raise FormatError("header fingerprint_digest must be a SHA-256 in hex")
-    tokenizer = header["tokenizer"]
+    digest = header.get("fingerprint_digest")
+    if not _is_sha256(digest):
+        raise FormatError("header fingerprint_digest must be a SHA-256 in lowercase hex")
+    actual = hashlib.sha256(fmt.canonical_json(header["fingerprint"])).hexdigest()
+    if digest != actual:
+        raise FormatError(f"header fingerprint_digest {digest[:12]}... is not the SHA-256 of the fingerprint "
+                          f"({actual[:12]}...): the fingerprint was edited")
+    _check_tokenizer(header["tokenizer"])
+    _check_created(header.get("created"))
+    _check_skipped(header["skipped"])
+    _check_content_key(header.get("content_key"))
+    _check_provenance(header.get("provenance"), n)
+    unknown = sorted(set(header) - HEADER_KEYS - FINAL_KEYS)
+    if unknown:
+        raise FormatError(f"unknown header key {_short(unknown[0])} (format version {fmt.FORMAT_VERSION} has no such "
+                          "key)")
+    if "complete" in header and header["complete"] is not True:
+        raise FormatError("header complete must be true when present")
+    if ("complete" in header) != ("summary" in header):
+        raise FormatError("header complete and summary come together (finalisation writes both)")
+    if "summary" in header:
+        _check_summary(header["summary"], geometry)
+    return geometry, {spec.name: spec for spec in specs}, shard_files
+
+
+def _check_tokenizer(tokenizer: dict[str, Any]) -> None:
+    unknown = sorted(set(tokenizer) - _TOKENIZER_KEYS)
+    if unknown:
+        raise FormatError(f"header tokenizer has the unknown key {_short(unknown[0])} (allowed: "
+                          f"{', '.join(sorted(_TOKENIZER_KEYS))})")
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = tokenizer.get(key)
         if value is not None and (type(value) is not int or not 0 <= value < 1 << 32):
             raise FormatError(f"header tokenizer.{key} must be a token id or null, got {_short(value)}")
     vocab = tokenizer.get("vocab_size")
     if vocab is not None and (type(vocab) is not int or not 0 < vocab <= 1 << 32):
-        raise FormatError(f"header tokenizer.vocab_size must be a positive integer, got {_short(vocab)}")
-    _check_content_key(header.get("content_key"))
-    _check_provenance(header.get("provenance"), n)
-    if "complete" in header and header["complete"] is not True:
-        raise FormatError("header complete must be true when present")
-    return geometry, {spec.name: spec for spec in specs}, shard_files
+        raise FormatError(f"header tokenizer.vocab_size must be an integer in [1, {1 << 32}] or null, got "
+                          f"{_short(vocab)}")
+
+
+def _check_created(created: Any) -> None:
+    """`created`: the planning time in UTC, to the second, as `YYYY-MM-DDTHH:MM:SS+00:00`."""
+    ok = isinstance(created, str) and _CREATED.fullmatch(created) is not None
+    if ok:
+        try:
+            datetime.datetime.fromisoformat(created)
+        except ValueError:
+            ok = False
+    if not ok:
+        raise FormatError(f"header created must be a UTC time as YYYY-MM-DDTHH:MM:SS+00:00, got {_short(created)}")
+
+
+def _check_skipped(skipped: list[Any]) -> None:
+    """`skipped`: one {"id", "line", "reason"} per input pair left out (id and reason strings, line from 1)."""
+    for i, entry in enumerate(skipped):
+        if not (isinstance(entry, dict) and set(entry) == {"id", "line", "reason"} and isinstance(entry["id"], str)
+                and type(entry["line"]) is int and entry["line"] >= 1 and isinstance(entry["reason"], str)):
+            raise FormatError(f"header skipped[{i}] must be {{id (a string), line (an integer from 1), reason (a "
+                              f"string)}}, got {_short(entry)}")
+
+
+_SUMMARY_COUNTS = {"tokens": fmt.TOKEN_FIELDS, "scored_tokens": ("chosen_tokens", "rejected_tokens")}
+
+
+def _check_summary(summary: Any, geometry: fmt.Geometry) -> None:
+    """`summary`'s shape; its values are checked against the stored data and commit rows by `verify`."""
+    keys = {"tokens", "scored_tokens", "clipped_values", "data_bytes"}
+    ok = isinstance(summary, dict) and set(summary) == keys
+    limit = geometry.num_examples * geometry.max_length  # tokens of one field can be no more
+    if ok:
+        for key, names in _SUMMARY_COUNTS.items():
+            part = summary[key]
+            ok = ok and isinstance(part, dict) and set(part) == set(names) and all(
+                type(v) is int and 0 <= v <= limit for v in part.values())
+        ok = ok and all(type(summary[k]) is int and 0 <= summary[k] < 1 << 63 for k in ("clipped_values",
+                                                                                         "data_bytes"))
+    if not ok:
+        raise FormatError(f"header summary must be {{tokens: {{{', '.join(fmt.TOKEN_FIELDS)}}}, scored_tokens: "
+                          f"{{chosen_tokens, rejected_tokens}}, clipped_values, data_bytes}} with counts from 0, "
+                          f"got {_short(summary)}")
 
 
 def _check_content_key(entry: Any) -> None:

@@ -567,7 +567,12 @@ def read_commit_row(loc: Location, shard: int, width: int) -> np.ndarray | None:
     if google_crc32c.value(data[:payload]) != int.from_bytes(data[payload:], "little"):
         return None
     row = np.frombuffer(data[:payload], dtype="<u8").astype(np.uint64)
-    return row if row[0] == 1 else None
+    if row[0] == 1:
+        return row
+    if row.any():  # intact (its CRC holds) yet neither a commit nor the all-zero "not committed": not a torn write
+        raise DamagedFileError(f"{loc.url}: commit record of shard {shard} starts with {int(row[0])}, neither 1 "
+                               "(committed) nor an all-zero row (not committed)")
+    return None
 
 
 def store_digest(documents: dict[str, bytes], commits: np.ndarray) -> str:

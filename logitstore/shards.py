@@ -99,6 +99,8 @@ def _decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes:
         from numcodecs import zstd
 
         declared = zstd_content_size(data)
+        if declared is None:
+            raise FormatError(f"zstd chunk declares no decoded size (the format requires it: {expected_bytes} bytes)")
         if declared != expected_bytes:
             raise FormatError(f"zstd chunk declares {declared} bytes, expected {expected_bytes}")
         out = bytearray(expected_bytes)

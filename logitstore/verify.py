@@ -73,8 +73,8 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     report.committed_shards = int(committed.sum())
     if not committed.all():
         missing = np.flatnonzero(~committed).tolist()
-        report.problems.append(f"incomplete: {len(missing)} of {g.num_shards} shards not written "
-                               f"(first: {missing[0]})")
+        report.problems.append(f"{'damaged: the header says complete but' if header.get('complete') else 'incomplete:'} "
+                               f"{len(missing)} of {g.num_shards} shards not written (first: {missing[0]})")
     elif not header.get("complete"):
         report.problems.append("incomplete: every shard is written but the store was never finalised")
     report.problems += _stray_entries(store)
@@ -111,9 +111,34 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
 
     try:
         _check_values(store, report)
+        if header.get("complete") and committed.all():
+            report.problems += _summary_problems(store)
     except LogitstoreError as exc:
         report.problems.append(str(exc))
     return report
+
+
+def _summary_problems(store: Any) -> list[str]:
+    """`summary` must be what the stored data and the commit rows say (docs/FORMAT.md, "Summary")."""
+    table = store.commit_table()
+    rows = np.arange(len(store))
+    values = store.row_values(rows)
+    documents = [len(raw) for key, raw in store._meta.documents.items() if key != "zarr.json"]
+    actual = {
+        "tokens": {name: int(np.diff(store.offsets(name)[rows], axis=1).sum()) for name in fmt.TOKEN_FIELDS},
+        "scored_tokens": {name: int(values[name].astype(np.int64).sum()) for name in ("chosen_tokens",
+                                                                                       "rejected_tokens")},
+        "clipped_values": int(table[:, 1].sum(dtype=np.uint64)),
+        "data_bytes": fmt.data_bytes(documents, store.header["plan_files"], table),
+    }
+    stated = store.header["summary"]
+    problems = []
+    for key, value in actual.items():
+        if stated[key] != value:
+            source = "the commit rows" if key in ("clipped_values", "data_bytes") else "the stored data"
+            problems.append(f"summary.{key} is {fmt.canonical_json(stated[key]).decode()}, but {source} give "
+                            f"{fmt.canonical_json(value).decode()}")
+    return problems
 
 
 def _file_problem(loc: Any, key: str, size: int, sha: bytes) -> bool:

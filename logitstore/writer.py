@@ -35,6 +35,9 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
 def _created_time() -> str:
     # SOURCE_DATE_EPOCH makes a rebuilt store byte-for-byte reproducible (reproducible-builds.org convention).
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and not (epoch.isascii() and epoch.isdigit() and int(epoch) < 253402300800):  # before year 10000
+        raise LogitstoreError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970-01-01 UTC (an integer from 0), "
+                              f"got {epoch!r}")
     when = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
             else datetime.datetime.now(datetime.timezone.utc))
     return when.replace(microsecond=0).isoformat()
@@ -183,10 +186,10 @@ class StoreWriter:
                 tokens[spec.name] = int((off[:, 1] - off[:, 0]).sum())
         scored = {name: int(np.asarray(self._group[name][:], dtype=np.int64).sum())
                   for name in ("chosen_tokens", "rejected_tokens")}
-        data_bytes = self.loc.total_bytes() - (self.loc.file_size("zarr.json") or 0)
-        clipped = int(self._group["commits"][:, 1].sum())
-        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": clipped,
-                   "data_bytes": int(data_bytes)}
+        commits = np.asarray(self._group["commits"][:], dtype=np.uint64)
+        documents = [len(fmt.canonical_json(doc)) for doc in fmt.metadata_documents(self.header).values()]
+        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": int(commits[:, 1].sum()),
+                   "data_bytes": fmt.data_bytes(documents, self.header["plan_files"], commits)}
         header = dict(self.header, complete=True, summary=summary)
         write_root(self.loc, header)
         self.header = header

@@ -110,7 +110,13 @@ def write_from_the_document(path: Path, ids: list[str], rows: dict, rps: int = 4
         "settings": {}, "created": "2026-01-01T00:00:00+00:00", "skipped": [],
         "plan_files": {key: [(path / key).stat().st_size, hashlib.sha256((path / key).read_bytes()).hexdigest()]
                        for key in plan_keys.values()},
-        "complete": True, "summary": {},
+        "complete": True,
+        "summary": {  # token totals, clipped fixed-point values (none here), bytes of every file but the root's
+            "tokens": {f: int(sum(len(s) for s in rows[f])) for f in fields},
+            "scored_tokens": {f"{side}_tokens": int(np.sum(rows[f"{side}_tokens"])) for side in ("chosen", "rejected")},
+            "clipped_values": 0,
+            "data_bytes": sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and p != path / "zarr.json"),
+        },
     }
     (path / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
                                                 "attributes": {"logitstore": header}}, indent=2))
