@@ -408,7 +408,10 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "LoRA adapter (not with --quantize); the store replaces the reference model's copy.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA's dropout, in effect with "
+              "--keep-dropout.")
+@click.option("--disable-dropout/--keep-dropout", default=True, show_default=True, help="Dropout off in the policy, "
+              "as TRL's DPOTrainer does by default (disable_dropout): no dropped copies held for backward.")
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Train LoRA on the model in bitsandbytes NF4 "
               "(QLoRA).")

@@ -61,7 +61,8 @@ class TrainConfig:
     discopop_tau: float | None = None
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # in effect only with disable_dropout=False
+    disable_dropout: bool = True  # TRL's DPOConfig default: every dropout in the policy off, LoRA's included
     target_modules: str = "all-linear"
     quantize: str | None = None
     dtype: str = "auto"  # resolved by dpo.models.resolve_dtype when training starts
@@ -137,12 +138,22 @@ def setup_policy(cfg: TrainConfig) -> Any:
     if not cfg.lora:
         if cfg.adapter is not None:
             model = model.merge_and_unload()
-        return model.requires_grad_(True)
+        return without_dropout(model.requires_grad_(True), cfg)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                  lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                  task_type="CAUSAL_LM"))
+    return without_dropout(model, cfg)
+
+
+def without_dropout(model: Any, cfg: TrainConfig) -> Any:
+    """As TRL's DPOTrainer does by default (disable_dropout): p = 0 in every dropout module, which then returns its
+    input as is, so the forward keeps no dropped copy of each adapted layer's input and no mask for backward."""
+    if cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     return model
 
 

@@ -48,6 +48,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(byte_model, me
     results = []
     for checkpointing in (False, True):
         cfg = TrainConfig(model=str(byte_model), store=str(medical), out="unused", lora_dropout=0.1,
+                          disable_dropout=False,
                           gradient_checkpointing=checkpointing, dtype="float32")
         torch.manual_seed(0)
         model = setup_policy(cfg)

@@ -105,3 +105,29 @@ def test_freed_cpu_memory_goes_back_to_the_system():
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         pytest.skip("a glibc setting")
     assert memory.return_freed_memory() is True
+
+
+def test_dropout_is_off_by_default_as_in_trl(byte_model, store):
+    """TRL's DPOTrainer sets p = 0 in every dropout module (disable_dropout=True); so does training here, unless
+    --keep-dropout: then LoRA's dropout runs, and the forward keeps a dropped copy and a mask for each adapted
+    layer's input."""
+    from logitstore.dpo.train import setup_policy
+
+    saved: dict[bool, set[int]] = {}
+    for disable in (True, False):
+        cfg = TrainConfig(model=str(byte_model), store=str(store), out="unused", lora_dropout=0.1,
+                          disable_dropout=disable)
+        model = setup_policy(cfg).train()
+        rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+        assert rates == ({0.0} if disable else {0.1})
+        saved[disable] = set()
+
+        def pack(t: torch.Tensor, into=saved[disable]) -> torch.Tensor:
+            into.add(t.untyped_storage().data_ptr())
+            return t
+
+        torch.manual_seed(0)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(0, 200, (2, 16))).logits.sum().backward()
+        adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert adapted > 0 and len(saved[False]) >= len(saved[True]) + adapted
