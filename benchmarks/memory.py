@@ -92,8 +92,8 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
              f"synthetic pairs whose every sequence reaches the {s['max_length']}-token limit, so both trainers meet "
              "the same batch shapes. Each trainer runs in its own process; peak RSS is that process's maximum "
              "resident set size (model load included, what the operating system counts); step time is the median "
-             "after the first step. Both ran one math thread each, one after the other, on the 2-core machine of this "
-             "page while other jobs shared it: step times are noisy, their ratio less so.", "",
+             "after the first step. Each ran one math thread on the 2-core machine of this page while other jobs "
+             "shared it: step times are noisy.", "",
              "| trainer | peak RSS | vs TRL | step time | vs TRL | step-0 loss |", "|---|---:|---:|---:|---:|---:|"]
     names = ["logitstore train", "TRL DPOTrainer + peft"]
     if before is not None:
@@ -101,6 +101,9 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
             lines.append(f"| {name}, before | {row} |")
     for name, row in zip(names, _table(compare_result)):
         lines.append(f"| {name}{', after' if before is not None else ''} | {row} |")
+    for note in (compare_result.get("note"), compare_result.get("timing_note")):
+        if note:
+            lines += ["", note]
     lines += ["", "Where one step's peak goes (`python benchmarks/memory.py breakdown`: each trainer's first step "
                   "under torch.profiler's allocation records, the live allocations at its largest instant put in "
                   "pieces by the region they were made in; weights, adapter, optimizer state and batch counted from "
