@@ -407,8 +407,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         distributed.barrier()
     bar.close()
 
-    result: dict[str, Any] = {"steps": step, "out": str(out), "peak_memory": meter.summary(),
-                              "peak_memory_gib": meter.peak_bytes() / 2**30}
+    result: dict[str, Any] = {"steps": step, "out": str(out)}
     if main:
         if cfg.eval_store:
             final = evaluate(model, cfg.eval_store, cfg, device)
@@ -422,5 +421,6 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
 
             result["plot"] = str(plot_metrics(out / "metrics.jsonl", out / "metrics.png"))
         result["history"] = history
+    result["peak_memory"], result["peak_memory_gib"] = meter.summary(), meter.peak_bytes() / 2**30  # the run's
     distributed.barrier()
     return result
