@@ -154,14 +154,19 @@ def cli() -> None:
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Tokens of prompt + completion (TRL's default); completions are cut at the end.")
 @click.option("--max-prompt-length", type=click.IntRange(min=1), help="Keep only the last N prompt tokens.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Most pairs per forward pass (pairs are batched by length, also under --batch-tokens).")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True,
               help="Token budget per batch (chosen + rejected, padded).")
 @click.option("--per-token", is_flag=True, help="Also store per-token log-probs.")
 @click.option("--codec", type=click.Choice(fmt.LOGP_CODECS), default="fixed", show_default=True,
               help="Per-token codec preset (docs/FORMAT.md).")
-@click.option("--token-codec", type=click.Choice(fmt.TOKEN_CODECS), default="zstd", show_default=True)
-@click.option("--rows-per-shard", type=click.IntRange(min=1), default=fmt.ROWS_PER_SHARD, show_default=True)
+@click.option("--token-codec", type=click.Choice(fmt.TOKEN_CODECS), default="zstd", show_default=True,
+              help="Codec of the stored token ids: zstd, or raw (uncompressed).")
+@click.option("--rows-per-shard", type=click.IntRange(min=1),
+              help=f"Pairs per shard, the unit a build commits (an interruption loses at most the shard in progress). "
+              f"Default: about {fmt.SHARD_POSITIONS:,} positions through the model per shard, {fmt.MIN_BUILD_ROWS} to "
+              f"{fmt.ROWS_PER_SHARD} pairs, from the data's lengths.")
 @click.option("--prompt-sharing/--no-prompt-sharing", "share_prompt", default=False, show_default=True,
               help="Run each prompt once and score both completions from its KV cache, where that saves padded "
               "positions. Off by default: one pass over prompt+completion measured faster on GPU and CPU "
@@ -179,7 +184,8 @@ def cli() -> None:
 def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
 
-    Interrupted builds resume: run the same command again.
+    Interrupted builds resume: run the same command again. Shards are committed one by one, so Ctrl-C or a crash
+    loses at most the shard in progress (see --rows-per-shard).
 
     \b
     Examples:
@@ -207,7 +213,8 @@ def build(quiet: bool, **options: Any) -> None:
 @click.option("--data", type=click.Path(), help="The data the store was built from (with --model).")
 @click.option("--adapter", help="The adapter the store was built with (local folder or Hub name).")
 @adapter_revision_option
-@click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--sample", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Pairs to recompute with --model.")
 @click.option("--tolerance", type=float, default=1e-3, show_default=True, help="Nats per sequence sum.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @expect_digest_option
@@ -218,7 +225,7 @@ def verify(store: str, model: str | None, revision: str | None, data: str | None
            storage_options: dict[str, Any] | None) -> None:
     """Check a store: structure, completeness, every checksum, sane values.
 
-    Exit status: 0 sound, 1 problems found, 2 usage error.
+    Exit status: 0 sound; 1 problems found, or no store at STORE; 2 usage error (an unknown or missing option).
 
     \b
     Examples:
@@ -274,9 +281,10 @@ def info(store: str, as_json: bool, expect_digest: str | None, storage_options: 
 
 @cli.command()
 @click.argument("store")
-@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True)
+@click.option("--to", "to", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="trl: a datasets folder for TRL's DPOTrainer; parquet: one file.")
 @click.option("--data", required=True, type=click.Path(), help="The data the store was built from.")
-@click.option("--split")
+@click.option("--split", help="Split of a datasets folder given as --data (default: its only split).")
 @click.option("--out", required=True, type=click.Path(), help="Output folder (trl) or file.")
 @expect_digest_option
 @storage_option
@@ -373,16 +381,23 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--eval-store", help="Store to evaluate on.")
 @click.option("--adapter", help="Continue training this peft adapter (local folder or Hub name).")
 @adapter_revision_option
-@click.option("--max-steps", type=click.IntRange(min=1))
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=float, default=5e-5, show_default=True)
-@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True)
-@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True)
-@click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs over the store).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Passes over the store (without --max-steps).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Pairs per forward pass (per rank under torchrun).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batches per optimizer step.")
+@click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Steps of linear warmup to --lr.")
+@click.option("--schedule", type=click.Choice(SCHEDULES), default="linear", show_default=True,
+              help="Learning rate after warmup.")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
+              help="paged_adamw_8bit keeps Adam's moments in 8 bits (bitsandbytes, the quantize extra).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="AdamW's decoupled weight decay.")
+@click.option("--grad-clip", type=float, default=1.0, show_default=True,
+              help="Clip the gradient norm to this (0: no clipping).")
 @click.option("--beta", type=float, default=0.1, show_default=True, help="Strength of the pull to the reference "
               "(IPO's τ for ipo).")
 @click.option("--loss", default="sigmoid", show_default=True, callback=_loss_types, metavar="TYPE[,TYPE...]",
@@ -406,27 +421,32 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "arXiv:2406.08414; default 0.05).")
 @click.option("--lora/--no-lora", default=True, show_default=True, help="--no-lora trains every weight instead of a "
               "LoRA adapter (not with --quantize); the store replaces the reference model's copy.")
-@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="LoRA's dropout, in effect with "
-              "--keep-dropout.")
+@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True,
+              help="LoRA scaling numerator (the update is scaled by alpha / r).")
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="Dropout on the LoRA input, in effect "
+              "with --keep-dropout.")
 @click.option("--disable-dropout/--keep-dropout", default=True, show_default=True, help="Dropout off in the policy, "
               "as TRL's DPOTrainer does by default (disable_dropout): no dropped copies held for backward.")
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Train LoRA on the model in bitsandbytes NF4 "
               "(QLoRA).")
 @dtype_option
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @attention_option
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less "
               "memory, same loss.")
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
-@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="DataLoader worker processes reading the store (0: the training process reads).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the LoRA init, dropout and batch "
+              "order.")
 @click.option("--log-every", type=click.IntRange(min=1), default=10, show_default=True,
               help="Log every N optimizer steps, and the first and the last.")
-@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Evaluate on --eval-store every N steps (0: only at the end).")
+@click.option("--save-every", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Write a checkpoint every N steps, for --resume (0: none).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --out.")
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @expect_digest_option
@@ -461,16 +481,20 @@ def train(**kw: Any) -> None:
         result = run_train(cfg, progress=not quiet, log=click.echo)
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
+    plot = f" (plot: {result['plot']})" if result.get("plot") else ""
+    peak = result["peak_memory"]
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
-               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}. "
-               f"{result['peak_memory'][0].upper()}{result['peak_memory'][1:]}.")
+               f"{peak[0].upper()}{peak[1:]}. {saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}{plot}.")
 
 
 @cli.command()
-@click.option("--out", default="demo-out", show_default=True, type=click.Path(), help="Folder for everything.")
-@click.option("--pairs", type=click.IntRange(min=20, max=320), default=320, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
-@click.option("--quiet", is_flag=True)
+@click.option("--out", default="demo-out", show_default=True, type=click.Path(), help="Folder for everything; an "
+              "earlier demo's folder is replaced (it says so), any other existing folder refused.")
+@click.option("--pairs", type=click.IntRange(min=20, max=320), default=320, show_default=True,
+              help="Bundled pairs to use (a tenth for evaluation).")
+@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True, help="Training steps.")
+@click.option("--quiet", is_flag=True, help="Print only errors and the demo's own lines (no progress bars or "
+              "library warnings).")
 @debug_option
 def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
     """Make a tiny model, build stores from bundled medical pairs, verify, train, and report.
@@ -484,6 +508,22 @@ def demo(out: str, pairs: int, steps: int, quiet: bool) -> None:
 
     with _quiet(quiet):
         run_demo(out, pairs=pairs, steps=steps, log=click.echo, progress=not quiet)
+
+
+_RESUME = {
+    "build": "run the same command again to resume: committed shards are kept, only the shard in progress is redone",
+    "subset": "run the same command again to resume: committed shards are kept",
+    "merge": "run the same command again to resume: committed shards are kept",
+    "train": "checkpoints written with --save-every are kept; add --resume to continue from the latest",
+}
+
+
+def _interrupted(argv: list[str] | None) -> str:
+    """The line Ctrl-C ends a command with: what is kept and how to go on."""
+    args = sys.argv[1:] if argv is None else argv
+    command = next((a for a in args if not a.startswith("-")), "")
+    hint = _RESUME.get(command)
+    return f"Interrupted; {hint}." if hint else "Interrupted."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -503,11 +543,14 @@ def main(argv: list[str] | None = None) -> None:
             raise
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            click.echo(_interrupted(argv), err=True)
+            sys.exit(130)
         click.echo("Aborted.", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("Interrupted; run the same command again to resume.", err=True)
+        click.echo(_interrupted(argv), err=True)
         sys.exit(130)
     except (LogitstoreError, OSError) as exc:
         if _DEBUG:

@@ -53,6 +53,25 @@ def pickle_alternative_bytes(store: Any) -> int:
     return int(positions.sum()) * vocab * 4
 
 
+DEMO_ENTRIES = ("model", "train.jsonl", "eval.jsonl", "train.lstore", "eval.lstore", "run")
+
+
+def _earlier_demo(out: Path) -> list[str]:
+    """What an earlier demo left in `out` (to be replaced); refuses a folder holding anything else."""
+    from logitstore.errors import LogitstoreError
+
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise LogitstoreError(f"{out} exists and is not a folder; choose another --out")
+    entries = sorted(p.name for p in out.iterdir())
+    others = [name for name in entries if name not in DEMO_ENTRIES]
+    if others:
+        raise LogitstoreError(f"{out} holds {others[0]!r}, which no demo writes; the demo replaces only an earlier "
+                              "demo's folder: choose another --out")
+    return entries
+
+
 def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: int = 8,
              log: Callable[[str], None] = print, progress: bool = True) -> dict[str, Any]:
     import warnings
@@ -68,9 +87,11 @@ def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: 
     from .train import TrainConfig, train
 
     out = Path(out)
-    if out.exists():
+    replacing = _earlier_demo(out)
+    if replacing:
+        log(f"Replacing the earlier demo in {out} ({', '.join(replacing)}).")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     model = make_tiny_model(out / "model")
     train_data, eval_data = split_data(out, pairs)
     log(f"1/4 Made a tiny model (random weights) in {model} and split {pairs} bundled pairs into "

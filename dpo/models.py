@@ -257,6 +257,32 @@ def check_attention(attn_implementation: str, *, device: str, dtype: str) -> Non
         raise ModelError("flash_attention_2 computes in bfloat16 or float16, not float32; pass --dtype bfloat16")
 
 
+@contextlib.contextmanager
+def peft_wrapping() -> Any:
+    """peft (0.21) asks a transformers (5.x) model `is_gradient_checkpointing`, which transformers deprecated in
+    favour of `is_activation_checkpointing` and warns about at every wrap: the user can do nothing about it, so that
+    one warning is dropped (every other warning still shows)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def check_model_extras(*, quantize: str | None = None, adapter: Any = None, optimizer: str | None = None) -> None:
+    """Refuse, before anything is written, a run whose model options need a package that is not installed."""
+    if quantize is not None and quantize != "4bit":
+        raise ModelError(f"unknown quantization {quantize!r}; the supported one is 4bit")
+    needs = [("bitsandbytes", "--quantize 4bit", "quantize")] if quantize else []
+    if optimizer is not None and "8bit" in optimizer:
+        needs.append(("bitsandbytes", f"--optimizer {optimizer}", "quantize"))
+    if adapter is not None:
+        needs.append(("peft", "--adapter", "train"))
+    for module, option, extra in needs:
+        if importlib.util.find_spec(module) is None:
+            raise ModelError(f"{option} needs {module}, which is not installed: pip install 'logitstore[{extra}]'")
+
+
 def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "auto", quantize: str | None = None,
                device: str = "auto", adapter: str | os.PathLike[str] | ModelSource | None = None,
                trainable_adapter: bool = False, revision: str | None = None, adapter_revision: str | None = None,
@@ -273,13 +299,8 @@ def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "au
     check_attention(attn_implementation, device=device, dtype=dtype)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "attn_implementation": attn_implementation}
     if quantize is not None:
-        if quantize != "4bit":
-            raise ModelError(f"unknown quantization {quantize!r}; the supported one is 4bit")
-        try:
-            from transformers import BitsAndBytesConfig
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ModelError("--quantize 4bit needs bitsandbytes: pip install 'logitstore[quantize]'") from None
+        check_model_extras(quantize=quantize)  # 4bit only, and bitsandbytes installed
+        from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
             bnb_4bit_use_double_quant=True)
@@ -298,7 +319,8 @@ def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "au
         from peft import PeftModel
 
         adapter_path = adapter_folder(adapter, adapter_revision)
-        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable_adapter)
+        with peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=trainable_adapter)
     return model
 
 

@@ -73,7 +73,9 @@ def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
                     try:
                         yield number, json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise InputDataError(f"{path}:{number}: malformed JSON ({exc.msg})") from None
+                        at = "" if exc.msg.endswith(" at") else " at"  # "Unterminated string starting at"
+                        raise InputDataError(f"{path}:{number}: malformed JSON ({exc.msg}{at} column "
+                                             f"{exc.colno})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputDataError(f"{path}: cannot be read as UTF-8 JSON lines ({exc})") from None
     else:

@@ -29,7 +29,8 @@ from logitstore.errors import InputDataError
 
 from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
-from .models import check_attention, load_model, load_tokenizer, model_fingerprint, precision, resolve_device
+from .models import (check_attention, check_model_extras, load_model, load_tokenizer, model_fingerprint, precision,
+                     resolve_device)
 from .tokenization import TokenizedPair, tokenize_pair
 
 TOKENIZATION = "trl-1.16"
@@ -58,7 +59,7 @@ class BuildConfig:
     per_token: bool = False
     codec: str = "fixed"
     token_codec: str = "zstd"
-    rows_per_shard: int = fmt.ROWS_PER_SHARD
+    rows_per_shard: int | None = None  # None: about fmt.SHARD_POSITIONS positions a shard (fmt.build_rows_per_shard)
     share_prompt: bool = False  # one pass measured faster on GPU and CPU (docs/benchmarks.md)
     length_bucketing: bool = True
     skip_invalid: bool = False
@@ -113,12 +114,14 @@ class Plan:
     skipped: list[Skipped]
     keys: np.ndarray  # uint8 [n, 16]
     cost: np.ndarray  # int64 [n]: prompt + longer completion, in tokens
+    # int64 [n]: positions through the model in one pass over prompt + chosen and prompt + rejected
+    positions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
     """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
     examples = load_examples(cfg.data, cfg.split)
-    keep, skipped, keys, cost = [], [], [], []
+    keep, skipped, keys, cost, positions = [], [], [], [], []
     for ex in examples:
         try:
             pair = tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
@@ -131,9 +134,11 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
         keep.append(ex)
         keys.append(content_keys([pair.prompt_ids], [pair.chosen_ids], [pair.rejected_ids], SCORING)[0])
         cost.append(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
+        positions.append(2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids))
     if not keep:
         raise InputDataError(f"{cfg.data}: every pair was invalid; nothing to build")
-    return Plan(keep, skipped, np.array(keys, dtype=np.uint8), np.array(cost, dtype=np.int64))
+    return Plan(keep, skipped, np.array(keys, dtype=np.uint8), np.array(cost, dtype=np.int64),
+                np.array(positions, dtype=np.int64))
 
 
 def assign_shards(shards: list[int], cost: list[int], world: int) -> list[list[int]]:
@@ -217,6 +222,9 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     plan = plan_examples(cfg, tokenizer)
     examples, skipped = plan.examples, plan.skipped
+    if cfg.rows_per_shard is None:  # sized by the model work in a shard; the same data always gives the same size
+        cfg = dataclasses.replace(cfg, rows_per_shard=fmt.build_rows_per_shard(plan.positions))
+    check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter)  # before anything is written
     fingerprint = build_fingerprint(cfg, examples)
     check_attention(cfg.attn_implementation, device=resolve_device(cfg.device), dtype=fingerprint["precision"]["dtype"])
     per_token_specs = {s.name: s for s in fmt.ragged_specs(len(tokenizer), cfg.token_codec, cfg.per_token, cfg.codec)

@@ -26,7 +26,8 @@ from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps, token_logps
 from .losses import dpo_loss
 from .memory import PeakMeter, is_out_of_memory, return_freed_memory
-from .models import TOKENIZER_FILES, check_model_folder, load_model, model_dtype, model_fingerprint, precision
+from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
+                     model_fingerprint, peft_wrapping, precision)
 from .objective import Objective
 
 
@@ -118,6 +119,7 @@ def check_setup(cfg: TrainConfig) -> None:
     if not cfg.lora and cfg.quantize:
         raise LogitstoreError("--no-lora trains every weight, and 4-bit weights cannot be trained; drop --quantize "
                               "4bit, or train a LoRA adapter on the 4-bit model")
+    check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter, optimizer=cfg.optimizer)
 
 
 def setup_policy(cfg: TrainConfig) -> Any:
@@ -133,7 +135,10 @@ def setup_policy(cfg: TrainConfig) -> Any:
     if cfg.quantize:
         model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     if not cfg.lora:
         if cfg.adapter is not None:
@@ -141,9 +146,10 @@ def setup_policy(cfg: TrainConfig) -> Any:
         return without_dropout(model.requires_grad_(True), cfg)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 lora_dropout=cfg.lora_dropout, target_modules=targets,
-                                                 task_type="CAUSAL_LM"))
+        with peft_wrapping():
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
     return without_dropout(model, cfg)
 
 

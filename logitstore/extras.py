@@ -26,8 +26,12 @@ MODULE_EXTRAS = {
 def missing_extra(exc: ImportError) -> str | None:
     """When `exc` is a missing optional module, the end of a one-line message naming the extra that installs it
     ("needs torch, ...: pip install 'logitstore[train]'"); otherwise None."""
-    name = (getattr(exc, "name", None) or "").split(".")[0]
-    extra = MODULE_EXTRAS.get(name)
-    if not isinstance(exc, ModuleNotFoundError) or extra is None:
-        return None
-    return f"needs {name}, which the core install leaves out: pip install 'logitstore[{extra}]'"
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 8:  # fsspec raises "Install s3fs ..." from the ModuleNotFoundError
+        name = (getattr(cause, "name", None) or "").split(".")[0]
+        extra = MODULE_EXTRAS.get(name)
+        if isinstance(cause, ModuleNotFoundError) and extra is not None:
+            return f"needs {name}, which this install leaves out: pip install 'logitstore[{extra}]'"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return None

@@ -12,10 +12,14 @@ import os
 import signal
 
 FAULT_ENV = "LOGITSTORE_FAULT"
+SIGNAL_ENV = "LOGITSTORE_FAULT_SIGNAL"  # "SIGINT": a Ctrl-C at the point instead of a kill -9
 
 
 def fault_point(name: str) -> None:
-    """Die here, as `kill -9` would, if ``LOGITSTORE_FAULT`` equals `name`."""
+    """Die here, as `kill -9` would, if ``LOGITSTORE_FAULT`` equals `name` (or take a Ctrl-C here, with
+    ``LOGITSTORE_FAULT_SIGNAL=SIGINT``)."""
     if os.environ.get(FAULT_ENV) == name:
+        if os.environ.get(SIGNAL_ENV) == "SIGINT":
+            raise KeyboardInterrupt  # what Python's SIGINT handler raises at this point
         os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
         os._exit(137)  # not reached where SIGKILL exists

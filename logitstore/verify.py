@@ -73,8 +73,8 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     report.committed_shards = int(committed.sum())
     if not committed.all():
         missing = np.flatnonzero(~committed).tolist()
-        report.problems.append(f"{'damaged: the header says complete but' if header.get('complete') else 'incomplete:'} "
-                               f"{len(missing)} of {g.num_shards} shards not written (first: {missing[0]})")
+        state = "damaged: the header says complete but" if header.get("complete") else "incomplete:"
+        report.problems.append(f"{state} {len(missing)} of {g.num_shards} shards not written (first: {missing[0]})")
     elif not header.get("complete"):
         report.problems.append("incomplete: every shard is written but the store was never finalised")
     report.problems += _stray_entries(store)

@@ -144,7 +144,11 @@ def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
 
 
 BAD_INPUTS = [
-    ("{not json}\n", "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes)"),
+    ("{not json}\n",
+     "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 2)"),
+    ('{"prompt": "p, "chosen": "a"}\n', "Error: bad.jsonl:1: malformed JSON (Expecting ',' delimiter at column 17)"),
+    ('{"prompt": "p\n', "Error: bad.jsonl:1: malformed JSON (Invalid control character at column 14)"),
+    ('{"prompt": "p', "Error: bad.jsonl:1: malformed JSON (Unterminated string starting at column 12)"),
     ('{"chosen": "a"}\n', "Error: bad.jsonl:1: missing field 'rejected'"),
     ('{"prompt": "p", "chosen": 3, "rejected": "b"}\n',
      "Error: bad.jsonl:1: field 'chosen' must be a string or a list of {role, content} messages, got int"),
@@ -179,7 +183,9 @@ def test_bad_model_and_foreign_store_are_refused(mistral_model, byte_model, tmp_
                 "--quiet").returncode == 0
     other = _cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"), "--quiet")
     assert other.returncode == 1 and "Traceback" not in other.stderr
-    assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different model, tokenizer (store fingerprint ")
+    # the layout too: default shards are sized from the tokenized data
+    assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different layout, model, tokenizer (store "
+                                   "fingerprint ")
     debug = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "t"),
                  "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr

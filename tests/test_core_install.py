@@ -151,7 +151,7 @@ def test_a_command_that_needs_an_extra_names_it(core_env, tmp_path, args, extra)
     out = run(core_env, str(SCRIPT), *[a.format(**values) for a in args])
     assert out.returncode == 1
     assert out.stderr.startswith("Error: this command needs ") and out.stderr.count("\n") == 1
-    assert out.stderr.rstrip().endswith(f"which the core install leaves out: pip install 'logitstore[{extra}]'")
+    assert out.stderr.rstrip().endswith(f"which this install leaves out: pip install 'logitstore[{extra}]'")
 
 
 def test_an_import_error_no_extra_explains_is_still_one_line():

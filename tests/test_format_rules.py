@@ -315,3 +315,22 @@ def test_source_date_epoch_must_be_whole_seconds(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     fill(tmp_path / "s", n=4)
     assert header(tmp_path / "s")["created"] == "2023-11-14T22:13:20+00:00"
+
+
+def _z(n: int) -> int:
+    """docs/FORMAT.md, "Reader limits": zstd's compress bound plus a frame header."""
+    return n + n // 256 + ((131072 - n) // 2048 if n < 131072 else 0) + 64
+
+
+@pytest.mark.parametrize("codec", ["zstd", "raw"])
+def test_the_largest_file_a_record_may_give_follows_the_documented_formula(tmp_path, codec):
+    fill(tmp_path / "s", n=20, token_codec=codec)  # per-token values: fixed point (blosc)
+    s = logitstore.open(tmp_path / "s")
+    h = s.header
+    r, inner, n_inner = h["rows_per_shard"], h["inner_chunk"], h["shard_capacity"] // h["inner_chunk"]
+    b_ids = inner * 2  # uint16 token ids (vocabulary 32000)
+    b_ids = {"zstd": _z(b_ids), "raw": b_ids}[codec]
+    assert s._file_limit("chosen_logps") == _z(4 * r)
+    assert s._file_limit("chosen_ids/offsets") == s._file_limit("content_key") == _z(16 * r)
+    assert s._file_limit("chosen_ids/values") == n_inner * (b_ids + 16) + 4
+    assert s._file_limit("chosen_token_logps/values") == n_inner * (inner * 2 + 16 + 16) + 4

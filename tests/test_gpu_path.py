@@ -208,11 +208,13 @@ def test_quiet_prints_only_the_final_line(byte_model, medical, tmp_path):
     assert out.returncode == 0 and out.stderr == ""
     last = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
     line, = out.stdout.splitlines()
-    head, peak = line.split(" Peak memory ")
-    assert head == (f"Trained 2 steps; last logged loss {last['loss']:.4f}. Adapter in {tmp_path / 'run' / 'adapter'}, "
-                    f"metrics in {tmp_path / 'run' / 'metrics.jsonl'}.")
+    head, rest = line.split(" Peak memory ")
+    peak, tail = rest.split(". ", 1)
+    assert head == f"Trained 2 steps; last logged loss {last['loss']:.4f}."
+    assert tail == (f"Adapter in {tmp_path / 'run' / 'adapter'}, metrics in {tmp_path / 'run' / 'metrics.jsonl'} "
+                    f"(plot: {tmp_path / 'run' / 'metrics.png'}).")
     # The run's peak (CPU: the process's peak RSS, so saving and plotting after the last step count too).
-    assert re.fullmatch(r"\d+\.\d\d GiB \(CPU, peak RSS\)\.", peak)
+    assert re.fullmatch(r"\d+\.\d\d GiB \(CPU, peak RSS\)", peak)
     assert last["peak_memory_kind"] == "CPU, peak RSS" and float(peak.split()[0]) >= round(last["peak_memory_gib"], 2)
     loud = _cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "loud"),
                 "--max-steps", "2", "--batch-size", "4", "--optimizer", "paged_adamw_8bit")
