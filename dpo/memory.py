@@ -7,7 +7,6 @@ Running out of memory on a step becomes one line naming the peak reached and wha
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import resource
 import sys
@@ -31,26 +30,6 @@ def process_peak_rss() -> int:
     """Bytes: the most this process has held resident (Linux reports kilobytes, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
-
-
-# glibc's malloc serves a request of at least this many bytes with its own mmap, returned to the system on free.
-# Its default (128 KiB) rises to the size of each such block freed, up to 32 MiB, after which a training step's
-# activation-sized blocks come from the heap, and what a step frees stays resident as fragmented heap: measured
-# 1.6 GB of a 6.0 GB CPU training process (docs/benchmarks.md, "Training memory on CPU").
-MMAP_THRESHOLD_BYTES = 1 << 20
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-
-
-def return_freed_memory() -> bool:
-    """Make large CPU allocations go back to the system when freed (glibc; a fixed mmap threshold of 1 MiB).
-    Returns whether the C library took the setting; elsewhere (macOS, musl) nothing changes."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

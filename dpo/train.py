@@ -25,7 +25,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps, token_logps
 from .losses import dpo_loss
-from .memory import PeakMeter, is_out_of_memory, return_freed_memory
+from .memory import PeakMeter, is_out_of_memory
 from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
                      model_fingerprint, peft_wrapping, precision)
 from .objective import Objective
@@ -273,7 +273,6 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train; running out of memory becomes one line with the peak reached and what lowers it (dpo/memory.py)."""
     meter = PeakMeter()
-    return_freed_memory()  # on CPU, what a step frees leaves the process instead of idling in malloc's heap
     try:
         return _train(cfg, meter, progress=progress, log=log)
     except (RuntimeError, MemoryError) as exc:
