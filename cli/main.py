@@ -18,7 +18,7 @@ import click
 
 from logitstore.dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from logitstore.dpo.models import DTYPES
-from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES
+from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, UNPAIRED_LOSS_TYPES
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 
@@ -79,6 +79,10 @@ def _quiet(quiet: bool) -> Iterator[None]:
 def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from logitstore.dpo.objective import ObjectiveError, parse_loss_types
 
+    from logitstore.dpo.objective import UNPAIRED_LOSS_TYPES
+
+    if any(t.strip() in UNPAIRED_LOSS_TYPES for t in value.split(",")):
+        return value.strip()  # checked with the other options by objective_of
     try:
         return ",".join(parse_loss_types(value))
     except ObjectiveError as exc:
@@ -139,6 +143,13 @@ def cli() -> None:
     """
 
 
+def _kl_batch(value: int) -> int:
+    if value < 2:
+        raise click.BadParameter(f"{value}: KTO's KL term needs batches of at least 2 (TRL refuses a per-device "
+                                 "batch size of 1: the KL term would equal the reward)", param_hint="--kl-batch-size")
+    return value
+
+
 @cli.command()
 @click.option("--model", required=True, help="Causal LM: a local folder or a Hugging Face Hub name.")
 @revision_option
@@ -149,6 +160,11 @@ def cli() -> None:
 @dtype_option
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Load the reference in bitsandbytes NF4.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              help="For a reference larger than one device: spread its layers over this machine's GPUs (accelerate's "
+              "big-model inference), then the CPU, then disk, in one process.")
+@click.option("--max-memory", multiple=True, metavar="DEVICE=SIZE",
+              help="With --device-map: the most to place on a device, e.g. 0=70GiB, cpu=200GiB (repeatable).")
 @attention_option
 @click.option("--split", help="Split of a datasets folder.")
 @click.option("--max-length", type=click.IntRange(min=2), default=1024, show_default=True,
@@ -175,6 +191,10 @@ def cli() -> None:
               help="Batch pairs in data order instead of by length.")
 @click.option("--skip-invalid", is_flag=True, help="Leave out invalid pairs (recorded in the store) instead of "
               "stopping.")
+@click.option("--kl-batch-size", type=int, default=8, show_default=True, callback=lambda ctx, param, v: _kl_batch(v),
+              help="Unpaired data (prompt/completion/label): KTO's KL completions are paired within chunks of this "
+                   "many examples, as TRL's KTOTrainer pairs them within per_device_train_batch_size; train with "
+                   "this batch size.")
 @click.option("--reuse", multiple=True, metavar="STORE", help="Copy the values of pairs with the same content "
               "(token ids) from this store, built with the same model, adapter and precision; only the other pairs "
               "run through the model (repeatable).")
@@ -195,8 +215,13 @@ def build(quiet: bool, **options: Any) -> None:
           --data hh.parquet --out s3://bucket/hh.lstore --per-token --codec fixed
       logitstore build --model ./tiny --data pairs-v2.jsonl --out pairs-v2.lstore --reuse pairs.lstore
       torchrun --nproc_per_node 4 --no-python logitstore build --model M --data D --out S
+      logitstore build --model ./tiny --data thumbs.jsonl --out kto.lstore --kl-batch-size 8
+      logitstore build --model ./llama-70b --device-map auto --max-memory 0=75GiB --max-memory 1=75GiB \\
+          --data pairs.jsonl --out pairs.lstore
     """
     from logitstore.dpo.reference import BuildConfig, build as run_build
+
+    options["max_memory"] = tuple(options["max_memory"])
 
     with _quiet(quiet):
         result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
@@ -291,20 +316,24 @@ def info(store: str, as_json: bool, expect_digest: str | None, storage_options: 
 @debug_option
 def export(store: str, to: str, data: str, split: str | None, out: str, expect_digest: str | None,
            storage_options: dict[str, Any] | None) -> None:
-    """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns, matched by example ID.
+    """Write the data with `ref_chosen_logps`/`ref_rejected_logps` columns (an unpaired store: TRL KTOTrainer's
+    `ref_logps`/`ref_KL_logps`), matched by example ID.
 
     \b
     Examples:
       logitstore export pairs.lstore --to trl --data pairs.jsonl --out pairs-trl
       logitstore export pairs.lstore --to parquet --data pairs.jsonl --out pairs.parquet
+      logitstore export kto.lstore --to trl --data thumbs.jsonl --out kto-trl
     """
     import logitstore
     from logitstore.export import export as run_export
 
     from logitstore.dpo.preference_data import export_records
+    from logitstore.dpo.unpaired_data import export_records as unpaired_records
 
     opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
-    result = run_export(opened, export_records(data, split), to, out)
+    records = unpaired_records(data, split) if opened.kind.name == "unpaired" else export_records(data, split)
+    result = run_export(opened, records, to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
 
@@ -385,7 +414,7 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Passes over the store (without --max-steps).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Pairs per forward pass (per rank under torchrun).")
+              help="Pairs per micro-batch, all processes together: each of N torchrun ranks takes batch-size / N.")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True,
               help="Batches per optimizer step.")
 @click.option("--lr", type=float, default=5e-5, show_default=True, help="Peak learning rate.")
@@ -402,7 +431,12 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "(IPO's τ for ipo).")
 @click.option("--loss", default="sigmoid", show_default=True, callback=_loss_types, metavar="TYPE[,TYPE...]",
               help="TRL 1.16's loss type, or several separated by commas, summed with --loss-weights: "
-              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md).")
+              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md). On an unpaired store: "
+              f"{', '.join(UNPAIRED_LOSS_TYPES)} (KTO, its APO-zero variant, BCO).")
+@click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
+              "the desirable (label true) examples' losses, as TRL's KTOConfig.")
+@click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
+              "the undesirable (label false) examples' losses.")
 @click.option("--loss-weights", callback=_float_list, metavar="W[,W...]", help="One weight per --loss type (default "
               "1 each); MPO (arXiv:2411.10442) is --loss sigmoid,bco_pair,sft --loss-weights 0.8,0.2,1.0.")
 @click.option("--label-smoothing", type=float, default=0.0, show_default=True, help="Probability that a label is "
@@ -467,6 +501,9 @@ def train(**kw: Any) -> None:
       logitstore train --model ./tiny --store pairs.lstore --out run --loss sigmoid,bco_pair,sft \\
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
+      logitstore train --model ./tiny --store kto.lstore --out run --loss kto --batch-size 8
+      torchrun --nproc_per_node 8 --no-python logitstore train --model ./mistral-7b --no-lora \\
+          --store hh.lstore --out run --batch-size 64 --save-every 200
     """
     from logitstore.dpo.objective import ObjectiveError
     from logitstore.dpo.train import TrainConfig, objective_of, train as run_train
@@ -479,6 +516,8 @@ def train(**kw: Any) -> None:
         raise click.UsageError(str(exc)) from None
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
+    if "history" not in result:  # not rank 0 of a distributed run: rank 0 reports
+        return
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     plot = f" (plot: {result['plot']})" if result.get("plot") else ""

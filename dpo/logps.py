@@ -18,6 +18,7 @@ import torch.utils.checkpoint
 from logitstore.loader import pad_pairs
 
 from .losses import PairLogps, needed_inputs
+from .models import input_device
 from .objective import Objective
 
 LOGIT_BYTES = 64 << 20  # float32 logits of one slice (a few such buffers at once; see _LinearHeadLogps)
@@ -161,13 +162,16 @@ def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tenso
     """Per-token log-probs of the completion tokens of right-padded sequences (and log Σ p² with `sum_sq`)."""
     backbone, head, config = split_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    scored = completion_mask[:, 1:].bool()
-    labels = input_ids[:, 1:][scored]
+    # With layers spread over devices (build --device-map), the last hidden state and the LM head's output may be
+    # on other devices than the inputs; the results go back to the inputs' device. A no-op on one device.
+    scored = completion_mask[:, 1:].bool().to(hidden.device)
+    labels = input_ids[:, 1:].to(hidden.device)[scored]
     values, squares = _head_logps(hidden[:, :-1][scored], labels, head, config, sum_sq=sum_sq)
-    per_token = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, values)
+    per_token = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, values.to(hidden.device))
     if squares is not None:
-        squares = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, squares)
-    return TokenLogps(per_token, scored, squares)
+        squares = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, squares.to(hidden.device))
+        squares = squares.to(input_ids.device)
+    return TokenLogps(per_token.to(input_ids.device), scored.to(input_ids.device), squares)
 
 
 def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -236,7 +240,7 @@ def _pad(rows: list[torch.Tensor], value: int, device: Any) -> tuple[torch.Tenso
 def pair_logps_full(model: Any, prompts: list[torch.Tensor], chosen: list[torch.Tensor],
                     rejected: list[torch.Tensor], pad_id: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per-token log-probs of every scored chosen and rejected token: one forward over prompt+completion."""
-    device = next(model.parameters()).device
+    device = input_device(model)  # the first parameter's, or the first GPU of a model spread by device_map
     batch = pad_pairs(prompts, chosen, rejected, pad_id)
     ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
     with torch.no_grad(), exact_4bit(model):

@@ -234,6 +234,41 @@ def _declared_tokenizer(path: Path) -> Any:
         return None
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def input_device(model: Any) -> Any:
+    """Where a batch goes: the model's device, or for a model spread by `device_map` the first GPU it uses (the
+    CPU if none); accelerate's hooks move activations between the layers' devices, and run layers offloaded to
+    the CPU or disk there."""
+    import torch
+
+    placed = getattr(model, "hf_device_map", None)
+    if placed and len(set(placed.values())) > 1:
+        gpus = [d for d in placed.values() if d not in ("cpu", "disk")]
+        return torch.device("cuda", gpus[0]) if gpus and isinstance(gpus[0], int) else \
+            torch.device(gpus[0] if gpus else "cpu")
+    return next(model.parameters()).device
+
+
+def parse_max_memory(items: tuple[str, ...] | list[str]) -> dict[int | str, str]:
+    """`--max-memory` values ("0=20GiB", "cuda:1=70GiB", "cpu=60GiB", "disk=1TB") as accelerate's max_memory."""
+    from accelerate.utils import convert_file_size_to_int
+
+    limits: dict[int | str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().removeprefix("cuda:")
+        if not sep or not (key.isdigit() or key in ("cpu", "disk")):
+            raise ModelError(f"--max-memory {item!r}: write DEVICE=SIZE, DEVICE a GPU index (0, cuda:0), cpu or disk")
+        try:
+            convert_file_size_to_int(value.strip())
+        except (ValueError, TypeError):
+            raise ModelError(f"--max-memory {item!r}: {value.strip()!r} is not a size (20GiB, 500MB)") from None
+        limits[int(key) if key.isdigit() else key] = value.strip()
+    return limits
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -286,9 +321,14 @@ def check_model_extras(*, quantize: str | None = None, adapter: Any = None, opti
 def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "auto", quantize: str | None = None,
                device: str = "auto", adapter: str | os.PathLike[str] | ModelSource | None = None,
                trainable_adapter: bool = False, revision: str | None = None, adapter_revision: str | None = None,
-               attn_implementation: str = "sdpa") -> Any:
+               attn_implementation: str = "sdpa", device_map: str | None = None,
+               max_memory: dict[int | str, str] | None = None, offload_folder: str | None = None) -> Any:
     """A causal LM from a local folder or the Hub, optionally 4-bit (bitsandbytes NF4, computing in `dtype`) and
-    with a peft adapter applied. `dtype` "auto" is :func:`model_dtype`'s choice."""
+    with a peft adapter applied. `dtype` "auto" is :func:`model_dtype`'s choice.
+
+    `device_map` ("auto", "balanced", "sequential", ...) spreads the layers over the machine's GPUs with accelerate's
+    big-model inference, then the CPU, then `offload_folder` on disk, within `max_memory` per device
+    ({0: "20GiB", "cpu": "60GiB"}); for a reference model larger than one device."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -305,11 +345,13 @@ def load_model(folder: str | os.PathLike[str] | ModelSource, *, dtype: str = "au
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch_dtype,
             bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": device}
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{path}: cannot load a causal LM ({str(exc).splitlines()[0][:200]})") from None
-    if quantize is None:
+    if quantize is None and device_map is None:
         model.to(device)
     # A 4-bit model keeps its norms, embeddings and head in `dtype`: no float32 copies as peft's
     # prepare_model_for_kbit_training makes (TRL makes none either). A float32 embedding carries a float32 residual

@@ -151,3 +151,60 @@ def _check(o: Objective) -> None:
     if o.ld_alpha is not None and not (math.isfinite(o.ld_alpha) and 0.0 <= o.ld_alpha <= 1.0):
         # TRL documents the range; 1.0 weighs the tail fully (plain DPO), 0.0 drops it.
         raise ObjectiveError(f"ld_alpha must be in [0.0, 1.0], got {o.ld_alpha}")
+
+
+# ---- unpaired objectives (thumbs up / thumbs down): computed by dpo/unpaired_losses.py -------------------------
+
+UNPAIRED_PAPERS = {
+    "kto": "KTO, Ethayarajh et al. 2024, arXiv:2402.01306",
+    "apo_zero_unpaired": "APO, D'Oosterlinck et al. 2024, arXiv:2408.06266 (unpaired variant, TRL's KTOTrainer)",
+    "bco": "BCO, Jung et al. 2024, arXiv:2404.04656",
+}
+UNPAIRED_LOSS_TYPES = tuple(UNPAIRED_PAPERS)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnpairedObjective:
+    """What KTO-style training optimises on an unpaired store. Defaults are TRL 1.16's KTOConfig's."""
+
+    loss_type: str = "kto"
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in UNPAIRED_LOSS_TYPES:
+            raise ObjectiveError(f"unknown unpaired loss {self.loss_type!r}; choose from "
+                                 f"{', '.join(UNPAIRED_LOSS_TYPES)}")
+        for name in ("beta", "desirable_weight", "undesirable_weight"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value > 0):
+                raise ObjectiveError(f"{name.replace('_', ' ')} must be a positive number, got {value}")
+            object.__setattr__(self, name, value)
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the loss reads the KL completions (TRL's `calculate_KL`): it then trains in the store's chunks."""
+        return self.loss_type == "kto"
+
+    ld_alpha = None  # what the training loop asks every objective
+    use_weighting = False
+
+
+def unpaired_objective(loss: str | Sequence[str], *, beta: float, desirable_weight: float, undesirable_weight: float,
+                       dpo_options: dict[str, object]) -> UnpairedObjective | None:
+    """The unpaired objective `loss` names, or None for DPO losses (which refuse the unpaired weights).
+    `dpo_options` are the DPO-only options as given (name -> value, None or default when unset)."""
+    types = tuple(t.strip() for t in loss.split(",")) if isinstance(loss, str) else tuple(loss)
+    unpaired = [t for t in types if t in UNPAIRED_LOSS_TYPES]
+    if not unpaired:
+        if (desirable_weight, undesirable_weight) != (1.0, 1.0):
+            raise ObjectiveError(f"desirable and undesirable weights apply to the unpaired losses "
+                                 f"({', '.join(UNPAIRED_LOSS_TYPES)}), not to {', '.join(types)}")
+        return None
+    if len(types) > 1:
+        raise ObjectiveError(f"{unpaired[0]} trains on an unpaired store and cannot be combined with other losses")
+    for name, value in dpo_options.items():
+        if value not in (None, False, 0.0, "reverse_kl"):
+            raise ObjectiveError(f"{name} does not apply to {types[0]} (a DPO option)")
+    return UnpairedObjective(types[0], beta, desirable_weight, undesirable_weight)

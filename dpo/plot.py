@@ -16,6 +16,8 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
+    if rows and "rewards/accuracies" not in rows[0]:  # an unpaired loss: no pairs to rank
+        panels = [("loss", "loss"), ("kl", "KL estimate (KTO's z0)"), ("rewards/chosen", "desirable reward")]
     for ax, (key, title) in zip(axes, panels):
         ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label="train")
         eval_key = "eval/loss" if key == "loss" else "eval/" + key.replace("/", "_")

@@ -112,6 +112,10 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
         where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "completion" in record or "label" in record:
+            raise InputDataError(f"{where}: an unpaired record (completion/label) in preference-pair data (the "
+                                 f"first record, line {out[0].line if out else line}, is a pair); keep pairs and "
+                                 "unpaired examples in separate files")
         for field in ("chosen", "rejected"):
             if field not in record or record[field] is None:
                 raise InputDataError(f"{where}: missing field {field!r}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,20 +24,27 @@ import numpy as np
 import logitstore
 from logitstore import derive
 from logitstore import format as fmt
+from logitstore import kinds
 from logitstore.describe import human_bytes
 from logitstore.content_key import content_keys
 from logitstore.errors import InputDataError
 
 from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
-from .models import (check_attention, check_model_extras, load_model, load_tokenizer, model_fingerprint, precision,
-                     resolve_device)
+from .models import (check_attention, check_model_extras, input_device, load_model, load_tokenizer, model_fingerprint,
+                     parse_max_memory, precision, resolve_device)
 from .tokenization import TokenizedPair, tokenize_pair
+from .unpaired_data import UnpairedExample, data_kind, load_unpaired, pair_kl, tokenize_example
+from .unpaired_data import data_digest as unpaired_digest
 
 TOKENIZATION = "trl-1.16"
 # How a pair's values follow from its token ids, apart from the model: enters every content key. Change it when
 # the scoring rule changes (which tokens are scored, how), so that old values are no longer reused.
 SCORING = {"scorer": "logitstore completion log-probs", "version": 1}
+# Unpaired stores score prompt + completion and prompt + KL completion by the same rule; their keys hash those three
+# sequences, and the kind keeps them apart from pairs' keys.
+SCORING_UNPAIRED = dict(SCORING, kind="unpaired")
+DEFAULT_KL_BATCH_SIZE = 8  # TRL's default per_device_train_batch_size, whose chunks KTOTrainer pairs within
 
 
 @dataclasses.dataclass
@@ -51,6 +59,8 @@ class BuildConfig:
     revision: str | None = None  # of a Hub model name
     adapter_revision: str | None = None
     attn_implementation: str = "sdpa"
+    device_map: str | None = None  # "auto": layers over the GPUs, then CPU, then disk (accelerate big-model inference)
+    max_memory: tuple[str, ...] = ()  # per device with device_map: "0=20GiB", "cpu=60GiB"
     split: str | None = None
     max_length: int = 1024
     max_prompt_length: int | None = None
@@ -65,6 +75,7 @@ class BuildConfig:
     skip_invalid: bool = False
     storage_options: dict[str, Any] | None = None
     reuse: tuple[str, ...] = ()  # stores whose matching pairs are copied instead of computed
+    kl_batch_size: int = DEFAULT_KL_BATCH_SIZE  # unpaired data: the chunk KL completions are paired within
 
 
 @dataclasses.dataclass
@@ -80,27 +91,32 @@ class BuildResult:
     computed: int = 0  # pairs of the store whose values the model computes (in this run or an earlier one)
     reused: int = 0  # pairs of the store whose values are copied from other stores
     pairs_scored: int = 0  # pairs this process ran through the model in this run
+    unit: str = "pair"  # "example" for an unpaired store
 
     def summary(self) -> str:
         counts = f"{self.computed} computed, {self.reused} reused"
+        units = f"{self.unit}s"
         if self.already_complete:
-            return f"{self.path} is already complete ({self.examples} pairs: {counts}); nothing to do."
+            return f"{self.path} is already complete ({self.examples} {units}: {counts}); nothing to do."
         per_pair = self.store_bytes / max(self.examples, 1)
         rate = self.tokens / self.seconds if self.seconds > 0 else float("nan")
         skipped = f", {self.skipped} skipped" if self.skipped else ""
-        return (f"Built {self.path}: {self.examples} pairs ({counts}){skipped}, {self.shards_written} "
+        return (f"Built {self.path}: {self.examples} {units} ({counts}){skipped}, {self.shards_written} "
                 f"shard{'' if self.shards_written == 1 else 's'} written, {self.pairs_scored} "
-                f"pair{'' if self.pairs_scored == 1 else 's'} ({self.tokens:,} tokens) scored in "
+                f"{self.unit}{'' if self.pairs_scored == 1 else 's'} ({self.tokens:,} tokens) scored in "
                 f"{self.seconds:.1f} s ({rate:,.0f} tokens/s); store size "
-                f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per pair).")
+                f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per {self.unit}).")
 
 
-def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> dict[str, Any]:
+def build_fingerprint(cfg: BuildConfig, examples: list[Any]) -> dict[str, Any]:
     fp = model_fingerprint(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize,
                            revision=cfg.revision, adapter_revision=cfg.adapter_revision, device=cfg.device)
     fp["tokenization"] = {"scheme": TOKENIZATION, "max_length": cfg.max_length,
                           "max_prompt_length": cfg.max_prompt_length, "truncation": "keep_start"}
-    fp["data"] = {"examples": len(examples), "sha256": data_digest(examples)}
+    unpaired = isinstance(examples[0], UnpairedExample)
+    fp["data"] = {"examples": len(examples), "sha256": unpaired_digest(examples) if unpaired else data_digest(examples)}
+    if unpaired:  # KL values depend on which completions share a chunk
+        fp["kind"] = {"name": "unpaired", "kl_batch_size": cfg.kl_batch_size}
     fp["layout"] = {"rows_per_shard": cfg.rows_per_shard, "per_token": cfg.per_token,
                     "codec": cfg.codec if cfg.per_token else None, "token_codec": cfg.token_codec}
     return fp
@@ -110,16 +126,29 @@ def build_fingerprint(cfg: BuildConfig, examples: list[PreferenceExample]) -> di
 class Plan:
     """The pairs to build, known before the model loads: each pair's content key and scoring cost."""
 
-    examples: list[PreferenceExample]
+    examples: list[Any]  # PreferenceExample, or UnpairedExample for unpaired data
     skipped: list[Skipped]
     keys: np.ndarray  # uint8 [n, 16]
     cost: np.ndarray  # int64 [n]: prompt + longer completion, in tokens
     # int64 [n]: positions through the model in one pass over prompt + chosen and prompt + rejected
     positions: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    kind: kinds.Kind = kinds.PAIRS
+    tokenized: list[TokenizedPair] | None = None  # unpaired: (prompt, completion, KL completion) per example
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        return SCORING_UNPAIRED if self.kind is kinds.UNPAIRED else SCORING
+
+    def tokenize(self, cfg: BuildConfig, tokenizer: Any, row: int) -> TokenizedPair:
+        if self.tokenized is not None:
+            return self.tokenized[row]
+        return tokenize_pair(tokenizer, self.examples[row], cfg.max_length, cfg.max_prompt_length)
 
 
 def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
     """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
+    if data_kind(cfg.data, cfg.split) == "unpaired":
+        return plan_unpaired(cfg, tokenizer)
     examples = load_examples(cfg.data, cfg.split)
     keep, skipped, keys, cost, positions = [], [], [], [], []
     for ex in examples:
@@ -139,6 +168,41 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
         raise InputDataError(f"{cfg.data}: every pair was invalid; nothing to build")
     return Plan(keep, skipped, np.array(keys, dtype=np.uint8), np.array(cost, dtype=np.int64),
                 np.array(positions, dtype=np.int64))
+
+
+def plan_unpaired(cfg: BuildConfig, tokenizer: Any) -> Plan:
+    """Unpaired data: tokenize every example, drop or refuse the unusable ones, then pair each with its KL
+    completion within chunks of `kl_batch_size` of the examples kept (TRL pairs after dropping, too)."""
+    if cfg.kl_batch_size < 2:
+        raise InputDataError(f"--kl-batch-size {cfg.kl_batch_size}: KTO's KL term needs batches of at least 2 "
+                             "(TRL refuses a per-device batch size of 1)")
+    if cfg.max_prompt_length is not None:
+        raise InputDataError("--max-prompt-length does not apply to unpaired data (TRL's KTOTrainer has no such "
+                             "option: prompt + completion is cut at the end)")
+    examples = load_unpaired(cfg.data, cfg.split)
+    keep, skipped, tokenized = [], [], []
+    for ex in examples:
+        try:
+            tokenized.append(tokenize_example(tokenizer, ex, cfg.max_length))
+        except InputDataError as exc:
+            if not cfg.skip_invalid:
+                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such examples out)") from None
+            skipped.append(Skipped(ex.id, ex.line, str(exc)))
+            continue
+        keep.append(ex)
+    if not keep:
+        raise InputDataError(f"{cfg.data}: every example was invalid; nothing to build")
+    if len(keep) < cfg.kl_batch_size:
+        raise InputDataError(f"{cfg.data}: {len(keep)} examples are fewer than one KL batch of {cfg.kl_batch_size} "
+                             "(--kl-batch-size); use a smaller --kl-batch-size, and train with that batch size")
+    triples = pair_kl(tokenized, cfg.kl_batch_size, cfg.max_length)
+    keys = content_keys([t.prompt_ids for t in triples], [t.chosen_ids for t in triples],
+                        [t.rejected_ids for t in triples], SCORING_UNPAIRED)
+    cost = np.array([len(t.prompt_ids) + max(len(t.chosen_ids), len(t.rejected_ids)) for t in triples],
+                    dtype=np.int64)
+    positions = np.array([2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in triples],
+                         dtype=np.int64)
+    return Plan(keep, skipped, keys, cost, positions=positions, kind=kinds.UNPAIRED, tokenized=triples)
 
 
 def assign_shards(shards: list[int], cost: list[int], world: int) -> list[list[int]]:
@@ -195,7 +259,7 @@ def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_si
 
 
 def shard_data(pairs: list[TokenizedPair], chosen: list[np.ndarray], rejected: list[np.ndarray],
-               per_token: bool) -> dict[str, Any]:
+               per_token: bool, kind: kinds.Kind = kinds.PAIRS) -> dict[str, Any]:
     data: dict[str, Any] = {
         "prompt_ids": [p.prompt_ids for p in pairs],
         "chosen_ids": [p.chosen_ids for p in pairs],
@@ -209,7 +273,40 @@ def shard_data(pairs: list[TokenizedPair], chosen: list[np.ndarray], rejected: l
     if per_token:
         data["chosen_token_logps"] = chosen
         data["rejected_token_logps"] = rejected
+    if kind is not kinds.PAIRS:  # the same two scored sequences under the kind's names
+        names = dict(zip(kinds.PAIRS.token_fields, kind.token_fields))
+        for ours, theirs in zip(kinds.PAIRS.sides, kind.sides):
+            names.update({ours.logps: theirs.logps, ours.tokens: theirs.tokens, ours.per_token: theirs.per_token})
+        data = {names[k]: v for k, v in data.items()}
     return data
+
+
+def placement(model: Any) -> str:
+    """Where accelerate put the model's modules: "12 modules on 0, 3 on cpu, 2 on disk" (in placement order)."""
+    counts: dict[str, int] = {}
+    for where in getattr(model, "hf_device_map", {}).values():
+        counts[str(where)] = counts.get(str(where), 0) + 1
+    parts = [f"{n} module{'s' if n > 1 else ''} on {where}" for where, n in counts.items()]
+    return ", ".join(parts) or "one device"
+
+
+def check_device_map(cfg: BuildConfig) -> None:
+    """--device-map and --max-memory: refused where they cannot apply, before anything is read or written."""
+    from logitstore.errors import LogitstoreError
+
+    from .models import DEVICE_MAPS
+
+    if cfg.max_memory and cfg.device_map is None:
+        raise LogitstoreError("--max-memory limits what --device-map places on each device; pass --device-map auto")
+    if cfg.device_map is None:
+        return
+    if cfg.device_map not in DEVICE_MAPS:
+        raise LogitstoreError(f"unknown --device-map {cfg.device_map!r}; choose one of {', '.join(DEVICE_MAPS)}")
+    if cfg.device != "auto":
+        raise LogitstoreError(f"--device-map places the layers itself; drop --device {cfg.device}")
+    if cfg.share_prompt:
+        raise LogitstoreError("--prompt-sharing runs on one device; drop it with --device-map")
+    parse_max_memory(cfg.max_memory)
 
 
 def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
@@ -217,6 +314,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     import torch
     from tqdm import tqdm
 
+    check_device_map(cfg)
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
@@ -227,9 +325,11 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter)  # before anything is written
     fingerprint = build_fingerprint(cfg, examples)
     check_attention(cfg.attn_implementation, device=resolve_device(cfg.device), dtype=fingerprint["precision"]["dtype"])
-    per_token_specs = {s.name: s for s in fmt.ragged_specs(len(tokenizer), cfg.token_codec, cfg.per_token, cfg.codec)
-                       if s.name in fmt.PER_TOKEN_FIELDS}
-    reuse = derive.plan_reuse(plan.keys, cfg.reuse, fingerprint=fingerprint, scoring=SCORING,
+    kind = plan.kind
+    per_token_specs = {s.name: s for s in fmt.ragged_specs(len(tokenizer), cfg.token_codec, cfg.per_token, cfg.codec,
+                                                           kind=kind)
+                       if s.name in kind.per_token_fields}
+    reuse = derive.plan_reuse(plan.keys, cfg.reuse, fingerprint=fingerprint, scoring=plan.scoring,
                               per_token=per_token_specs, out=cfg.out, storage_options=cfg.storage_options,
                               log=log if rank == 0 else (lambda _: None))
     provenance = reuse.provenance()
@@ -243,12 +343,13 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             cfg.out, [ex.id for ex in examples], fingerprint=fingerprint, vocab_size=len(tokenizer),
             max_length=cfg.max_length, per_token=cfg.per_token, token_codec=cfg.token_codec,
             logp_codec=cfg.codec, rows_per_shard=cfg.rows_per_shard, tokenizer=tok_header, settings=settings,
-            skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options, scoring=SCORING,
-            provenance=provenance)
+            skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options, scoring=plan.scoring,
+            provenance=provenance, kind=kind.name,
+            kl_batch_size=cfg.kl_batch_size if kind is kinds.UNPAIRED else None)
     distributed.barrier()
     if rank != 0:
         writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
-    counts = {"computed": provenance["computed"], "reused": provenance["reused"]}
+    counts = {"computed": provenance["computed"], "reused": provenance["reused"], "unit": kind.unit}
     if writer.complete:
         return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes(),
                            **counts)
@@ -266,11 +367,17 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             f"{writer.geometry.num_shards} shards already written.")
     dtype = fingerprint["precision"]["dtype"]
     model = None
+    offload = contextlib.ExitStack()  # the disk-offload folder of a --device-map build lives as long as the model
     if total_rows:  # a rank with only copies to make never loads the model
         model = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                            revision=cfg.revision, adapter_revision=cfg.adapter_revision,
-                           attn_implementation=cfg.attn_implementation)
+                           attn_implementation=cfg.attn_implementation, device_map=cfg.device_map,
+                           max_memory=parse_max_memory(cfg.max_memory) or None,
+                           offload_folder=offload.enter_context(tempfile.TemporaryDirectory(prefix="logitstore-"))
+                           if cfg.device_map else None)
         model.eval()
+        if cfg.device_map:
+            log(f"--device-map {cfg.device_map}: {placement(model)}")
     pad_id = tokenizer.pad_token_id
     tokens = 0
     pairs_scored = 0
@@ -284,25 +391,29 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(n_pairs)
         bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    autocast = precision(next(model.parameters()).device, dtype) if model is not None else contextlib.nullcontext()
+    autocast = precision(input_device(model), dtype) if model is not None else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         for shard in todo:
             rows = writer.shard_rows(shard)
-            pairs = [tokenize_pair(tokenizer, examples[i], cfg.max_length, cfg.max_prompt_length) for i in rows]
+            pairs = [plan.tokenize(cfg, tokenizer, i) for i in rows]
             fresh = [p for p, row in enumerate(rows) if compute[row]]
             chosen, rejected = score_pairs(model, [pairs[p] for p in fresh], pad_id=pad_id,
                                            batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens,
                                            share_prompt=cfg.share_prompt, bucketing=cfg.length_bucketing,
                                            on_batch=on_batch)
-            parts = [(fresh, shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token))]
-            tokens_by_field = {f: [getattr(p, f) for p in pairs] for f in fmt.TOKEN_FIELDS}
+            parts = [(fresh, shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token, kind))]
+            tokens_by_field = {f: [getattr(p, attr) for p in pairs]
+                               for f, attr in zip(kind.token_fields, fmt.TOKEN_FIELDS)}
             parts += derive.reused_part(reuse, list(rows), tokens_by_field, per_token=cfg.per_token)
-            writer.write_shard(shard, derive.combine(len(rows), parts))
+            if kind is kinds.UNPAIRED:  # labels come from the data, for computed and reused rows alike
+                parts.append((list(range(len(rows))), {"label": [int(examples[i].label) for i in rows]}))
+            writer.write_shard(shard, derive.combine(len(rows), parts, kind))
     bar.close()
     distributed.barrier()
     if rank == 0:
         writer.finalize()
     distributed.barrier()
+    offload.close()
     return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
                        time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=pairs_scored, **counts)
 
@@ -310,30 +421,50 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
 def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None = None, revision: str | None = None,
                      adapter_revision: str | None = None, sample: int = 16, seed: int = 0,
                      tolerance: float = 1e-3) -> list[str]:
-    """Recompute a random sample of a store's pairs with `model` (plus `adapter`) on `data`, in the precision and
-    tokenization the store records; return the disagreements."""
+    """Recompute a random sample of a store's rows with `model` (plus `adapter`) on `data`, in the precision and
+    tokenization the store records; return the disagreements. For an unpaired store the KL completion is the one
+    the store's KL pairing names, so a sample checks the pairing as well as the values."""
     import torch
 
     recorded = store.fingerprint.get("precision", {})
     tokenization = store.fingerprint.get("tokenization", {})
     cfg = BuildConfig(model=model, data=data, out=store.location.url, adapter=adapter, revision=revision,
                       adapter_revision=adapter_revision, dtype=recorded.get("dtype", "float32"),
-                      quantize=recorded.get("quantize"), max_prompt_length=tokenization.get("max_prompt_length"))
+                      quantize=recorded.get("quantize"), max_prompt_length=tokenization.get("max_prompt_length"),
+                      max_length=store.header["max_length"], kl_batch_size=store.kl_batch_size or 2)
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
-    by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
+    kind = store.kind
+    if kind is kinds.UNPAIRED:
+        plan = plan_unpaired(dataclasses.replace(cfg, skip_invalid=True), tokenizer)
+        if [ex.id for ex in plan.examples] != store.ids:
+            return [f"{cfg.data} does not hold the store's examples in the store's order (the KL pairing follows "
+                    "the order)"]
+        tokenized = {ex.id: t for ex, t in zip(plan.examples, plan.tokenized)}  # type: ignore[arg-type]
+        labels = store.row_values(np.arange(len(store)))["label"]
+        wrong = [ex.id for ex, label in zip(plan.examples, labels.tolist()) if int(ex.label) != label]
+        if wrong:
+            problems_first = [f"example {wrong[0]!r}: stored label differs from the data ({len(wrong)} examples)"]
+            return problems_first
+    else:
+        tokenized = {}
+        by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(store), size=min(sample, len(store)), replace=False))
     problems = []
     pairs = []
     for row in rows.tolist():
-        ex = by_id.get(store.id_of(row))
-        if ex is None:
-            problems.append(f"example {store.id_of(row)!r} is not in {cfg.data}")
-            continue
-        pair = tokenize_pair(tokenizer, ex, store.header["max_length"], cfg.max_prompt_length)
-        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            if not np.array_equal(store.ragged(field, [row])[0], getattr(pair, field)):
-                problems.append(f"example {ex.id!r}: stored {field} differ from the tokenized data")
+        key = store.id_of(row)
+        if kind is kinds.UNPAIRED:
+            pair = tokenized[key]
+        else:
+            ex = by_id.get(key)
+            if ex is None:
+                problems.append(f"example {key!r} is not in {cfg.data}")
+                continue
+            pair = tokenize_pair(tokenizer, ex, store.header["max_length"], cfg.max_prompt_length)
+        for field, attr in zip(kind.token_fields, fmt.TOKEN_FIELDS):
+            if not np.array_equal(store.ragged(field, [row])[0], getattr(pair, attr)):
+                problems.append(f"example {key!r}: stored {field} differ from the tokenized data")
         pairs.append((row, pair))
     if not pairs:
         return problems
@@ -346,9 +477,10 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
                                        batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
     stored = store.row_values([r for r, _ in pairs])
     for i, (row, _) in enumerate(pairs):
-        for side, values in (("chosen", chosen), ("rejected", rejected)):
-            got, want = float(values[i].sum(dtype=np.float64)), float(stored[f"{side}_logps"][i])
+        for side, values in zip(kind.sides, (chosen, rejected)):
+            name = side.logps.rsplit("_", 1)[0]
+            got, want = float(values[i].sum(dtype=np.float64)), float(stored[side.logps][i])
             if abs(got - want) > tolerance:
-                problems.append(f"example {store.id_of(row)!r}: {side} log-prob {want:.5f} stored, {got:.5f} "
+                problems.append(f"example {store.id_of(row)!r}: {name} log-prob {want:.5f} stored, {got:.5f} "
                                 f"recomputed (tolerance {tolerance})")
     return problems

@@ -20,15 +20,17 @@ import logitstore
 from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, InputDataError, LogitstoreError
 from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
+from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .logps import exact_4bit, pair_logps, token_logps
+from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
 from .memory import PeakMeter, is_out_of_memory
 from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
-                     model_fingerprint, peft_wrapping, precision)
-from .objective import Objective
+                     model_fingerprint, peft_wrapping, precision, resolve_device)
+from .objective import Objective, UnpairedObjective, unpaired_objective
+from .unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
 
 
 @dataclasses.dataclass
@@ -60,6 +62,8 @@ class TrainConfig:
     ld_alpha: float | None = None  # LD-DPO; the reference comes from the store's per-token values
     use_weighting: bool = False  # WPO
     discopop_tau: float | None = None
+    desirable_weight: float = 1.0  # unpaired losses (kto, apo_zero_unpaired, bco), as TRL's KTOConfig
+    undesirable_weight: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05  # in effect only with disable_dropout=False
@@ -83,8 +87,16 @@ class TrainConfig:
     storage_options: dict[str, Any] | None = None
 
 
-def objective_of(cfg: TrainConfig) -> Objective:
-    """The DPO objective a config asks for (refusing what TRL 1.16 refuses, and options without effect)."""
+def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
+    """The objective a config asks for: a DPO objective (refusing what TRL 1.16 refuses, and options without
+    effect), or an unpaired one (kto, apo_zero_unpaired, bco) for an unpaired store."""
+    unpaired = unpaired_objective(
+        cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
+                     "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
+                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau})
+    if unpaired is not None:
+        return unpaired
     return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
                      ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau)
@@ -114,6 +126,29 @@ def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
             "train with the model the store was built from, or pass --allow-fingerprint-mismatch")
 
 
+def check_kind(store: logitstore.Store, objective: Objective | UnpairedObjective, cfg: TrainConfig,
+               world: int) -> None:
+    """The store's kind must fit the loss, and a KL loss must train in the chunks the store paired KL completions
+    within (TRL's per-device batches)."""
+    url = store.location.url
+    if isinstance(objective, UnpairedObjective):
+        if store.kind.name != "unpaired":
+            raise LogitstoreError(f"--loss {objective.loss_type} trains on an unpaired store; {url} holds preference "
+                                  "pairs (train it with a DPO loss, or build a store from prompt/completion/label data)")
+        chunk = store.kl_batch_size
+        if objective.uses_kl and cfg.batch_size != chunk * world:  # type: ignore[operator]
+            raise LogitstoreError(
+                f"{url} pairs KTO's KL completions within batches of {chunk}; train with --batch-size "
+                f"{chunk * world}{f' ({chunk} per rank)' if world > 1 else ''}, or rebuild it with --kl-batch-size "
+                f"{max(cfg.batch_size // world, 1)} for this batch size")
+        if objective.uses_kl and cfg.group_by_length:
+            raise LogitstoreError("--group-by-length reorders the examples, and KTO's KL term needs the store's "
+                                  "order (TRL trains KTO sequentially too)")
+    elif store.kind.name != "pairs":
+        raise LogitstoreError(f"{url} is an unpaired store (KTO, BCO); train it with --loss kto, apo_zero_unpaired "
+                              "or bco")
+
+
 def check_setup(cfg: TrainConfig) -> None:
     """Refuse combinations that cannot train, before anything is loaded or written."""
     if not cfg.lora and cfg.quantize:
@@ -122,11 +157,25 @@ def check_setup(cfg: TrainConfig) -> None:
     check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter, optimizer=cfg.optimizer)
 
 
+def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
+    if cfg.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+
 def setup_policy(cfg: TrainConfig) -> Any:
     """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
     (`lora=False`; a given adapter is then merged into the weights first)."""
     from peft import LoraConfig, get_peft_model
 
+    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
+        model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
+                                        attn_implementation=cfg.attn_implementation)
+        enable_checkpointing(model, cfg)
+        return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
                        trainable_adapter=cfg.lora, revision=cfg.revision, adapter_revision=cfg.adapter_revision,
                        attn_implementation=cfg.attn_implementation)
@@ -134,12 +183,7 @@ def setup_policy(cfg: TrainConfig) -> Any:
     # the policy compute other numerics than the reference pass did (step-0 loss off ln 2 in bf16) and cost memory.
     if cfg.quantize:
         model.enable_input_require_grads()  # every 4-bit layer on bitsandbytes' float32 path (see exact_4bit)
-    if cfg.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5 renamed it (the old name warns)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    enable_checkpointing(model, cfg)
     if not cfg.lora:
         if cfg.adapter is not None:
             model = model.merge_and_unload()
@@ -190,13 +234,16 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
     """Refuse a batch whose reference values are not finite or whose token ids the model does not have, naming
     the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch)."""
     rows = batch["rows"]
-    refs = torch.stack([batch["ref_chosen_logps"], batch["ref_rejected_logps"]], dim=1)
+    names = ("ref_chosen_logps", "ref_rejected_logps") if "ref_chosen_logps" in batch else ("ref_logps", "ref_kl_logps")
+    sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl
+    refs = torch.stack([batch[names[0]], batch[names[1]]], dim=1)
     bad = ~torch.isfinite(refs).all(dim=1)
     if bad.any():
         first = refs[bad][0]
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad])} "
                              f"{'have' if int(bad.sum()) > 1 else 'has'} a non-finite reference log-prob "
-                             f"(chosen {float(first[0])}, rejected {float(first[1])}); the store cannot be trained on")
+                             f"({sides[0]} {float(first[0])}, {sides[1]} {float(first[1])}); the store cannot be "
+                             "trained on")
     ids = batch["input_ids"]
     outside = (ids < 0) | (ids >= vocab_size)
     if outside.any():
@@ -214,8 +261,8 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
-    with precision(device, cfg.dtype):
-        tokens = token_logps(model, ids, attention, completion, sum_sq=objective.use_weighting)
+    with precision(device, cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed.py)
+        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
     out = dpo_loss(pair, objective)
@@ -231,19 +278,87 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     return out.losses.mean(), metrics
 
 
-def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any) -> dict[str, float]:
+def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
+                   objective: UnpairedObjective, running: RunningMean | None = None,
+                   training: bool = True) -> tuple[torch.Tensor, dict]:
+    """Mean KTO / APO-zero / BCO loss of one batch of an unpaired store, as TRL 1.16's KTOTrainer takes it."""
+    ids = batch["input_ids"].to(device, non_blocking=True)  # n completion rows, then n KL rows
+    attention = batch["attention_mask"].to(device, non_blocking=True)
+    completion = batch["completion_mask"].to(device, non_blocking=True)
+    labels = batch["label"].to(device, non_blocking=True)
+    ref = batch["ref_logps"].to(device, non_blocking=True)
+    n = labels.numel()
+
+    def half(rows: slice) -> tuple[torch.Tensor, ...]:  # each half without the other half's padding columns
+        width = int(attention[rows].sum(dim=1).max())
+        return ids[rows, :width], attention[rows, :width], completion[rows, :width]
+
+    with precision(device, cfg.dtype):
+        policy = distributed.score(model, *half(slice(0, n))).per_token.sum(dim=1)
+    weights = {"beta": objective.beta, "desirable_weight": objective.desirable_weight,
+               "undesirable_weight": objective.undesirable_weight}
+    if objective.loss_type == "bco":
+        assert running is not None
+        reduce = distributed.all_reduce_sum if distributed.is_distributed() else None
+        out = bco_loss(policy, ref, labels, running, update=training, reduce=reduce, **weights)
+    else:
+        kl = torch.zeros((), device=device)
+        if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
+            with torch.no_grad(), precision(device, cfg.dtype):
+                policy_kl = distributed.score(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
+            kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
+                             distributed.gather if distributed.is_distributed() else None)
+        out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)
+    nan = torch.tensor(float("nan"), device=device)
+    metrics = {
+        "loss": out.losses.detach().nanmean(),
+        "kl": out.kl.detach().reshape(()),
+        "rewards/chosen": out.chosen_rewards.mean() if out.chosen_rewards.numel() else nan,
+        "rewards/rejected": out.rejected_rewards.mean() if out.rejected_rewards.numel() else nan,
+        "logps": policy.detach().mean(),
+    }
+    if out.delta is not None:
+        metrics["delta"] = out.delta.detach()
+    return out.losses.nanmean(), metrics
+
+
+def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: RunningMean | None = None,
+             ) -> dict[str, float]:
     objective = objective_of(cfg)
+    if isinstance(objective, UnpairedObjective):
+        return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
-    store, vocab = loader.dataset.store, vocabulary_size(model)  # the loader's own open store
+    store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
         check_batch(batch, store, vocab)
-        with torch.no_grad(), exact_4bit(model):
+        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + float(v) * n
+        count += n
+    model.train()
+    return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
+
+
+def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, objective: UnpairedObjective,
+                       running: RunningMean | None) -> dict[str, float]:
+    """Unpaired evaluation in the store's order and KL chunks; BCO's δ is read, not updated."""
+    store = logitstore.open(path, storage_options=cfg.storage_options)
+    chunk = store.kl_batch_size or cfg.batch_size
+    loader, _ = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
+                                     storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    model.eval()
+    totals: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        n = batch["rows"].numel()
+        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
+            _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v) * n
         count += n
@@ -259,12 +374,22 @@ def _last_good(out: Path) -> str:
     last = latest_checkpoint(out)
     return (f"nothing from this step was applied; the last good checkpoint is {last}" if last is not None
             else "nothing from this step was applied; no checkpoint had been saved (see --save-every)")
+
+
 def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
-    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained."""
-    model.save_pretrained(str(folder))
+    """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
+    In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
+    if distributed.is_sharded(model):
+        distributed.save_gathered_model(model, folder)  # collective
+    if distributed.is_distributed() and torch.distributed.get_rank() != 0:
+        return folder
+    if not distributed.is_sharded(model):
+        distributed.unwrap(model).save_pretrained(str(folder))
     if not cfg.lora:
         source = check_model_folder(cfg.model, cfg.revision)
-        for name in TOKENIZER_FILES:
+        # A sharded run's model was made from config.json alone: its generation settings come from the source too.
+        extra = ("generation_config.json",) if distributed.is_sharded(model) else ()
+        for name in (*TOKENIZER_FILES, *extra):
             if (source / name).is_file():
                 shutil.copyfile(source / name, folder / name)
     return folder
@@ -289,17 +414,32 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     store = logitstore.open(cfg.store, storage_options=cfg.storage_options, digest=cfg.expect_digest)
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
+    distributed.check_batch_size(cfg.batch_size, world)
+    if world > 1 and not cfg.lora and cfg.adapter is not None:
+        raise distributed.DistributedSetupError(
+            "--no-lora with --adapter merges the adapter into the whole model, which no rank of a sharded run holds; "
+            "merge it into a model folder first (peft's merge_and_unload, then save_pretrained) and train that")
     main = rank == 0
     out = Path(cfg.out)
     if not store.complete:
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    check_kind(store, objective, cfg, world)
+    distributed.check_same_everywhere("store", store.digest)
+    distributed.check_same_everywhere("model", json.dumps(model_fingerprint(
+        cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize, revision=cfg.revision,
+        adapter_revision=cfg.adapter_revision, device=cfg.device), sort_keys=True))
+    unpaired = isinstance(objective, UnpairedObjective)
+    running = RunningMean() if unpaired and objective.loss_type == "bco" else None  # BCO's δ: saved with the run
     if objective.ld_alpha is not None:
         require_per_token(store)
     if cfg.eval_store:
         eval_store = logitstore.open(cfg.eval_store, storage_options=cfg.storage_options)
         check_store_matches(eval_store, cfg)
+        if unpaired and eval_store.kind.name != "unpaired":
+            raise LogitstoreError(f"{cfg.eval_store} holds preference pairs; evaluate {objective.loss_type} on an "
+                                  "unpaired store")
         if objective.ld_alpha is not None:
             require_per_token(eval_store)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
@@ -309,17 +449,31 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed)
-    model = setup_policy(cfg)
-    device = next(model.parameters()).device
+    sharded = world > 1 and not cfg.lora  # FSDP2: no rank ever holds the whole model
+    model = setup_policy(dataclasses.replace(cfg, device="meta") if sharded else cfg)
+    device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     vocab = vocabulary_size(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
+    policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
+                                     weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
+    params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
 
-    # Every rank sees the same global batch order and takes its own slice of each batch.
-    loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length,
-                                  rank=rank, world_size=world, num_workers=cfg.num_workers,
-                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
-                                  digest=cfg.expect_digest, pin_memory=device.type == "cuda")
+    # Every rank sees the same global batch order and takes its own slice of each batch. KTO trains the store's KL
+    # chunks in order, one per rank (TRL's sequential per-device batches).
+    if unpaired:
+        loader, sampler = make_unpaired_loader(
+            cfg.store, cfg.batch_size, seed=cfg.seed, shuffle=not objective.uses_kl, rank=rank,  # type: ignore[union-attr]
+            world_size=world, num_workers=cfg.num_workers, storage_options=cfg.storage_options,
+            digest=cfg.expect_digest, pin_memory=device.type == "cuda")
+    else:
+        loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed,
+                                      group_by_length=cfg.group_by_length, rank=rank, world_size=world,
+                                      num_workers=cfg.num_workers, storage_options=cfg.storage_options,
+                                      ld_alpha=objective.ld_alpha, digest=cfg.expect_digest,
+                                      pin_memory=device.type == "cuda")
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
@@ -328,10 +482,13 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
 
     step, epoch, position, best = 0, 0, 0, float("inf")  # position: batches of this epoch consumed
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+        state = load_checkpoint(checkpoint, model=model, optimizer=optimizer,
+                                sharded_policy=policy if sharded else None, rank=rank)
         step, epoch, best = state["step"], state["epoch"], state["best_eval_loss"]
         position = state["sampler"]["position"]
         sampler.load_state_dict(state["sampler"])
+        if running is not None:
+            running.load_state_dict(state["bco_running"])
         if main:
             log(f"Resumed from {checkpoint} at step {step}.")
     else:
@@ -339,7 +496,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     meter.start(device)  # on a GPU the peak logged below is the training steps' own, not the model load's
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
-    model.train()
+    policy.train()
     # Without worker processes, a background thread keeps the next batches ready while the model computes.
     fetch = (lambda: iter(Prefetcher(loader))) if cfg.num_workers == 0 else (lambda: iter(loader))
     batches = fetch()
@@ -353,7 +510,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
             group["lr"] = lr
         sums: dict[str, float] = {}
         tokens, loader_s = 0, 0.0
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             t_fetch = time.perf_counter()
             batch = next(batches, None)
             if batch is None:  # epoch boundary: a fresh, deterministic order
@@ -364,21 +521,24 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
             check_batch(batch, store, vocab)
-            loss, metrics = dpo_batch(model, batch, cfg, device, objective)
-            if not torch.isfinite(loss):  # stop before it reaches the weights
-                raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is {float(loss.detach())} on "
-                                         f"{_examples(store, batch['rows'])}; {_last_good(out)}")
-            (loss / cfg.grad_accum).backward()
+            with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
+                if unpaired:
+                    loss, metrics = unpaired_batch(policy, batch, cfg, device, objective, running)  # type: ignore[arg-type]
+                else:
+                    loss, metrics = dpo_batch(policy, batch, cfg, device, objective)  # type: ignore[arg-type]
+                if not torch.isfinite(loss):  # stop before it reaches the weights
+                    raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is "
+                                             f"{float(loss.detach())} on {_examples(store, batch['rows'])}; "
+                                             f"{_last_good(out)}")
+                (loss / cfg.grad_accum).backward()
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
             del batch, loss, metrics  # the next micro-batch's forward does not need this one's inputs or graph
-        if world > 1:  # data parallel: average LoRA gradients across ranks (small, so one all-reduce each)
-            for p in params:
-                if p.grad is not None:
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
+        # Gradients are already averaged over the ranks: DDP all-reduces them and FSDP2 reduce-scatters them in
+        # backward(); FSDP2's norm is a DTensor over the shards.
+        grad_norm = distributed.grad_norm_value(
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else 1e12))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"training stopped at step {step + 1}: the gradient norm is {grad_norm}; "
                                      f"{_last_good(out)}")
@@ -392,34 +552,39 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
         record.update(meter.record())
-        eval_due = bool(main and cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
+        eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            record.update(evaluate(model, cfg.eval_store, cfg, device))  # type: ignore[arg-type]
+            # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
+            record.update(evaluate(policy, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
-                save_weights(model, cfg, out / "best")
+                save_weights(policy, cfg, out / "best")
         if main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
             history.append(record)
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps and main:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}"}
+                                                         if "rewards/accuracies" in record else {"kl": f"{record['kl']:.3f}"}))
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # every rank: collective
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
-                            state={"step": step, "epoch": epoch, "best_eval_loss": best,
+                            sharded_policy=policy if sharded else None, rank=rank,
+                            state={"step": step, "epoch": epoch, "best_eval_loss": best, "world_size": world,
                                    "sampler": sampler.state_dict(batches_consumed=position),
-                                   "config": dataclasses.asdict(cfg)})
+                                   "config": dataclasses.asdict(cfg),
+                                   **({"bco_running": running.state_dict()} if running is not None else {})})
         distributed.barrier()
     bar.close()
 
     result: dict[str, Any] = {"steps": step, "out": str(out)}
+    if cfg.eval_store:  # every rank: evaluation and a sharded model's save are collective
+        final = evaluate(policy, cfg.eval_store, cfg, device, running)
+        result["eval"] = final
+        if final["eval/loss"] < best:
+            save_weights(policy, cfg, out / "best")
+    weights = save_weights(policy, cfg, out / ("adapter" if cfg.lora else "model"))
     if main:
-        if cfg.eval_store:
-            final = evaluate(model, cfg.eval_store, cfg, device)
-            result["eval"] = final
-            if final["eval/loss"] < best:
-                save_weights(model, cfg, out / "best")
-        result["weights"] = str(save_weights(model, cfg, out / ("adapter" if cfg.lora else "model")))
+        result["weights"] = str(weights)
         metrics_file.close()  # type: ignore[union-attr]
         if cfg.plot:
             from .plot import plot_metrics

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import kinds
 from .content_key import content_keys
 from .errors import (
     FingerprintMismatchError,
@@ -49,7 +50,7 @@ def _differing(a: Mapping[str, Any], b: Mapping[str, Any], keys: Iterable[str]) 
 
 
 def _per_token_specs(store: Store) -> dict[str, fmt.RaggedSpec]:
-    return {name: spec for name, spec in store.fields.items() if name in fmt.PER_TOKEN_FIELDS}
+    return {name: spec for name, spec in store.fields.items() if name in store.kind.per_token_fields}
 
 
 def committed_rows(store: Store) -> np.ndarray:
@@ -63,15 +64,16 @@ def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool
     as stored, token ids, and (with `per_token`) per-token values as stored codes."""
     rows = np.asarray(rows, dtype=np.int64)
     values = store.row_values(rows)
-    out: dict[str, Any] = {name: values[name] for name in fmt.ROW_FIELDS}
-    for field in fmt.TOKEN_FIELDS:
+    kind = store.kind
+    out: dict[str, Any] = {name: values[name] for name in kind.row_fields}
+    for field in kind.token_fields:
         out[field] = store.ragged(field, rows)
     if per_token:
-        for field in fmt.PER_TOKEN_FIELDS:
+        for field in kind.per_token_fields:
             out[field] = store.ragged(field, rows, decode=False)
     # The stored key must be the hash of the stored ids: matching and merging trust keys, so a forged key stops
     # the copy here rather than lend its values to another pair.
-    keys = content_keys(out["prompt_ids"], out["chosen_ids"], out["rejected_ids"], store.scoring)
+    keys = content_keys(*(out[f] for f in kind.token_fields), store.scoring)
     bad = np.flatnonzero(np.any(keys != store.content_keys(rows), axis=1))
     if bad.size:
         raise FormatError(f"{store.location.url}: the content key of {printable(store.id_of(int(rows[bad[0]])))} "
@@ -80,7 +82,8 @@ def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool
     return out
 
 
-def combine(n: int, parts: Iterable[tuple[Sequence[int], Mapping[str, Any]]]) -> dict[str, Any]:
+def combine(n: int, parts: Iterable[tuple[Sequence[int], Mapping[str, Any]]],
+            kind: kinds.Kind = kinds.PAIRS) -> dict[str, Any]:
     """One shard's data from parts that each fill some of its `n` positions (`positions`, write_shard data)."""
     out: dict[str, list[Any]] = {}
     filled = np.zeros(n, dtype=bool)
@@ -93,7 +96,7 @@ def combine(n: int, parts: Iterable[tuple[Sequence[int], Mapping[str, Any]]]) ->
     if not filled.all():
         raise ValueError(f"shard position {int(np.flatnonzero(~filled)[0])} has no data")
     data: dict[str, Any] = dict(out)
-    for name, (dtype, _) in fmt.ROW_FIELDS.items():
+    for name, (dtype, _) in kind.row_fields.items():
         # float32 sums widen to float64 exactly and narrow back to the same bits in the writer
         data[name] = np.array(out[name], dtype=np.float64 if dtype.startswith("float") else np.int64)
     return data
@@ -183,7 +186,9 @@ def reused_part(plan: ReusePlan, new_rows: Sequence[int], tokens: Mapping[str, S
             continue
         old_rows = plan.row[new_rows[positions]]
         data = read_rows(store, old_rows, per_token=per_token)
-        for field in fmt.TOKEN_FIELDS:
+        # Labels are the new data's, not the source's: a value depends on the ids, a label on the data
+        data.pop("label", None)
+        for field in store.kind.token_fields:
             for p, old_row, ids in zip(positions.tolist(), old_rows.tolist(), data[field]):
                 if not np.array_equal(np.asarray(ids, dtype=np.int64), np.asarray(tokens[field][p], dtype=np.int64)):
                     raise LogitstoreError(f"{store.location.url}: row {old_row} has the content key of another "
@@ -254,6 +259,7 @@ def subset(source: str | os.PathLike[str], out: str | os.PathLike[str], *, ids: 
         raise ValueError("give exactly one of ids and exclude")
     start = time.perf_counter()
     store = _open_complete(source, storage_options, digest)
+    _refuse_unpaired(store, "subset")
     not_found = 0
     if ids is not None:
         if len(set(ids)) != len(ids):
@@ -285,6 +291,8 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
     start = time.perf_counter()
     stores = [_open_complete(path, storage_options, None if digests is None else digests[i])
               for i, path in enumerate(sources)]
+    for store in stores:
+        _refuse_unpaired(store, "merge")
     first = stores[0]
     identity = [k for k in set(first.fingerprint) | {k for s in stores for k in s.fingerprint}
                 if k not in _OWN_PARTS]
@@ -319,6 +327,17 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
                             storage_options=storage_options, start=start)
     result.duplicates = duplicates
     return result
+
+
+def _refuse_unpaired(store: Store, verb: str) -> None:
+    """An unpaired store's KL values pair each row with its neighbour within chunks of the KL batch size: taking
+    rows out or putting stores together moves rows across chunks, and copied KL values would no longer be the
+    ones TRL pairs. Rather than recompute them (which needs the model), derived unpaired stores are refused."""
+    if store.kind is kinds.UNPAIRED:
+        raise InputDataError(f"cannot {verb} {store.location.url}: it is an unpaired store, and moving its rows "
+                             f"would break the KL pairing (each example's KL completion is its neighbour's within "
+                             f"batches of {store.kl_batch_size}); build a new store from the {verb}'s data instead "
+                             "(--reuse copies every value that is still valid)")
 
 
 def _same_ids(a: Store, row_a: int, b: Store, row_b: int) -> bool:

@@ -24,7 +24,7 @@ def describe(store: Store) -> dict[str, Any]:
     n = len(store)
     committed_rows = np.repeat(store.committed, store.geometry.rows_per_shard)[:n]
     tokens: dict[str, Any] = {}
-    for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+    for field in store.kind.token_fields:
         off = store.offsets(field)[committed_rows]
         lens = off[:, 1] - off[:, 0]
         tokens[field] = {"total": int(lens.sum()), "mean": float(lens.mean()) if lens.size else 0.0,
@@ -33,6 +33,8 @@ def describe(store: Store) -> dict[str, Any]:
     return {
         "path": store.location.url,
         "format_version": header["format_version"],
+        "kind": store.kind.name,  # "pairs" (DPO) or "unpaired" (KTO, BCO)
+        "kl_batch_size": store.kl_batch_size,  # unpaired: the chunk KL completions are paired within
         "examples": n,
         "complete": store.complete,
         "shards": store.geometry.num_shards,
@@ -62,9 +64,10 @@ def render(s: dict[str, Any]) -> str:
     fp = s["fingerprint"]
     model = fp.get("model", {})
     lines = [
-        f"{s['path']}  (format v{s['format_version']}, {state})",
+        f"{s['path']}  (format v{s['format_version']}, {s['kind']}"
+        + (f", KL batch size {s['kl_batch_size']}" if s.get("kl_batch_size") else "") + f", {state})",
         f"  examples      {s['examples']:,} in {s['shards']} shards" + (f", {s['skipped']} skipped" if s["skipped"] else ""),
-        f"  size          {human_bytes(s['bytes'])}  ({human_bytes(s['bytes_per_pair'])} per pair, "
+        f"  size          {human_bytes(s['bytes'])}  ({human_bytes(s['bytes_per_pair'])} per {'example' if s.get('kind') == 'unpaired' else 'pair'}, "
         f"{s['bytes_per_token']:.2f} B per token)",
         "  fields        " + ", ".join(f"{k} ({v['dtype']}{', ' + v['codec'] if 'codec' in v else ''})"
                                       for k, v in s["fields"].items()),

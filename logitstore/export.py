@@ -18,7 +18,8 @@ FORMATS = ("trl", "parquet", "jsonl")
 
 
 def joined_records(store: Store, records: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """Records (each with an ``id``) that the store holds, with `ref_chosen_logps`/`ref_rejected_logps` added.
+    """Records (each with an ``id``) that the store holds, with `ref_chosen_logps`/`ref_rejected_logps` added
+    (TRL's KTOTrainer columns `ref_logps`/`ref_KL_logps` for an unpaired store).
 
     Returns the joined records and how many input records the store does not hold (left out, e.g. skipped in
     the build). Store IDs absent from the records are an error: the data is not the data of the store.
@@ -30,11 +31,18 @@ def joined_records(store: Store, records: Sequence[Mapping[str, Any]]) -> tuple[
         raise LogitstoreError(f"{missing} examples of the store are not in the data; export needs the data the "
                               "store was built from")
     values = store.get([r["id"] for r in keep])
+    unpaired = store.kind.name == "unpaired"
+    if unpaired and [r["id"] for r in keep] != store.ids:
+        # TRL pairs KL completions by position: the export must hold the store's examples in the store's order
+        raise LogitstoreError("the data holds the store's examples in another order; an unpaired store's KL values "
+                              "pair examples by position, so export needs the data the store was built from")
+    names = ({"ref_logps": "completion_logps", "ref_KL_logps": "kl_logps"} if unpaired
+             else {"ref_chosen_logps": "chosen_logps", "ref_rejected_logps": "rejected_logps"})
     out = []
     for i, record in enumerate(keep):
         row = dict(record)
-        row["ref_chosen_logps"] = float(values["chosen_logps"][i])
-        row["ref_rejected_logps"] = float(values["rejected_logps"][i])
+        for column, field in names.items():
+            row[column] = float(values[field][i])
         out.append(row)
     return out, len(records) - len(keep)
 

@@ -13,23 +13,20 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2
+from .kinds import PAIRS, Kind, kind_of
+
+FORMAT_VERSION = 2  # of pairs stores; unpaired stores are version 3 (logitstore/kinds.py)
 HEADER_KEY = "logitstore"
 
 # Per-row arrays: name -> (dtype, fill value). NaN marks a sum that was never written.
-ROW_FIELDS: dict[str, tuple[str, Any]] = {
-    "chosen_logps": ("float32", float("nan")),
-    "rejected_logps": ("float32", float("nan")),
-    "chosen_tokens": ("int32", -1),
-    "rejected_tokens": ("int32", -1),
-}
+ROW_FIELDS: dict[str, tuple[str, Any]] = PAIRS.row_fields
 # Per-row content key: 16 bytes per row (chunks of (rows_per_shard, 16)), declared in the header as
 # CONTENT_KEY_FIELD; defined in logitstore/content_key.py and docs/FORMAT.md ("Content key"). Every store has it.
 CONTENT_KEY = "content_key"
 CONTENT_KEY_WIDTH = 16
 CONTENT_KEY_FIELD = {"kind": "row", "dtype": "uint8", "width": CONTENT_KEY_WIDTH}
-TOKEN_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-PER_TOKEN_FIELDS = ("chosen_token_logps", "rejected_token_logps")
+TOKEN_FIELDS = PAIRS.token_fields  # the pairs kind's; every kind's are in logitstore/kinds.py
+PER_TOKEN_FIELDS = PAIRS.per_token_fields
 
 TOKEN_CODECS = ("zstd", "raw")
 LOGP_CODECS = ("fixed", "float16", "float32", "raw")
@@ -105,10 +102,10 @@ def token_dtype(vocab_size: int) -> str:
 
 
 def ragged_specs(vocab_size: int, token_codec: str, per_token: bool, logp_codec: str,
-                 fixed_scale: float = DEFAULT_FIXED_SCALE) -> list[RaggedSpec]:
+                 fixed_scale: float = DEFAULT_FIXED_SCALE, kind: Kind = PAIRS) -> list[RaggedSpec]:
     if token_codec not in TOKEN_CODECS:
         raise ValueError(f"unknown token codec {token_codec!r}; choose one of {', '.join(TOKEN_CODECS)}")
-    specs = [RaggedSpec(name, token_dtype(vocab_size), token_codec) for name in TOKEN_FIELDS]
+    specs = [RaggedSpec(name, token_dtype(vocab_size), token_codec) for name in kind.token_fields]
     if per_token:
         if logp_codec not in LOGP_CODECS:
             raise ValueError(f"unknown per-token codec {logp_codec!r}; choose one of {', '.join(LOGP_CODECS)}")
@@ -116,7 +113,7 @@ def ragged_specs(vocab_size: int, token_codec: str, per_token: bool, logp_codec:
             raise ValueError(f"fixed-point scale must be negative, got {fixed_scale}")
         dtype = {"fixed": "uint16", "float16": "float16", "float32": "float32", "raw": "float32"}[logp_codec]
         scale = fixed_scale if logp_codec == "fixed" else None
-        specs += [RaggedSpec(name, dtype, logp_codec, scale) for name in PER_TOKEN_FIELDS]
+        specs += [RaggedSpec(name, dtype, logp_codec, scale) for name in kind.per_token_fields]
     return specs
 
 
@@ -127,8 +124,9 @@ def spec_from_header(name: str, entry: dict[str, Any]) -> RaggedSpec:
 def ragged_from_header(header: dict[str, Any]) -> list[RaggedSpec]:
     """The ragged fields of a header in the format's order (token ids, then per-token values), whatever the order
     of the header's keys (canonical JSON sorts them)."""
-    fields = header["fields"]
-    return [spec_from_header(name, fields[name]) for name in TOKEN_FIELDS + PER_TOKEN_FIELDS if name in fields]
+    fields, kind = header["fields"], kind_of(header)
+    return [spec_from_header(name, fields[name]) for name in kind.token_fields + kind.per_token_fields
+            if name in fields]
 
 
 # ---- file keys -------------------------------------------------------------------------------------------------
@@ -141,9 +139,9 @@ def offsets_array(field: str) -> str:
     return f"{field}/offsets"
 
 
-def shard_file_arrays(ragged: list[RaggedSpec]) -> list[str]:
+def shard_file_arrays(ragged: list[RaggedSpec], kind: Kind = PAIRS) -> list[str]:
     """Arrays with exactly one chunk file per shard, in `commits` column order."""
-    names = [*ROW_FIELDS, CONTENT_KEY]
+    names = [*kind.row_fields, CONTENT_KEY]
     for spec in ragged:
         names += [offsets_array(spec.name), values_array(spec.name)]
     return names
@@ -297,7 +295,7 @@ def metadata_documents(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
     docs["ids/offsets/zarr.json"] = _array([n, 2], "int64", [n, 2], [_bytes_codec("int64")])
     docs["id_index/hash/zarr.json"] = _array([n], "uint64", [n], [_bytes_codec("uint64")])
     docs["id_index/row/zarr.json"] = _array([n], "int64", [n], [_bytes_codec("int64")])
-    for name, (dtype, fill) in ROW_FIELDS.items():
+    for name, (dtype, fill) in kind_of(header).row_fields.items():
         docs[f"{name}/zarr.json"] = _array([n], dtype, [rps], [_bytes_codec(dtype), _zstd_codec()], fill)
     docs[f"{CONTENT_KEY}/zarr.json"] = _array([n, CONTENT_KEY_WIDTH], "uint8", [rps, CONTENT_KEY_WIDTH],
                                               [_bytes_codec("uint8"), _zstd_codec()])

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from . import format as fmt
+from . import kinds
 from .errors import FormatError
 from .storage import Location
 
@@ -30,6 +31,7 @@ HEADER_KEYS = {"format_version", "num_examples", "rows_per_shard", "num_shards",
                "inner_chunk", "id_bytes", "fields", "shard_files", "fingerprint", "fingerprint_digest", "tokenizer",
                "settings", "created", "plan_files", "skipped", "content_key", "provenance"}
 FINAL_KEYS = {"complete", "summary"}
+KIND_KEYS = {"kind", "kl_pairing"}  # an unpaired store's (format version 3) own keys (logitstore/kinds.py)
 _TOKENIZER_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "vocab_size"}
 _CREATED = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\+00:00")
 
@@ -68,10 +70,10 @@ def parse_root(raw: bytes, url: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise FormatError(f"{url} is a Zarr group without a logitstore header (another tool's store, or a "
                           "build interrupted while planning: run the build again)")
-    version = header.get("format_version")
-    if version != fmt.FORMAT_VERSION or type(version) is not int:
-        raise FormatError(f"{url} has format version {_short(version)}; this logitstore reads version "
-                          f"{fmt.FORMAT_VERSION}")
+    try:
+        kinds.kind_of(header)  # the format version (and, from version 3 on, the kind) says what follows
+    except FormatError as exc:
+        raise FormatError(f"{url} has {exc}") from None
     if set(meta) != _ROOT_KEYS or meta != fmt.root_metadata(header):
         raise FormatError(f"{url}/zarr.json holds more than the header (consolidated metadata or other keys: "
                           f"{', '.join(sorted(set(meta) - _ROOT_KEYS)) or 'attributes'})")
@@ -108,7 +110,9 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     fields = header.get("fields")
     if not isinstance(fields, dict):
         raise FormatError("header fields must be an object")
-    for name, (dtype, _) in fmt.ROW_FIELDS.items():
+    store_kind = kinds.kind_of(header)
+    _check_kind_keys(header, store_kind)
+    for name, (dtype, _) in store_kind.row_fields.items():
         if fields.get(name) != {"kind": "row", "dtype": dtype}:
             raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
                               f"{_short(fields.get(name))}")
@@ -117,23 +121,24 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
         raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
     ragged: dict[str, fmt.RaggedSpec] = {}
     for name, entry in fields.items():
-        if name in fmt.ROW_FIELDS or name == fmt.CONTENT_KEY:
+        if name in store_kind.row_fields or name == fmt.CONTENT_KEY:
             continue
-        if name not in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS:
-            raise FormatError(f"unknown field {_short(name)} in the header")
-        ragged[name] = _ragged_spec(name, entry)
-    missing = [name for name in fmt.TOKEN_FIELDS if name not in ragged]
+        if name not in store_kind.token_fields + store_kind.per_token_fields:
+            raise FormatError(f"unknown field {_short(name)} in the header of a {store_kind.name} store")
+        ragged[name] = _ragged_spec(name, entry, store_kind)
+    missing = [name for name in store_kind.token_fields if name not in ragged]
     if missing:
         raise FormatError(f"header lacks the field {missing[0]}")
-    per_token = [ragged.get(name) for name in fmt.PER_TOKEN_FIELDS]
+    per_token = [ragged.get(name) for name in store_kind.per_token_fields]
     if any(per_token) and not (all(per_token) and per_token[0].codec == per_token[1].codec  # type: ignore[union-attr]
                                and per_token[0].scale == per_token[1].scale):  # type: ignore[union-attr]
         raise FormatError("per-token fields must come as a pair with the same codec")
-    if len({(ragged[name].dtype, ragged[name].codec) for name in fmt.TOKEN_FIELDS}) != 1:
+    if len({(ragged[name].dtype, ragged[name].codec) for name in store_kind.token_fields}) != 1:
         raise FormatError("token id fields must share one dtype and one codec")
-    order = [name for name in fmt.TOKEN_FIELDS + fmt.PER_TOKEN_FIELDS if name in ragged]  # the format's order
+    order = [name for name in store_kind.token_fields + store_kind.per_token_fields
+             if name in ragged]  # the format's order
     specs = [ragged[name] for name in order]
-    shard_files = fmt.shard_file_arrays(specs)
+    shard_files = fmt.shard_file_arrays(specs, store_kind)
     if header.get("shard_files") != shard_files:
         raise FormatError(f"header shard_files must be {shard_files}")
     _check_plan_files(header, n)
@@ -152,16 +157,16 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     _check_skipped(header["skipped"])
     _check_content_key(header.get("content_key"))
     _check_provenance(header.get("provenance"), n)
-    unknown = sorted(set(header) - HEADER_KEYS - FINAL_KEYS)
+    unknown = sorted(set(header) - HEADER_KEYS - FINAL_KEYS - (KIND_KEYS if store_kind is kinds.UNPAIRED else set()))
     if unknown:
-        raise FormatError(f"unknown header key {_short(unknown[0])} (format version {fmt.FORMAT_VERSION} has no such "
-                          "key)")
+        raise FormatError(f"unknown header key {_short(unknown[0])} (format version {store_kind.format_version} has "
+                          "no such key)")
     if "complete" in header and header["complete"] is not True:
         raise FormatError("header complete must be true when present")
     if ("complete" in header) != ("summary" in header):
         raise FormatError("header complete and summary come together (finalisation writes both)")
     if "summary" in header:
-        _check_summary(header["summary"], geometry)
+        _check_summary(header["summary"], geometry, store_kind)
     return geometry, {spec.name: spec for spec in specs}, shard_files
 
 
@@ -201,24 +206,23 @@ def _check_skipped(skipped: list[Any]) -> None:
                               f"string)}}, got {_short(entry)}")
 
 
-_SUMMARY_COUNTS = {"tokens": fmt.TOKEN_FIELDS, "scored_tokens": ("chosen_tokens", "rejected_tokens")}
-
-
-def _check_summary(summary: Any, geometry: fmt.Geometry) -> None:
+def _check_summary(summary: Any, geometry: fmt.Geometry, kind: kinds.Kind = kinds.PAIRS) -> None:
     """`summary`'s shape; its values are checked against the stored data and commit rows by `verify`."""
     keys = {"tokens", "scored_tokens", "clipped_values", "data_bytes"}
     ok = isinstance(summary, dict) and set(summary) == keys
     limit = geometry.num_examples * geometry.max_length  # tokens of one field can be no more
     if ok:
-        for key, names in _SUMMARY_COUNTS.items():
+        counts = {"tokens": kind.token_fields, "scored_tokens": tuple(side.tokens for side in kind.sides)}
+        for key, names in counts.items():
             part = summary[key]
             ok = ok and isinstance(part, dict) and set(part) == set(names) and all(
                 type(v) is int and 0 <= v <= limit for v in part.values())
         ok = ok and all(type(summary[k]) is int and 0 <= summary[k] < 1 << 63 for k in ("clipped_values",
                                                                                          "data_bytes"))
     if not ok:
-        raise FormatError(f"header summary must be {{tokens: {{{', '.join(fmt.TOKEN_FIELDS)}}}, scored_tokens: "
-                          f"{{chosen_tokens, rejected_tokens}}, clipped_values, data_bytes}} with counts from 0, "
+        scored = ", ".join(side.tokens for side in kind.sides)
+        raise FormatError(f"header summary must be {{tokens: {{{', '.join(kind.token_fields)}}}, scored_tokens: "
+                          f"{{{scored}}}, clipped_values, data_bytes}} with counts from 0, "
                           f"got {_short(summary)}")
 
 
@@ -270,12 +274,20 @@ def _is_sha256(value: Any) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
-def _ragged_spec(name: str, entry: Any) -> fmt.RaggedSpec:
+def _check_kind_keys(header: dict[str, Any], kind: kinds.Kind) -> None:
+    """An unpaired store records its KL pairing; a pairs store has none."""
+    if kind is kinds.UNPAIRED:
+        kinds.check_kl_pairing(header.get("kl_pairing"))
+    elif "kl_pairing" in header:
+        raise FormatError("header kl_pairing belongs to unpaired stores only")
+
+
+def _ragged_spec(name: str, entry: Any, kind: kinds.Kind = kinds.PAIRS) -> fmt.RaggedSpec:
     if not isinstance(entry, dict) or entry.get("kind") != "ragged":
         raise FormatError(f"header field {name} must be a ragged field")
     dtype, codec, scale = entry.get("dtype"), entry.get("codec"), entry.get("scale")
     allowed = set(entry) <= {"kind", "dtype", "codec", "scale"}
-    if name in fmt.TOKEN_FIELDS:
+    if name in kind.token_fields:
         ok = allowed and dtype in _TOKEN_DTYPES and codec in fmt.TOKEN_CODECS and "scale" not in entry
     else:
         ok = allowed and codec in fmt.LOGP_CODECS and dtype == _LOGP_DTYPES[codec] and (

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import kinds
 from .errors import (
     DamagedFileError,
     DigestMismatchError,
@@ -105,6 +106,7 @@ class Store:
         self.header = meta.header
         self.geometry = meta.geometry
         self.fields = meta.fields
+        self.kind = kinds.kind_of(meta.header)  # pairs or unpaired: which per-row and ragged fields it has
         self._meta = meta
         self._open_args = (loc.url, storage_options, cache_bytes, None)
         self._columns = {array: j for j, array in enumerate(meta.shard_files)}
@@ -151,7 +153,13 @@ class Store:
 
     @property
     def has_per_token(self) -> bool:
-        return all(name in self.fields for name in fmt.PER_TOKEN_FIELDS)
+        return all(name in self.fields for name in self.kind.per_token_fields)
+
+    @property
+    def kl_batch_size(self) -> int | None:
+        """An unpaired store's KL pairing chunk (TRL's per-device batch size it was built for); None for pairs."""
+        pairing = self.header.get("kl_pairing")
+        return None if pairing is None else int(pairing["batch_size"])
 
     # ---- commit records and the digest ----------------------------------------------------------------------
 
@@ -211,8 +219,8 @@ class Store:
 
     def _file_limit(self, array: str) -> int:
         g = self.geometry
-        if array in fmt.ROW_FIELDS:
-            return zstd_bound(g.rows_per_shard * 4)
+        if array in self.kind.row_fields:
+            return zstd_bound(g.rows_per_shard * np.dtype(self.kind.row_fields[array][0]).itemsize)
         if array.endswith("/offsets") or array == fmt.CONTENT_KEY:
             return zstd_bound(g.rows_per_shard * 16)
         spec = self.fields[array.rsplit("/", 1)[0]]
@@ -378,7 +386,7 @@ class Store:
     def _load_row_part(self, shard: int) -> dict[str, np.ndarray]:
         rps = self.geometry.rows_per_shard
         part = {}
-        for name, (dtype, fill) in fmt.ROW_FIELDS.items():
+        for name, (dtype, fill) in self.kind.row_fields.items():
             data = self._shard_file(name, shard, mapped=False)
             if data is None:
                 part[name] = np.full(rps, fill, dtype=dtype)
@@ -388,11 +396,17 @@ class Store:
                                           rps * np.dtype(dtype).itemsize).astype(dtype)
             except FormatError as exc:
                 raise FormatError(f"{self.location.url}: {fmt.chunk_key(name, shard)}: {exc}") from None
+        if "label" in part:  # a label is a boolean: any other byte is damage, not a third class
+            count = len(self.geometry.shard_rows(shard))
+            bad = np.flatnonzero(part["label"][:count] > 1)
+            if bad.size:
+                raise FormatError(f"{self.location.url}: {fmt.chunk_key('label', shard)}: row "
+                                  f"{shard * rps + int(bad[0])} has label {int(part['label'][bad[0]])}, not 0 or 1")
         return part
 
     def row_values(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         rows = self._check_rows(rows)
-        out = {name: np.empty(rows.size, dtype=dtype) for name, (dtype, _) in fmt.ROW_FIELDS.items()}
+        out = {name: np.empty(rows.size, dtype=dtype) for name, (dtype, _) in self.kind.row_fields.items()}
         columns = list(out.items())
         rps = self.geometry.rows_per_shard
         try:
@@ -406,8 +420,10 @@ class Store:
         return out
 
     def get(self, ids: Iterable[str] | str) -> dict[str, np.ndarray]:
-        """Per-sequence values for `ids`, in their order: `chosen_logps`, `rejected_logps` (float32),
-        `chosen_tokens`, `rejected_tokens` (int32) and `row` (int64)."""
+        """Per-sequence values for `ids`, in their order, and `row` (int64). A pairs store gives `chosen_logps`,
+        `rejected_logps` (float32), `chosen_tokens`, `rejected_tokens` (int32); an unpaired store gives
+        `completion_logps`, `kl_logps` (float32), `completion_tokens`, `kl_tokens` (int32) and `label` (uint8,
+        1 desirable, 0 undesirable)."""
         rows = self.rows(ids)
         out = self.row_values(rows)
         out["row"] = rows
@@ -538,7 +554,7 @@ class Store:
                 out.append(values.read(start, stop) if values is not None else np.zeros(stop - start, spec.dtype))
         except IncompleteStoreError:
             raise self._absent(rows) from None
-        if decode and spec.name in fmt.PER_TOKEN_FIELDS:
+        if decode and spec.name in self.kind.per_token_fields:
             if spec.codec == "fixed":
                 assert spec.scale is not None
                 out = [decode_fixed(v, spec.scale) for v in out]

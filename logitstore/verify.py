@@ -125,9 +125,8 @@ def _summary_problems(store: Any) -> list[str]:
     values = store.row_values(rows)
     documents = [len(raw) for key, raw in store._meta.documents.items() if key != "zarr.json"]
     actual = {
-        "tokens": {name: int(np.diff(store.offsets(name)[rows], axis=1).sum()) for name in fmt.TOKEN_FIELDS},
-        "scored_tokens": {name: int(values[name].astype(np.int64).sum()) for name in ("chosen_tokens",
-                                                                                       "rejected_tokens")},
+        "tokens": {name: int(np.diff(store.offsets(name)[rows], axis=1).sum()) for name in store.kind.token_fields},
+        "scored_tokens": {side.tokens: int(values[side.tokens].astype(np.int64).sum()) for side in store.kind.sides},
         "clipped_values": int(table[:, 1].sum(dtype=np.uint64)),
         "data_bytes": fmt.data_bytes(documents, store.header["plan_files"], table),
     }
@@ -185,14 +184,17 @@ def _check_values(store: Any, report: VerifyReport) -> None:
         return
     values = store.row_values(rows)
     _check_content_keys(store, rows, report)
-    for side in ("chosen", "rejected"):
-        logps, tokens = values[f"{side}_logps"], values[f"{side}_tokens"].astype(np.int64)
+    if store.kind.name == "unpaired":
+        _check_kl_pairing(store, rows, report)
+    for s in store.kind.sides:
+        side = s.logps.rsplit("_", 1)[0]
+        logps, tokens = values[s.logps], values[s.tokens].astype(np.int64)
         bad = ~np.isfinite(logps) | (logps > 1e-3)
         if bad.any():
             report.problems.append(f"{side}_logps: {int(bad.sum())} values are not finite log-probs "
                                    f"(first: {store.id_of(int(rows[np.flatnonzero(bad)[0]]))})")
         try:
-            comp = store.offsets(f"{side}_ids")[rows]
+            comp = store.offsets(s.ids)[rows]
             prompt = store.offsets("prompt_ids")[rows]
         except LogitstoreError as exc:
             report.problems.append(str(exc))
@@ -201,22 +203,22 @@ def _check_values(store: Any, report: VerifyReport) -> None:
         expected = comp_len - ((prompt[:, 1] - prompt[:, 0]) == 0)
         mismatch = tokens != np.maximum(expected, 0)
         if mismatch.any():
-            report.problems.append(f"{side}_tokens disagree with the stored completion lengths for "
+            report.problems.append(f"{s.tokens} disagree with the stored completion lengths for "
                                    f"{int(mismatch.sum())} examples "
                                    f"(first: {store.id_of(int(rows[np.flatnonzero(mismatch)[0]]))})")
-        field = f"{side}_token_logps"
+        field = s.per_token
         if field in store.fields:
             spec = store.fields[field]
             per_token = store.offsets(field)[rows]
             if np.any((per_token[:, 1] - per_token[:, 0]) != tokens):
-                report.problems.append(f"{field}: lengths disagree with {side}_tokens")
+                report.problems.append(f"{field}: lengths disagree with {s.tokens}")
                 continue
             seqs = store.ragged(field, rows)
             sums = np.array([float(np.sum(s, dtype=np.float64)) for s in seqs])
             magnitude = np.array([float(np.abs(s).sum(dtype=np.float64)) for s in seqs])
             off = np.abs(sums - logps) > _sum_tolerance(spec, magnitude)
             if off.any():
-                report.problems.append(f"{field}: {int(off.sum())} sums disagree with {side}_logps "
+                report.problems.append(f"{field}: {int(off.sum())} sums disagree with {s.logps} "
                                        f"(first: {store.id_of(int(rows[np.flatnonzero(off)[0]]))})")
 
 
@@ -224,7 +226,7 @@ def _check_content_keys(store: Any, rows: np.ndarray, report: VerifyReport) -> N
     """A content key must be the hash of its row's stored token ids: reuse trusts it to find equal pairs."""
     try:
         stored = store.content_keys(rows)
-        ids = [store.ragged(field, rows) for field in fmt.TOKEN_FIELDS]
+        ids = [store.ragged(field, rows) for field in store.kind.token_fields]
     except LogitstoreError as exc:
         report.problems.append(str(exc))
         return
@@ -232,3 +234,25 @@ def _check_content_keys(store: Any, rows: np.ndarray, report: VerifyReport) -> N
     if bad.any():
         report.problems.append(f"{fmt.CONTENT_KEY} disagrees with the stored token ids for {int(bad.sum())} "
                                f"examples (first: {store.id_of(int(rows[np.flatnonzero(bad)[0]]))})")
+
+
+def _check_kl_pairing(store: Any, rows: np.ndarray, report: VerifyReport) -> None:
+    """Row i's KL completion must be the completion of the row the header's pairing names (both cut at the end to
+    fit their own prompt, so one is a prefix of the other), when both rows are readable."""
+    from .kinds import kl_rows
+
+    source = np.asarray(kl_rows(len(store), store.kl_batch_size), dtype=np.int64)
+    readable = np.zeros(len(store), dtype=bool)
+    readable[rows] = True
+    pick = rows[readable[source[rows]]]
+    try:
+        kl = store.ragged("kl_completion_ids", pick)
+        theirs = store.ragged("completion_ids", source[pick])
+    except LogitstoreError as exc:
+        report.problems.append(str(exc))
+        return
+    bad = [int(r) for r, a, b in zip(pick.tolist(), kl, theirs)
+           if not np.array_equal(a[:len(b)], b[:len(a)])]
+    if bad:
+        report.problems.append(f"kl_completion_ids: {len(bad)} examples do not hold the completion the KL pairing "
+                               f"(batch size {store.kl_batch_size}) names (first: {printable(store.id_of(bad[0]))})")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import kinds
 from .content_key import VERSION as CONTENT_KEY_VERSION
 from .content_key import content_keys
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
@@ -66,6 +67,7 @@ class StoreWriter:
         self.header = header
         self.geometry = fmt.Geometry(header["num_examples"], header["rows_per_shard"], header["max_length"],
                                      header["inner_chunk"])
+        self.kind = kinds.kind_of(header)
         self.ragged = fmt.ragged_from_header(header)
         if not isinstance(header.get("content_key"), dict):
             raise FormatError(f"{loc.url} has no content keys (written by an older logitstore); rebuild it")
@@ -120,23 +122,25 @@ class StoreWriter:
             raise ValueError(f"shard {shard} is out of range (the store has {g.num_shards})")
         span = g.shard_rows(shard)
         n = len(span)
-        expected = set(fmt.ROW_FIELDS) | {s.name for s in self.ragged}
+        expected = set(self.kind.row_fields) | {s.name for s in self.ragged}
         if set(rows) != expected:
             raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
-        for name, (dtype, _) in fmt.ROW_FIELDS.items():
+        for name, (dtype, _) in self.kind.row_fields.items():
+            if name == "label" and not np.isin(np.asarray(rows[name]), (0, 1)).all():
+                raise ValueError(f"label: expected 0 or 1 (false or true) for every row of shard {shard}")
             values = np.asarray(rows[name], dtype=dtype)
             if values.shape != (n,):
                 raise ValueError(f"{name}: expected {n} values for shard {shard}, got shape {values.shape}")
             self._group[name][span.start:span.stop] = values
         self._group[fmt.CONTENT_KEY][span.start:span.stop] = content_keys(
-            rows["prompt_ids"], rows["chosen_ids"], rows["rejected_ids"], self.scoring)
+            *(rows[f] for f in self.kind.token_fields), self.scoring)
         clipped = 0
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
             fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
         fault_point(f"before-commit:{shard}")
         record = [1, clipped]
-        for array in fmt.shard_file_arrays(self.ragged):
+        for array in fmt.shard_file_arrays(self.ragged, self.kind):
             record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
         fault_point(f"after-commit:{shard}")
@@ -181,11 +185,11 @@ class StoreWriter:
             return self.header["summary"]
         tokens = {}
         for spec in self.ragged:
-            if spec.name in fmt.TOKEN_FIELDS:
+            if spec.name in self.kind.token_fields:
                 off = self._group[fmt.offsets_array(spec.name)][:]
                 tokens[spec.name] = int((off[:, 1] - off[:, 0]).sum())
         scored = {name: int(np.asarray(self._group[name][:], dtype=np.int64).sum())
-                  for name in ("chosen_tokens", "rejected_tokens")}
+                  for name in (side.tokens for side in self.kind.sides)}
         commits = np.asarray(self._group["commits"][:], dtype=np.uint64)
         documents = [len(fmt.canonical_json(doc)) for doc in fmt.metadata_documents(self.header).values()]
         summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": int(commits[:, 1].sum()),
@@ -223,7 +227,8 @@ def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping
             f"(store fingerprint {str(theirs)[:12]}, this run {ours[:12]}); use another output path")
 
 
-_KNOWN_TOP = set(fmt.ROW_FIELDS) | set(fmt.TOKEN_FIELDS) | set(fmt.PER_TOKEN_FIELDS) | {
+_KNOWN_TOP = {name for kind in kinds.KINDS.values()
+              for name in (*kind.row_fields, *kind.token_fields, *kind.per_token_fields)} | {
     "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY}
 
 
@@ -234,7 +239,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
            tokenizer: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
            skipped: Sequence[Mapping[str, Any]] = (), storage_options: dict[str, Any] | None = None,
            scoring: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
-           ) -> StoreWriter:
+           kind: str = "pairs", kl_batch_size: int | None = None) -> StoreWriter:
     """Plan a store for `ids` (or resume the one already there with the same fingerprint) and return its writer.
 
     Planning writes the array metadata, the IDs and the ID index, then the group header last: a store whose
@@ -242,13 +247,29 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     `scoring` names how the values are computed from the token ids, apart from the model (it enters every
     content key); `provenance` says where the values come from (default: all computed by the caller), and a
     resumed store must have been planned with the same.
+
+    `kind="unpaired"` plans an unpaired store (KTO, BCO: fields `completion_*`, `kl_*` and `label`), whose rows'
+    KL completions were paired within chunks of `kl_batch_size` rows (docs/FORMAT.md, "Unpaired stores").
     """
     provenance = dict(provenance or {"sources": [], "reused": 0, "computed": len(ids)})
+    if kind not in kinds.KINDS:
+        raise ValueError(f"unknown store kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+    store_kind = kinds.KINDS[kind]
+    if (store_kind is kinds.UNPAIRED) != (kl_batch_size is not None):
+        raise ValueError("an unpaired store needs kl_batch_size (and only an unpaired store takes it)")
+    if kl_batch_size is not None and not 2 <= int(kl_batch_size) <= kinds.MAX_KL_BATCH_SIZE:
+        raise ValueError(f"kl_batch_size must be in [2, {kinds.MAX_KL_BATCH_SIZE}], got {kl_batch_size}")
     loc = location(path, storage_options)
     stray = [n for n in loc.top_level_names() if n not in _KNOWN_TOP and not n.endswith(".partial")]
     header = None if stray else _planned_header(loc)
     if header is not None:
         _check_fingerprint(loc.url, header, fingerprint)
+        theirs = (header.get("kind", "pairs"), header.get("kl_pairing", {}).get("batch_size"))
+        if theirs != (kind, kl_batch_size):
+            raise FingerprintMismatchError(f"{loc.url} was planned as a {theirs[0]} store"
+                                           f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
+                                           f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
+                                           "; use another output path")
         if header["num_examples"] != len(ids):
             raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
         _check_provenance(loc.url, header, provenance)
@@ -265,18 +286,21 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
                 raise ValueError(f"duplicate example ID {key!r}")
             seen.add(key)
     geometry = fmt.Geometry(len(ids), rows_per_shard, max_length, inner_chunk)
-    ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale)
+    ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale, store_kind)
     loc.remove_partials()
     encoded = [i.encode("utf-8") for i in ids]
-    fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype} for name, (dtype, _) in fmt.ROW_FIELDS.items()}
+    fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype}
+                              for name, (dtype, _) in store_kind.row_fields.items()}
     fields[fmt.CONTENT_KEY] = dict(fmt.CONTENT_KEY_FIELD)
     fields.update({spec.name: spec.header() for spec in ragged})
-    header = {
-        "format_version": fmt.FORMAT_VERSION,
+    header: dict[str, Any] = {
+        "format_version": store_kind.format_version,
+        **({"kind": store_kind.name, "kl_pairing": kinds.kl_pairing(kl_batch_size)}  # type: ignore[arg-type]
+           if store_kind is kinds.UNPAIRED else {}),
         **geometry.header(),
         "id_bytes": sum(len(b) for b in encoded),
         "fields": fields,
-        "shard_files": fmt.shard_file_arrays(ragged),
+        "shard_files": fmt.shard_file_arrays(ragged, store_kind),
         "fingerprint": dict(fingerprint),
         "fingerprint_digest": fingerprint_digest(fingerprint),
         "tokenizer": dict(tokenizer or {"vocab_size": vocab_size}),

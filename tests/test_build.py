@@ -311,3 +311,58 @@ def test_shared_prompt_path_matches_one_pass_where_it_is_taken(mistral_model):
     for side in (0, 1):
         for a, b in zip(shared[side], full[side]):
             assert a.shape == b.shape and torch.max(torch.abs(a - b)) < 1e-4
+
+
+def test_device_map_split_with_disk_offload_equals_a_normal_build(byte_model, tmp_path):
+    """--device-map auto in one process: max_memory forces the layers past 6 MB of CPU memory onto disk
+    (accelerate's offload, read back layer by layer); the values equal a build on one device."""
+    import shutil
+
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = tmp_path / "model"  # 4 layers of 2.6 MB and a small vocabulary: the layers decide the split
+    shutil.copytree(byte_model, model)
+    small = json.loads((byte_model / "config.json").read_text())
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(
+        vocab_size=small["vocab_size"], hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False,
+        pad_token_id=small["pad_token_id"], eos_token_id=small["eos_token_id"], bos_token_id=None,
+    )).save_pretrained(str(model))
+    rows = [{"prompt": f"Q{i}: is water wet?", "chosen": " Yes.", "rejected": " No, never."} for i in range(12)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    common = dict(model=str(model), data=str(data), max_length=64, per_token=True, codec="float32", batch_size=4)
+    build(BuildConfig(out=str(tmp_path / "one"), **common), progress=False)
+    lines: list[str] = []
+    build(BuildConfig(out=str(tmp_path / "split"), device_map="auto", max_memory=("cpu=6MB",), **common),
+          progress=False, log=lines.append)
+    assert lines == ["--device-map auto: 2 modules on cpu, 6 modules on disk"]
+    a, b = logitstore.open(tmp_path / "one"), logitstore.open(tmp_path / "split")
+    assert a.fingerprint == b.fingerprint  # the placement is not part of what the values are
+    ids = a.ids
+    x, y = a.get(ids), b.get(ids)
+    for key in ("chosen_logps", "rejected_logps"):
+        assert np.max(np.abs(x[key] - y[key])) < 1e-4
+    for row in range(len(ids)):
+        for field in ("chosen_token_logps", "rejected_token_logps"):
+            assert np.max(np.abs(a.ragged(field, [row])[0] - b.ragged(field, [row])[0]), initial=0) < 1e-5
+
+
+@pytest.mark.slow  # a CLI subprocess per case
+@pytest.mark.parametrize("args,message", [
+    (["--max-memory", "cpu=1GiB"], "Error: --max-memory limits what --device-map places on each device; pass "
+                                   "--device-map auto"),
+    (["--device-map", "auto", "--max-memory", "gpu0=1GiB"], "Error: --max-memory 'gpu0=1GiB': write DEVICE=SIZE, "
+                                                            "DEVICE a GPU index (0, cuda:0), cpu or disk"),
+    (["--device-map", "auto", "--max-memory", "0=lots"], "Error: --max-memory '0=lots': 'lots' is not a size "
+                                                         "(20GiB, 500MB)"),
+    (["--device-map", "auto", "--device", "cpu"], "Error: --device-map places the layers itself; drop --device cpu"),
+    (["--device-map", "auto", "--prompt-sharing"], "Error: --prompt-sharing runs on one device; drop it with "
+                                                   "--device-map"),
+])
+def test_device_map_misuse_is_one_line(mistral_model, tmp_path, args, message):
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
+    out = _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"), *args)
+    assert (out.returncode, out.stderr.strip()) == (1, message)
+    assert not (tmp_path / "s").exists()
