@@ -4,6 +4,8 @@ DPOTrainer + peft, which computes the reference with the adapter switched off.
 
     python benchmarks/gpu.py                      # on a CUDA machine: everything, results to --json
     python benchmarks/gpu.py --smoke              # anywhere: the same stages on a tiny model (the tests run this)
+    python benchmarks/gpu.py --max-length-sweep   # the longest max length whose step fits in 12 GiB, both trainers
+    python benchmarks/gpu.py --max-length-sweep --smoke   # the sweep's stages on a tiny model on CPU
     python benchmarks/gpu.py --render RESULTS     # write RESULTS (from a GPU run) into docs/benchmarks.md
 
 The original report's setup: Mistral-7B in 4-bit NF4 (double quantisation, bf16 compute), LoRA r=16 on every
@@ -29,6 +31,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 # config.json of mistralai/Mistral-7B-v0.1, as published.
 MISTRAL_7B_V01 = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -165,24 +168,52 @@ def stage_reference(a: dict) -> dict:
     return result
 
 
+def _cap_memory(a: dict) -> None:
+    """Hold the process to `cap_gib` of the device (as on a card of that size, CUDA context aside)."""
+    import torch
+
+    if a.get("cap_gib") and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a["cap_gib"] * GIB / total))
+
+
+def _out_of_memory(exc: BaseException) -> dict:
+    import torch
+
+    return {"fits": False, "error": str(exc).splitlines()[0][:300],
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None}
+
+
 def stage_train(a: dict) -> dict:
     """logitstore train: the policy alone in memory, the reference from the store."""
     import torch
 
+    from logitstore.dpo.memory import OutOfMemoryError
+
+    _cap_memory(a)
+    recorder = _SnapshotRecorder(a.get("snapshot"))
+    try:
+        with recorder:
+            result = _run_logitstore_train(a)
+    except OutOfMemoryError as exc:
+        return _out_of_memory(exc)
+    steps = result["history"]
+    timed = [h["step_seconds"] for h in steps[1:]] or [steps[0]["step_seconds"]]
+    return {"step_seconds": statistics.median(timed), "first_step_seconds": steps[0]["step_seconds"],
+            "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "steps": len(steps), "fits": True,
+            "tokens_per_second": statistics.median(h["tokens_per_second"] for h in steps[1:] or steps),
+            **_gpu_memory(), **({"peak_allocated_gib": max(h["peak_memory_gib"] for h in steps)}
+                                if torch.cuda.is_available() else {}), **recorder.result()}
+
+
+def _run_logitstore_train(a: dict) -> dict:
     from logitstore.dpo.train import TrainConfig, train
 
-    result = train(TrainConfig(model=a["model"], store=a["store"], out=a["out"], max_steps=a["steps"],
+    return train(TrainConfig(model=a["model"], store=a["store"], out=a["out"], max_steps=a["steps"],
                                batch_size=a["batch_size"], lr=1e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                                target_modules="all-linear", quantize=a["quantize"], dtype=a["dtype"],
                                gradient_checkpointing=a["gradient_checkpointing"], optimizer=a["optimizer"],
                                log_every=1, plot=False), progress=False, log=lambda s: None)
-    steps = result["history"]
-    timed = [h["step_seconds"] for h in steps[1:]] or [steps[0]["step_seconds"]]
-    return {"step_seconds": statistics.median(timed), "first_step_seconds": steps[0]["step_seconds"],
-            "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "steps": len(steps),
-            "tokens_per_second": statistics.median(h["tokens_per_second"] for h in steps[1:] or steps),
-            **_gpu_memory(), **({"peak_allocated_gib": max(h["gpu_peak_gib"] for h in steps)}
-                                if "gpu_peak_gib" in steps[0] else {})}
 
 
 def stage_trl_train(a: dict) -> dict:
@@ -218,6 +249,7 @@ def stage_trl_train(a: dict) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
 
+    _cap_memory(a)
     model = AutoModelForCausalLM.from_pretrained(a["model"], **kwargs)
     if not a["quantize"] and cuda:
         model.to("cuda")
@@ -233,10 +265,51 @@ def stage_trl_train(a: dict) -> dict:
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                                 task_type="CAUSAL_LM"),
                          callbacks=[Timer()])
-    trainer.train()
+    recorder = _SnapshotRecorder(a.get("snapshot"))
+    try:
+        with recorder:
+            trainer.train()
+    except torch.OutOfMemoryError as exc:
+        return _out_of_memory(exc)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": statistics.median(times[1:] or times), "first_step_seconds": times[0],
-            "loss_first": losses[0], "loss_last": losses[-1], "steps": len(times), **_gpu_memory()}
+    return {"step_seconds": statistics.median(times[1:] or times), "first_step_seconds": times[0], "fits": True,
+            "loss_first": losses[0], "loss_last": losses[-1], "steps": len(times), **_gpu_memory(),
+            **recorder.result()}
+
+
+class _SnapshotRecorder:
+    """With `enabled` on a GPU: torch.cuda.memory._record_memory_history over the run, then the breakdown of its
+    largest instant (benchmarks/memprofile.py's pieces, told apart by each allocation's Python frames). The
+    snapshot is read in-process (`_snapshot()`), never written as a pickle."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        import torch
+
+        self.on = bool(enabled) and torch.cuda.is_available()
+        self.breakdown: dict = {}
+
+    def __enter__(self) -> "_SnapshotRecorder":
+        if self.on:
+            import torch
+
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self.on:
+            return
+        import torch
+
+        from memprofile import snapshot_breakdown
+
+        try:
+            self.breakdown = snapshot_breakdown(torch.cuda.memory._snapshot())
+        except Exception as e:  # noqa: BLE001 - a failed breakdown must not lose the run's figures
+            self.breakdown = {"error": f"{type(e).__name__}: {e}"}
+        torch.cuda.memory._record_memory_history(enabled=None)
+
+    def result(self) -> dict:
+        return {"breakdown": self.breakdown} if self.breakdown else {}
 
 
 STAGES = {"make-model": stage_make_model, "reference": stage_reference, "train": stage_train,
@@ -341,6 +414,81 @@ def run(smoke: bool, work: Path, tokenizer: str | None, results_path: Path | Non
         save()
     results["train_trl"] = run_stage("trl-train", {**train_args, "out": str(work / "run-trl")}, log)
     save()
+    # Where each trainer's peak goes: two steps each under torch.cuda.memory's allocation history (a GPU only;
+    # recording slows the step, so these runs are not the timed ones above).
+    if cuda:
+        snap = {**train_args, "steps": 2, "snapshot": True}
+        if "error" not in results["reference_4bit"]:
+            results["breakdown_logitstore"] = run_stage("train", {**snap, "store": str(store),
+                                                                  "out": str(work / "snap-logitstore")}, log)
+            save()
+        results["breakdown_trl"] = run_stage("trl-train", {**snap, "out": str(work / "snap-trl")}, log)
+        save()
+    return results
+
+
+SWEEP_LENGTHS = (1024, 2048, 3072, 4096, 6144, 8192)
+SWEEP_CAP_GIB = 12
+
+
+def sweep(smoke: bool, work: Path, tokenizer: str | None, results_path: Path | None, log: Any = print) -> dict:
+    """The longest max length whose training step fits in 12 GiB at batch 2, ours and TRL's: each length's step
+    runs in its own process held to 12 GiB of the device (`set_per_process_memory_fraction`), lengths in rising
+    order until one does not fit. --smoke runs the same stages on a tiny model on CPU, without a cap."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not smoke and not cuda:
+        raise SystemExit("benchmarks/gpu.py: no CUDA device; use --smoke to run the stages on a tiny model here")
+    tokenizer = tokenizer or default_tokenizer()
+    work.mkdir(parents=True, exist_ok=True)
+    model = work / "mistral-7b-architecture"
+    lengths = (64, 128) if smoke else SWEEP_LENGTHS
+    dtype = "bfloat16" if cuda else "float32"
+    results: dict[str, Any] = {"smoke": smoke, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                               "torch": torch.__version__, "sweep": {
+                                   "cap_gib": SWEEP_CAP_GIB if cuda else None, "lengths": list(lengths),
+                                   "batch_size": 2, "steps": 2, "logitstore": {}, "trl": {}}}
+
+    def save() -> None:
+        if results_path is not None:
+            results_path.write_text(json.dumps(results, indent=1) + "\n")
+
+    if not (model / "config.json").exists():
+        results["make_model"] = run_stage("make-model", {"tokenizer": tokenizer, "model": str(model),
+                                                         "smoke": smoke}, log)
+        save()
+        if "error" in results["make_model"]:
+            return results
+    fits = {"logitstore": True, "trl": True}
+    for length in lengths:
+        data = work / f"pairs-{length}.jsonl"
+        # ~3.4 tokens a word: every sequence reaches the limit, so the step meets the worst case of that length.
+        rows = synthetic_pairs(4, max(4, length * 75 // 1024), max(8, length * 250 // 1024), seed=length)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        train_args = {"model": str(model), "data": str(data), "max_length": length, "batch_size": 2, "steps": 2,
+                      "dtype": dtype, "quantize": "4bit", "gradient_checkpointing": True,
+                      "optimizer": "paged_adamw_8bit" if cuda else "adamw", "cap_gib": SWEEP_CAP_GIB if cuda else None}
+        if fits["logitstore"]:
+            store = work / f"nf4-{length}.lstore"
+            built = run_stage("reference", {"model": str(model), "data": str(data), "max_length": length,
+                                            "parameters": 0, "batch_size": 2, "batch_tokens": 2 * length,
+                                            "dtype": dtype, "quantize": "4bit", "out": str(store),
+                                            "write_store": True}, log)
+            ours = run_stage("train", {**train_args, "store": str(store), "out": str(work / f"run-ours-{length}")},
+                             log) if "error" not in built else {"fits": False, "error": "build: " + built["error"]}
+            results["sweep"]["logitstore"][str(length)] = ours
+            fits["logitstore"] = bool(ours.get("fits"))
+            save()
+        if fits["trl"]:
+            trl = run_stage("trl-train", {**train_args, "out": str(work / f"run-trl-{length}")}, log)
+            results["sweep"]["trl"][str(length)] = trl
+            fits["trl"] = bool(trl.get("fits"))
+            save()
+    for name in ("logitstore", "trl"):
+        ok = [int(k) for k, v in results["sweep"][name].items() if v.get("fits")]
+        results["sweep"][f"longest_{name}"] = max(ok) if ok else None
+    save()
     return results
 
 
@@ -409,6 +557,17 @@ def render(results: dict) -> str:
     if "error" not in ours and "error" not in trl and ours and trl:
         lines += ["", f"logitstore's step takes {ours['step_seconds'] / trl['step_seconds']:.2f}x TRL's time at "
                       f"{ours['peak_allocated_gib'] / trl['peak_allocated_gib']:.2f}x its peak allocated memory."]
+    b_ours = results.get("breakdown_logitstore", {}).get("breakdown", {})
+    b_trl = results.get("breakdown_trl", {}).get("breakdown", {})
+    if b_ours.get("pieces") and b_trl.get("pieces"):
+        names = sorted(set(b_ours["pieces"]) | set(b_trl["pieces"]))
+        lines += ["", "**Where the peak goes** (`torch.cuda.memory._record_memory_history` over two steps; the "
+                      "allocations live at the largest instant of the trace, by the Python frames they were made "
+                      "under; GiB):", "", "| piece | logitstore | TRL + peft |", "|---|---:|---:|",
+                  f"| held before the steps (weights, adapter) | {b_ours['before_recording_bytes'] / GIB:.2f} | "
+                  f"{b_trl['before_recording_bytes'] / GIB:.2f} |"]
+        lines += [f"| {n} | {b_ours['pieces'].get(n, 0) / GIB:.2f} | {b_trl['pieces'].get(n, 0) / GIB:.2f} |"
+                  for n in names]
     if ref4 and "error" not in ref4 and "sharing_max_abs_delta" in ref4:
         delta, mean = ref4["sharing_max_abs_delta"], ref4["mean_abs_sequence_logp"]
         lines += ["", f"Precision noise floor: scoring the same 4-bit pairs with prompt sharing (KV cache) and in one pass "
@@ -426,11 +585,37 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str) -> None:
+SWEEP_BEGIN, SWEEP_END = "<!-- gpu-sweep:begin -->", "<!-- gpu-sweep:end -->"
+
+
+def render_sweep(results: dict) -> str:
+    sw = results["sweep"]
+    lines = [SWEEP_BEGIN, f"**Length headroom** on one {results['device']} held to {sw['cap_gib']} GiB "
+             "(`torch.cuda.set_per_process_memory_fraction`; a 12 GB card less its CUDA context), the training "
+             f"step's setup above at batch {sw['batch_size']}, {sw['steps']} steps per length, every sequence at the "
+             "limit; `python benchmarks/gpu.py --max-length-sweep`. Lengths rise until one does not fit.", "",
+             "| max length | logitstore: peak alloc GiB | TRL + peft: peak alloc GiB |", "|---:|---:|---:|"]
+
+    def cell(r: dict | None) -> str:
+        if r is None:
+            return "not run"
+        if r.get("fits"):
+            return f"{_f(r.get('peak_allocated_gib'))}"
+        return "out of memory" if "memory" in r.get("error", "").lower() else f"failed: {r.get('error', '?')[:60]}"
+
+    for length in sw["lengths"]:
+        lines.append(f"| {length:,} | {cell(sw['logitstore'].get(str(length)))} | {cell(sw['trl'].get(str(length)))} |")
+    ours, trl = sw.get("longest_logitstore"), sw.get("longest_trl")
+    ratio = f" ({ours / trl:.1f}x)" if ours and trl else ""
+    lines += ["", f"Longest that fits: logitstore {ours or 'none'}, TRL {trl or 'none'}{ratio}.", SWEEP_END]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
     text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + section
     doc.write_text(text)
@@ -439,6 +624,8 @@ def write_section(doc: Path, section: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few pairs and steps; runs on CPU")
+    parser.add_argument("--max-length-sweep", action="store_true",
+                        help="find the longest max length whose step fits in 12 GiB, ours and TRL's")
     parser.add_argument("--work", type=Path, help="folder for the model, data and stores (default: a temp dir)")
     parser.add_argument("--tokenizer", help="folder holding Mistral's tokenizer.model (default: mistral-common's)")
     parser.add_argument("--json", type=Path, help="write the measurements here as they come in")
@@ -453,9 +640,16 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.render.read_text())
         if results.get("smoke"):
             raise SystemExit("benchmarks/gpu.py: a --smoke run is not a measurement; render a GPU run")
-        write_section(args.doc, render(results))
+        if "sweep" in results:
+            write_section(args.doc, render_sweep(results), SWEEP_BEGIN, SWEEP_END)
+        else:
+            write_section(args.doc, render(results))
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-gpu-"))
+    if args.max_length_sweep:
+        results = sweep(args.smoke, work, args.tokenizer, args.json)
+        print(render_sweep(results) if not args.smoke else json.dumps(results, indent=1))
+        return 0 if "error" not in results.get("make_model", {}) else 1
     results = run(args.smoke, work, args.tokenizer, args.json)
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     print(render(results) if not args.smoke else json.dumps(results, indent=1))

@@ -360,13 +360,27 @@ def render(benches: list[dict], machine: dict) -> str:
     return "\n".join(lines)
 
 
+# Sections other scripts write between these markers (benchmarks/memory.py, benchmarks/gpu.py): carried over as
+# they are, since this suite does not measure them.
+KEPT = (("<!-- memory:begin -->", "<!-- memory:end -->"), ("<!-- gpu:begin -->", "<!-- gpu:end -->"),
+        ("<!-- gpu-sweep:begin -->", "<!-- gpu-sweep:end -->"), ("<!-- kto:begin -->", "<!-- kto:end -->"))
+
+
+def kept_sections(old: str) -> str:
+    out = []
+    for begin, end in KEPT:
+        if begin in old and end in old.split(begin, 1)[1]:
+            out.append(begin + old.split(begin, 1)[1].split(end, 1)[0] + end + "\n")
+    return "".join("\n" + section for section in out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="sources", nargs="*", type=Path, help="Existing --benchmark-json files.")
     args = parser.parse_args()
     sources = args.sources or run_suite(ROOT / ".benchmarks" / "report.json")
     benches, machine = load(sources)
-    DOC.write_text(render(benches, machine))
+    DOC.write_text(render(benches, machine) + kept_sections(DOC.read_text() if DOC.exists() else ""))
     print(f"wrote {DOC}")
 
 

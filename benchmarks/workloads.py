@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -29,6 +30,9 @@ MODEL_CONFIGS = {
                   num_key_value_heads=4),
     "deep": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
                  num_key_value_heads=4),
+    # The training-memory comparison's model (issue 17: 12 layers x 512, MLP 1792).
+    "memory": dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=12, num_attention_heads=8,
+                   num_key_value_heads=4),
 }
 
 
@@ -122,10 +126,12 @@ def train(args: dict) -> dict:
     from logitstore.dpo.train import TrainConfig, train as run
 
     result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
-                             batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False, lora_r=16,
-                             lora_alpha=32), progress=False, log=lambda s: None)
+                             batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
+                             lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16)),
+                    progress=False, log=lambda s: None)
     steps = result["history"][1:]  # the first step pays for warm-up
     return {"step_seconds": statistics.median(h["step_seconds"] for h in steps),
+            "steps": len(result["history"]),
             "loader_seconds": statistics.median(h["loader_seconds"] for h in steps),
             "loss_first": result["history"][0]["loss"]}
 
@@ -156,10 +162,103 @@ def trl_train(args: dict) -> dict:
                        gradient_checkpointing=args.get("gradient_checkpointing", False))
     trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(rows),
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
+                         peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
+                                                lora_dropout=0.05, target_modules="all-linear"),
                          callbacks=[Timer()])
     trainer.train()
-    return {"step_seconds": statistics.median(times[1:]), "loss_first": trainer.state.log_history[0]["loss"]}
+    return {"step_seconds": statistics.median(times[1:]), "steps": len(times),
+            "loss_first": trainer.state.log_history[0]["loss"]}
+
+
+def _held(params: list, optimizer: Any, model: Any) -> dict:
+    """Bytes that exist before a step, counted from the tensors: frozen weights, adapter, optimizer state."""
+    from memprofile import tensor_bytes
+
+    trainable = {id(p) for p in params}
+    frozen = [p for p in model.parameters() if id(p) not in trainable]
+    return {"weights": tensor_bytes(frozen), "adapter weights": tensor_bytes(params),
+            "optimizer state": tensor_bytes([list(s.values()) for s in optimizer.state.values()])}
+
+
+def profile_train(args: dict) -> dict:
+    """`train`'s first step under torch.profiler's memory records (benchmarks/memprofile.py)."""
+    import logitstore.dpo.logps as logps
+    import logitstore.dpo.train as trainer
+    from memprofile import labelled, peak_breakdown, profiler, tensor_bytes
+
+    prof, seen = profiler(), {}
+    make, forward = trainer.make_optimizer, trainer.dpo_batch
+
+    def make_and_start(cfg, params):
+        seen["params"], seen["optimizer"] = params, make(cfg, params)
+        prof.start()
+        return seen["optimizer"]
+
+    def dpo_batch(model, batch, *a, **k):
+        seen["model"], seen["batch"] = model, tensor_bytes(batch)
+        return labelled("forward", forward)(model, batch, *a, **k)
+
+    trainer.make_optimizer, trainer.dpo_batch = make_and_start, dpo_batch
+    logps._head_logps = labelled("logits", logps._head_logps)
+    trainer.dpo_loss = labelled("loss", trainer.dpo_loss)
+    trainer.train(trainer.TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=1,
+                                      batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
+                                      lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16)),
+                  progress=False, log=lambda s: None)
+    prof.stop()
+    result = peak_breakdown(prof, vocab=seen["model"].config.vocab_size)
+    result["held"] = {**_held(seen["params"], seen["optimizer"], seen["model"]), "batch tensors": seen["batch"]}
+    return result
+
+
+def profile_trl_train(args: dict) -> dict:
+    """TRL DPOTrainer + peft's first step under the same records."""
+    import datasets
+    import torch
+    import trl.trainer.dpo_trainer as dpo_trainer
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    from logitstore.dpo.models import load_tokenizer
+    from memprofile import labelled, labelled_context, peak_breakdown, profiler, tensor_bytes
+
+    prof, seen = profiler(), {}
+
+    class Start(TrainerCallback):
+        def on_train_begin(self, *a, model=None, optimizer=None, **k):
+            seen["model"], seen["optimizer"] = model, optimizer
+            seen["params"] = [p for p in model.parameters() if p.requires_grad]
+            prof.start()
+
+    use_adapter = dpo_trainer.use_adapter
+    dpo_trainer.use_adapter = lambda *a, **k: labelled_context("reference", use_adapter(*a, **k))
+    chunked = ChunkedLogProbFunction.apply
+    ChunkedLogProbFunction.apply = staticmethod(labelled("logits", chunked))
+    compute_loss = DPOTrainer.compute_loss
+
+    def forward(self, model, inputs, *a, **k):
+        seen["batch"] = tensor_bytes(inputs)
+        return labelled("forward", compute_loss)(self, model, inputs, *a, **k)
+
+    DPOTrainer.compute_loss = forward
+    rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
+                       max_steps=1, learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
+                       save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear",
+                       gradient_checkpointing=args.get("gradient_checkpointing", False))  # as trl_train runs it
+    trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
+                         train_dataset=datasets.Dataset.from_list(rows),
+                         peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
+                                                lora_dropout=0.05, target_modules="all-linear"),
+                         callbacks=[Start()])
+    trainer.train()
+    prof.stop()
+    result = peak_breakdown(prof, vocab=model.config.vocab_size)
+    result["held"] = {**_held(seen["params"], trainer.optimizer, seen["model"]), "batch tensors": seen["batch"]}
+    return result
 
 
 def run_child(kind: str, args: dict) -> dict:
@@ -177,7 +276,8 @@ if __name__ == "__main__":
     if kind == "make-model":
         make_model(sys.argv[2], *sys.argv[3:])
         sys.exit(0)
-    measured = {"build": build, "trl-precompute": trl_precompute, "train": train, "trl-train": trl_train}[kind](
+    measured = {"build": build, "trl-precompute": trl_precompute, "train": train, "trl-train": trl_train,
+                "profile-train": profile_train, "profile-trl-train": profile_trl_train}[kind](
         json.loads(sys.argv[2]))
     measured["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(measured))

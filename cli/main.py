@@ -458,7 +458,10 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
 @click.option("--lora-alpha", type=click.IntRange(min=1), default=16, show_default=True,
               help="LoRA scaling numerator (the update is scaled by alpha / r).")
-@click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="Dropout on the LoRA input.")
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True, help="Dropout on the LoRA input, in effect "
+              "with --keep-dropout.")
+@click.option("--disable-dropout/--keep-dropout", default=True, show_default=True, help="Dropout off in the policy, "
+              "as TRL's DPOTrainer does by default (disable_dropout): no dropped copies held for backward.")
 @click.option("--target-modules", default="all-linear", show_default=True, help="Comma-separated or all-linear.")
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), help="Train LoRA on the model in bitsandbytes NF4 "
               "(QLoRA).")
@@ -518,8 +521,9 @@ def train(**kw: Any) -> None:
     last = result["history"][-1] if result.get("history") else {}
     saved = f"Adapter in {Path(result['out']) / 'adapter'}" if cfg.lora else f"Model in {Path(result['out']) / 'model'}"
     plot = f" (plot: {result['plot']})" if result.get("plot") else ""
+    peak = result["peak_memory"]
     click.echo(f"Trained {result['steps']} steps; last logged loss {last.get('loss', float('nan')):.4f}. "
-               f"{saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}{plot}.")
+               f"{peak[0].upper()}{peak[1:]}. {saved}, metrics in {Path(result['out']) / 'metrics.jsonl'}{plot}.")
 
 
 @cli.command()

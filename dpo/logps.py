@@ -21,7 +21,7 @@ from .losses import PairLogps, needed_inputs
 from .models import input_device
 from .objective import Objective
 
-LOGIT_BYTES = 256 << 20  # float32 logits held at once
+LOGIT_BYTES = 64 << 20  # float32 logits of one slice (a few such buffers at once; see _LinearHeadLogps)
 
 
 def is_cpu_4bit(model: Any) -> bool:
@@ -73,6 +73,60 @@ def head_logits(head: Any, config: Any) -> Callable[[torch.Tensor], torch.Tensor
     return logits_of
 
 
+class _LinearHeadLogps(torch.autograd.Function):
+    """log p(label | hidden) through a plain linear LM head, slice by slice, holding one [slice, vocab] buffer.
+
+    Forward keeps only what backward cannot cheaply redo: each row's log Z (one float). Backward recomputes a
+    slice's logits and turns them into their own gradient in place (softmax, times -grad, plus grad at the label),
+    where autograd through `head(h).float()` and logsumexp would hold five [slice, vocab] tensors at once. The
+    forward computes exactly what the generic path does (same matmul, float32 logsumexp and gather), so the
+    values match the reference pass bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,  # type: ignore[override]
+                step: int) -> torch.Tensor:
+        values = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_z = torch.empty_like(values)
+        for i in range(0, hidden.shape[0], step):
+            logits = torch.nn.functional.linear(hidden[i:i + step], weight).float()
+            log_z[i:i + step] = torch.logsumexp(logits, dim=-1)
+            values[i:i + step] = logits.gather(1, labels[i:i + step, None]).squeeze(1) - log_z[i:i + step]
+            del logits
+        ctx.save_for_backward(hidden, weight, labels, log_z)
+        ctx.step = step
+        device = hidden.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, labels, log_z = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):  # the forward's matmul precision
+            for i in range(0, hidden.shape[0], ctx.step):
+                h, g = hidden[i:i + ctx.step], grad[i:i + ctx.step].float()
+                # d value / d logit_v = [v == label] - softmax_v, scaled by the incoming gradient.
+                probs = torch.nn.functional.linear(h, weight).float()
+                probs.sub_(log_z[i:i + ctx.step, None]).exp_().mul_(-g[:, None])
+                probs.scatter_add_(1, labels[i:i + ctx.step, None], g[:, None])
+                d_logits = probs.to(h.dtype)  # a no-op in float32; in bfloat16 what autograd's cast would give
+                del probs
+                if grad_hidden is not None:
+                    grad_hidden[i:i + ctx.step] = d_logits @ weight
+                if grad_weight is not None:
+                    grad_weight += (d_logits.T @ h).to(grad_weight.dtype)
+                del d_logits
+        return grad_hidden, grad_weight, None, None
+
+
+def _plain_linear(head: Any) -> bool:
+    return type(head) is torch.nn.Linear and head.bias is None
+
+
 def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: Any, *,
                 sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(label | hidden) for rows of `hidden` [M, H], computed in slices of at most LOGIT_BYTES, and, with
@@ -80,6 +134,11 @@ def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: A
     vocab = head.weight.shape[0]
     step = max(1, LOGIT_BYTES // (4 * vocab))
     logits_of = head_logits(head, config)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    plain = all(getattr(text_config, name, None) is None for name in ("final_logit_softcapping", "logit_scale"))
+    keep = torch.is_grad_enabled() and hidden.requires_grad
+    if keep and not sum_sq and plain and _plain_linear(head):
+        return _LinearHeadLogps.apply(hidden, head.weight, labels, step), None
 
     def piece(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits = logits_of(h)
@@ -90,9 +149,8 @@ def _head_logps(hidden: torch.Tensor, labels: torch.Tensor, head: Any, config: A
         with torch.no_grad():
             return picked, torch.logsumexp(2 * logits, dim=-1) - 2 * log_z
 
-    # Under autograd each slice is recomputed in the backward pass instead of keeping its [rows, vocab] logits
-    # (and their float32 copy) alive until then: one extra LM-head matmul buys the memory of every slice but one.
-    keep = torch.is_grad_enabled() and hidden.requires_grad
+    # Other heads (a LoRA-wrapped or softcapped one, WPO's extra output): under autograd each slice is recomputed
+    # in the backward pass instead of keeping its [rows, vocab] logits alive until then.
     pieces = [torch.utils.checkpoint.checkpoint(piece, hidden[i:i + step], labels[i:i + step], use_reentrant=False)
               if keep else piece(hidden[i:i + step], labels[i:i + step]) for i in range(0, hidden.shape[0], step)]
     empty = hidden.new_zeros(0, dtype=torch.float32)

@@ -26,6 +26,7 @@ from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
+from .memory import PeakMeter, is_out_of_memory
 from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
                      model_fingerprint, peft_wrapping, precision, resolve_device)
 from .objective import Objective, UnpairedObjective, unpaired_objective
@@ -65,7 +66,8 @@ class TrainConfig:
     undesirable_weight: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.05  # in effect only with disable_dropout=False
+    disable_dropout: bool = True  # TRL's DPOConfig default: every dropout in the policy off, LoRA's included
     target_modules: str = "all-linear"
     quantize: str | None = None
     dtype: str = "auto"  # resolved by dpo.models.resolve_dtype when training starts
@@ -185,13 +187,23 @@ def setup_policy(cfg: TrainConfig) -> Any:
     if not cfg.lora:
         if cfg.adapter is not None:
             model = model.merge_and_unload()
-        return model.requires_grad_(True)
+        return without_dropout(model.requires_grad_(True), cfg)
     if cfg.adapter is None:
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         with peft_wrapping():
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                      lora_dropout=cfg.lora_dropout, target_modules=targets,
                                                      task_type="CAUSAL_LM"))
+    return without_dropout(model, cfg)
+
+
+def without_dropout(model: Any, cfg: TrainConfig) -> Any:
+    """As TRL's DPOTrainer does by default (disable_dropout): p = 0 in every dropout module, which then returns its
+    input as is, so the forward keeps no dropped copy of each adapted layer's input and no mask for backward."""
+    if cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     return model
 
 
@@ -384,6 +396,17 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train; running out of memory becomes one line with the peak reached and what lowers it (dpo/memory.py)."""
+    meter = PeakMeter()
+    try:
+        return _train(cfg, meter, progress=progress, log=log)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise meter.out_of_memory(exc) from None
+
+
+def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm import tqdm
 
     objective = objective_of(cfg)
@@ -470,9 +493,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             log(f"Resumed from {checkpoint} at step {step}.")
     else:
         sampler.set_epoch(0)
-    cuda = device.type == "cuda"
-    if cuda:  # the peak logged below is the training steps' own, not the model load's
-        torch.cuda.reset_peak_memory_stats(device)
+    meter.start(device)  # on a GPU the peak logged below is the training steps' own, not the model load's
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
     policy.train()
@@ -482,6 +503,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
     history: list[dict[str, Any]] = []
 
     while step < total_steps:
+        meter.step = step + 1
         t_step = time.perf_counter()
         lr = lr_at(step, cfg, total_steps)
         for group in optimizer.param_groups:
@@ -512,6 +534,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
             tokens += int(batch["attention_mask"].sum())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+            del batch, loss, metrics  # the next micro-batch's forward does not need this one's inputs or graph
         # Gradients are already averaged over the ranks: DDP all-reduces them and FSDP2 reduce-scatters them in
         # backward(); FSDP2's norm is a DTensor over the shards.
         grad_norm = distributed.grad_norm_value(
@@ -528,8 +551,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
         elapsed = time.perf_counter() - t_step
         record = {"step": step, "epoch": epoch, **averaged, "learning_rate": lr, "grad_norm": grad_norm,
                   "tokens_per_second": tokens * world / elapsed, "step_seconds": elapsed, "loader_seconds": loader_s}
-        if cuda:
-            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        record.update(meter.record())
         eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
             # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
@@ -569,5 +591,6 @@ def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None]
 
             result["plot"] = str(plot_metrics(out / "metrics.jsonl", out / "metrics.png"))
         result["history"] = history
+    result["peak_memory"], result["peak_memory_gib"] = meter.summary(), meter.peak_bytes() / 2**30  # the run's
     distributed.barrier()
     return result

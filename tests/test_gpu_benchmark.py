@@ -56,3 +56,60 @@ def test_gpu_report_section_is_replaced_in_place(tmp_path):
     gpu.write_section(doc, f"{gpu.BEGIN}\nfirst\n{gpu.END}\n")
     gpu.write_section(doc, f"{gpu.BEGIN}\nsecond\n{gpu.END}\n")
     assert doc.read_text() == f"# Benchmarks\n\nbefore\n\n{gpu.BEGIN}\nsecond\n{gpu.END}\n"
+
+
+@pytest.mark.slow
+def test_max_length_sweep_smoke(tmp_path):
+    """The 12 GiB length sweep's stages on a tiny model on CPU (no cap there): both trainers at both lengths."""
+    results = tmp_path / "sweep.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--max-length-sweep", "--smoke",
+                           "--work", str(tmp_path), "--json", str(results)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sw = json.loads(results.read_text())["sweep"]
+    assert sw["lengths"] == [64, 128] and sw["cap_gib"] is None
+    for trainer in ("logitstore", "trl"):
+        for length in ("64", "128"):
+            run = sw[trainer][length]
+            assert run["fits"] is True and run["steps"] == 2, (trainer, length, run)
+            assert abs(run["loss_first"] - math.log(2)) < 1e-5
+    assert sw["longest_logitstore"] == sw["longest_trl"] == 128
+
+
+def test_sweep_report_names_the_longest_length_that_fits():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    fit = {"fits": True, "peak_allocated_gib": 7.5}
+    oom = {"fits": False, "error": "out of memory at step 1: peak memory 11.90 GiB"}
+    results = {"device": "NVIDIA H200", "sweep": {"cap_gib": 12, "lengths": [1024, 2048, 3072], "batch_size": 2,
+                                                  "steps": 2, "logitstore": {"1024": fit, "2048": fit, "3072": oom},
+                                                  "trl": {"1024": fit, "2048": oom},
+                                                  "longest_logitstore": 2048, "longest_trl": 1024}}
+    text = gpu.render_sweep(results)
+    assert "| 2,048 | 7.50 | out of memory |" in text and "| 3,072 | out of memory | not run |" in text
+    assert "Longest that fits: logitstore 2048, TRL 1024 (2.0x)." in text
+
+
+def test_snapshot_breakdown_replays_the_trace_to_its_peak():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import memprofile
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    head = [{"filename": "/x/dpo/logps.py", "line": 1, "name": "_head_logps"}]
+    layer = [{"filename": "/x/transformers/models/mistral/modeling_mistral.py", "line": 1, "name": "forward"}]
+    grad = [{"filename": "/x/torch/autograd/__init__.py", "line": 1, "name": "backward"}]
+    trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": layer},
+             {"action": "alloc", "addr": 2, "size": 50, "frames": head},
+             {"action": "free_completed", "addr": 2, "size": 50, "frames": head},
+             {"action": "alloc", "addr": 3, "size": 70, "frames": grad},  # the peak: 100 + 70
+             {"action": "free_completed", "addr": 3, "size": 70, "frames": grad},
+             {"action": "free_completed", "addr": 1, "size": 100, "frames": layer}]
+    snapshot = {"device_traces": [trace],
+                "segments": [{"blocks": [{"size": 400, "state": "active_allocated"}, {"size": 9, "state": "inactive"}]}]}
+    out = memprofile.snapshot_breakdown(snapshot)
+    assert out == {"tracked_peak_bytes": 170, "before_recording_bytes": 400,
+                   "pieces": {"activations saved for backward": 100, "backward: gradients in flight": 70}}

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -47,6 +48,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(byte_model, me
     results = []
     for checkpointing in (False, True):
         cfg = TrainConfig(model=str(byte_model), store=str(medical), out="unused", lora_dropout=0.1,
+                          disable_dropout=False,
                           gradient_checkpointing=checkpointing, dtype="float32")
         torch.manual_seed(0)
         model = setup_policy(cfg)
@@ -204,10 +206,16 @@ def test_quiet_prints_only_the_final_line(byte_model, medical, tmp_path):
                "--max-steps", "2", "--batch-size", "4", "--optimizer", "paged_adamw_8bit", "--gradient-checkpointing",
                "--quiet")
     assert out.returncode == 0 and out.stderr == ""
-    assert out.stdout.splitlines() == [
-        f"Trained 2 steps; last logged loss {json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])['loss']:.4f}. "
-        f"Adapter in {tmp_path / 'run' / 'adapter'}, metrics in {tmp_path / 'run' / 'metrics.jsonl'} "
-        f"(plot: {tmp_path / 'run' / 'metrics.png'})."]
+    last = json.loads((tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()[-1])
+    line, = out.stdout.splitlines()
+    head, rest = line.split(" Peak memory ")
+    peak, tail = rest.split(". ", 1)
+    assert head == f"Trained 2 steps; last logged loss {last['loss']:.4f}."
+    assert tail == (f"Adapter in {tmp_path / 'run' / 'adapter'}, metrics in {tmp_path / 'run' / 'metrics.jsonl'} "
+                    f"(plot: {tmp_path / 'run' / 'metrics.png'}).")
+    # The run's peak (CPU: the process's peak RSS, so saving and plotting after the last step count too).
+    assert re.fullmatch(r"\d+\.\d\d GiB \(CPU, peak RSS\)", peak)
+    assert last["peak_memory_kind"] == "CPU, peak RSS" and float(peak.split()[0]) >= round(last["peak_memory_gib"], 2)
     loud = _cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "loud"),
                 "--max-steps", "2", "--batch-size", "4", "--optimizer", "paged_adamw_8bit")
     assert loud.returncode == 0 and "Loading weights" in loud.stderr and "Warning" in loud.stderr

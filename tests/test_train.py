@@ -79,7 +79,8 @@ def test_training_lowers_the_loss_and_raises_accuracy(byte_model, medical_store,
 def test_resume_continues_exactly(byte_model, medical_store, tmp_path, objective):
     """No objective has state outside the optimizer (TRL 1.16's bco_pair keeps no running reward mean), so every
     one resumes exactly from a checkpoint."""
-    common = dict(max_steps=8, batch_size=4, grad_accum=2, lr=2e-3, log_every=1, lora_dropout=0.1, **objective)
+    common = dict(max_steps=8, batch_size=4, grad_accum=2, lr=2e-3, log_every=1, lora_dropout=0.1,
+                  disable_dropout=False, **objective)
     whole = run(byte_model, medical_store, tmp_path / "whole", **common)["history"]
     run(byte_model, medical_store, tmp_path / "cut", save_every=3, **common)
     # Forget everything after the checkpoint at step 3, as if the run had died there.
