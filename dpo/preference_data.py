@@ -11,7 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,22 @@ def content_id(prompt: Text | None, chosen: Text, rejected: Text) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
+def record_id(record: dict[str, Any], where: str, seen: dict[str, int], line: int,
+              default: Callable[[], str]) -> str:
+    """A record's example ID: its `id` field, or `default()` (a hash of its contents); unique within the file
+    (`seen` maps the IDs so far to their lines)."""
+    raw_id = record.get("id")
+    if raw_id is not None and not isinstance(raw_id, (str, int)):
+        raise InputDataError(f"{where}: field 'id' must be a string or an integer")
+    example_id = str(raw_id) if raw_id is not None else default()
+    if example_id == "":
+        raise InputDataError(f"{where}: empty example ID")
+    if example_id in seen:
+        raise InputDataError(f"{where}: duplicate example ID {example_id!r} (first on line {seen[example_id]})")
+    seen[example_id] = line
+    return example_id
+
+
 def load_examples(path: str | Path, split: str | None = None) -> list[PreferenceExample]:
     """Every record of `path` as a :class:`PreferenceExample`, or one :class:`InputDataError` for the first bad one."""
     path = Path(path)
@@ -129,15 +145,7 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
         kinds.add(conversational)
         if len(kinds) > 1:
             raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
-        raw_id = record.get("id")
-        if raw_id is not None and not isinstance(raw_id, (str, int)):
-            raise InputDataError(f"{where}: field 'id' must be a string or an integer")
-        example_id = str(raw_id) if raw_id is not None else content_id(prompt, chosen, rejected)
-        if example_id == "":
-            raise InputDataError(f"{where}: empty example ID")
-        if example_id in seen:
-            raise InputDataError(f"{where}: duplicate example ID {example_id!r} (first on line {seen[example_id]})")
-        seen[example_id] = line
+        example_id = record_id(record, where, seen, line, lambda: content_id(prompt, chosen, rejected))
         out.append(PreferenceExample(example_id, prompt, chosen, rejected, line))
     if not out:
         raise InputDataError(f"{path}: no preference pairs found")

@@ -26,7 +26,7 @@ import numpy as np
 from logitstore.errors import InputDataError
 from logitstore.kinds import kl_rows
 
-from .preference_data import Text, _check_text, _records
+from .preference_data import Text, _check_text, _records, record_id
 from .tokenization import TokenizedPair, _ids, common_prefix_length
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -93,15 +93,7 @@ def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedEx
         kinds.add(conversational)
         if len(kinds) > 1:
             raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
-        raw_id = record.get("id")
-        if raw_id is not None and not isinstance(raw_id, (str, int)):
-            raise InputDataError(f"{where}: field 'id' must be a string or an integer")
-        example_id = str(raw_id) if raw_id is not None else content_id(prompt, completion, label)
-        if example_id == "":
-            raise InputDataError(f"{where}: empty example ID")
-        if example_id in seen:
-            raise InputDataError(f"{where}: duplicate example ID {example_id!r} (first on line {seen[example_id]})")
-        seen[example_id] = line
+        example_id = record_id(record, where, seen, line, lambda: content_id(prompt, completion, label))
         out.append(UnpairedExample(example_id, prompt, completion, label, line))
     if not out:
         raise InputDataError(f"{path}: no examples found")
