@@ -92,7 +92,7 @@ def test_train_step(benchmark, setting, train_store, quick, trainer):
                                                   "gradient_checkpointing": "checkpointing" in trainer}))
 
     benchmark.pedantic(run, rounds=1)
-    benchmark.extra_info.update(group="train-step", steps=steps, batch_size=4, **result)
+    benchmark.extra_info.update({**result, "group": "train-step", "steps": steps, "batch_size": 4})
     assert abs(result["loss_first"] - np.log(2)) < 1e-4  # both start with policy == reference
 
 
