@@ -11,7 +11,7 @@ import dataclasses
 import gzip
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,11 +165,15 @@ def export_records(path: str | Path, split: str | None = None) -> list[dict[str,
     return records
 
 
-def data_digest(examples: list[PreferenceExample]) -> str:
-    """SHA-256 over the examples' IDs and content, in order: the data part of a store's fingerprint."""
+def rows_digest(rows: Iterable[list[Any]]) -> str:
+    """SHA-256 over rows of JSON values, one compact JSON line each, in order."""
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps([ex.id, ex.prompt, ex.chosen, ex.rejected], ensure_ascii=False,
-                            separators=(",", ":")).encode("utf-8"))
+    for row in rows:
+        h.update(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
         h.update(b"\n")
     return h.hexdigest()
+
+
+def data_digest(examples: list[PreferenceExample]) -> str:
+    """SHA-256 over the examples' IDs and content, in order: the data part of a store's fingerprint."""
+    return rows_digest([ex.id, ex.prompt, ex.chosen, ex.rejected] for ex in examples)

@@ -26,7 +26,7 @@ import numpy as np
 from logitstore.errors import InputDataError
 from logitstore.kinds import kl_rows
 
-from .preference_data import Text, _check_text, _records, record_id
+from .preference_data import Text, _check_text, _records, record_id, rows_digest
 from .tokenization import TokenizedPair, _ids, common_prefix_length
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -137,12 +137,7 @@ def pair_kl(tokenized: list[tuple[np.ndarray, np.ndarray]], kl_batch_size: int, 
 
 def data_digest(examples: list[UnpairedExample]) -> str:
     """SHA-256 over the examples' IDs, content and labels, in order: the data part of a store's fingerprint."""
-    h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps([ex.id, ex.prompt, ex.completion, ex.label], ensure_ascii=False,
-                            separators=(",", ":")).encode("utf-8"))
-        h.update(b"\n")
-    return h.hexdigest()
+    return rows_digest([ex.id, ex.prompt, ex.completion, ex.label] for ex in examples)
 
 
 def export_records(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:

@@ -22,7 +22,9 @@ trainer refuses another batch size and checks that TRL's KL completions are the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -99,6 +101,18 @@ def _check_trl_args(store: Store, args_obj: Any, config: str) -> None:
                               f"tokens; pass {config}(max_length={built_for})")
 
 
+@contextlib.contextmanager
+def _store_identifies_reference(trainer_module: Any, store: Store) -> Iterator[None]:
+    """While a TRL trainer is built, its cache key for the reference model is the store's fingerprint digest
+    instead of a hash of the whole model."""
+    original = trainer_module.hash_module
+    trainer_module.hash_module = lambda module: store.header["fingerprint_digest"]
+    try:
+        yield
+    finally:
+        trainer_module.hash_module = original
+
+
 @functools.lru_cache(maxsize=1)
 def _kto_trainer_class() -> Any:
     from trl import KTOTrainer
@@ -120,13 +134,8 @@ def _kto_trainer_class() -> Any:
                 raise LogitstoreError(f"{self.logitstore.location.url} pairs KL completions within batches of "
                                       f"{chunk}; pass KTOConfig(per_device_train_batch_size={chunk}), or rebuild "
                                       f"the store with --kl-batch-size {args_obj.per_device_train_batch_size}")
-            digest = self.logitstore.header["fingerprint_digest"]
-            original = kto_module.hash_module
-            kto_module.hash_module = lambda module: digest  # the store identifies the reference
-            try:
+            with _store_identifies_reference(kto_module, self.logitstore):
                 super().__init__(*args, **kwargs)
-            finally:
-                kto_module.hash_module = original
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             return with_unpaired_reference(dataset, self.logitstore)
@@ -154,13 +163,8 @@ def _trainer_class() -> Any:
             if built_for is not None and args_obj.max_length != built_for:
                 raise LogitstoreError(f"{self.logitstore.location.url} holds reference values for sequences cut at "
                                       f"{built_for} tokens; pass DPOConfig(max_length={built_for})")
-            digest = self.logitstore.header["fingerprint_digest"]
-            original = dpo_module.hash_module
-            dpo_module.hash_module = lambda module: digest  # the store identifies the reference
-            try:
+            with _store_identifies_reference(dpo_module, self.logitstore):
                 super().__init__(*args, **kwargs)
-            finally:
-                dpo_module.hash_module = original
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             return with_reference(dataset, self.logitstore, self.ld_alpha)
