@@ -58,7 +58,7 @@ class PairDataset:
 
     def lengths(self) -> np.ndarray:
         """Prompt + longer completion, per row: what padding depends on."""
-        spans = [self.store.offsets(f) for f in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        spans = [self.store.offsets(f) for f in self.store.kind.token_fields]
         lens = [o[:, 1] - o[:, 0] for o in spans]
         return lens[0] + np.maximum(lens[1], lens[2])
 
@@ -66,7 +66,7 @@ class PairDataset:
         s = self.store
         rows = np.asarray(rows, dtype=np.int64)
         out: dict[str, Any] = {"rows": rows, **s.row_values(rows)}
-        for field in ("prompt_ids", "chosen_ids", "rejected_ids", *self.extra_fields):
+        for field in (*s.kind.token_fields, *self.extra_fields):
             out[field] = s.ragged(field, rows)
         return out
 

@@ -10,7 +10,7 @@ the r-th; losses without a KL term may shuffle.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -19,26 +19,6 @@ from .loader import PairBatchSampler, PairDataset, pad_pairs
 
 if TYPE_CHECKING:
     import torch
-
-FIELDS = ("prompt_ids", "completion_ids", "kl_completion_ids")
-
-
-class UnpairedDataset(PairDataset):
-    """Rows of an unpaired store: ids of the prompt, the completion and the KL completion, and the row values."""
-
-    def lengths(self) -> np.ndarray:
-        spans = [self.store.offsets(f) for f in FIELDS]
-        lens = [o[:, 1] - o[:, 0] for o in spans]
-        return lens[0] + np.maximum(lens[1], lens[2])
-
-    def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
-        s = self.store
-        rows = np.asarray(rows, dtype=np.int64)
-        out: dict[str, Any] = {"rows": rows, **s.row_values(rows)}
-        for field in FIELDS:
-            out[field] = s.ragged(field, rows)
-        return out
-
 
 def collate_unpaired(batch: dict[str, Any], pad_token_id: int) -> dict[str, torch.Tensor]:
     """A batch as tensors: prompt+completion rows first, then prompt+KL completion rows (:func:`pad_pairs`'s
@@ -75,7 +55,7 @@ def make_unpaired_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: 
     """A DataLoader over the unpaired store at `path` and its sampler; see the module's docstring for the order."""
     import torch
 
-    dataset = UnpairedDataset(path, storage_options=storage_options, digest=digest)
+    dataset = PairDataset(path, storage_options=storage_options, digest=digest)
     sampler = ChunkBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                                 rank=rank, world_size=world_size)
     return torch.utils.data.DataLoader(
