@@ -40,8 +40,9 @@ def teacher_rows(writer, shard: int, entry: dict, seed: int = 0) -> dict:
         records = []
         for row, lg in zip(rows, logits[side]):
             if entry["kind"] == "top_k":
-                records.append(T.top_k(lg, entry["k"]) if len(lg) else T.TopK(
-                    np.zeros((0, entry["k"]), np.int32), np.zeros((0, entry["k"]), np.float32), np.zeros(0, np.float32)))
+                k = entry["k"]
+                records.append(T.top_k(lg, k) if len(lg) else T.TopK(
+                    np.zeros((0, k), np.int32), np.zeros((0, k), np.float32), np.zeros(0, np.float32)))
             else:
                 records.append(T.sample(lg, entry["k"], seed=entry["seed"], stream=row) if len(lg) else T.Sampled(
                     np.zeros((0, entry["k"]), np.int32), np.zeros((0, entry["k"]), np.uint16), entry["k"]))
@@ -302,3 +303,87 @@ def test_verify_decodes_every_block(copy_store):
     problems = logitstore.verify(copy_store).problems
     assert len(problems) == 1 and problems[0].endswith(
         "teacher/rejected/c/0: block 0: teacher block: not a top_k block"), problems
+
+
+# ---- the torch loader -----------------------------------------------------------------------------------------
+
+
+def test_loader_pads_teacher_records_in_pad_pairs_layout(topk_store):
+    import torch
+
+    from logitstore.loader import make_loader
+
+    path, logits = topk_store
+    loader, _ = make_loader(str(path), 4, shuffle=False, drop_last=False, pin_memory=False, teacher=True)
+    store = logitstore.open(path)
+    batches = list(loader)
+    assert len(batches) == 6
+    for batch in batches:
+        rows = batch["rows"].tolist()
+        b = len(rows)
+        comp = batch["completion_mask"]
+        width = int(max(comp.sum(dim=1)))
+        assert batch["teacher_ids"].shape == (2 * b, width, 6) and batch["teacher_ids"].dtype == torch.int64
+        assert batch["teacher_logps"].shape == (2 * b, width, 6) and batch["teacher_logps"].dtype == torch.float32
+        assert batch["teacher_tail_logp"].shape == (2 * b, width)
+        assert "teacher_counts" not in batch
+        for j in range(2 * b):
+            side, row = ("chosen", "rejected")[j // b], rows[j % b]
+            lg = logits[(side, row)]
+            n = len(lg)
+            assert int(comp[j].sum()) == n  # the synthetic prompts are never empty: every token is scored
+            if n:
+                want = T.top_k(lg, 6)
+                np.testing.assert_array_equal(batch["teacher_ids"][j, :n].numpy(), want.ids)
+                np.testing.assert_array_equal(batch["teacher_logps"][j, :n].numpy(), want.logps)
+                np.testing.assert_array_equal(batch["teacher_tail_logp"][j, :n].numpy(), want.tail_logp)
+                # entry t is the distribution over the token at input position prompt_len + t
+                start = int(comp[j].argmax())
+                assert start == len(store.ragged("prompt_ids", [row])[0])
+            assert (batch["teacher_ids"][j, n:] == 0).all()
+            assert torch.isneginf(batch["teacher_logps"][j, n:]).all()
+            assert torch.isneginf(batch["teacher_tail_logp"][j, n:]).all()
+
+
+def test_loader_pads_sampled_counts(tmp_path):
+    from logitstore.loader import make_loader
+
+    entry = TS.entry("sampled", 5, VOCAB, seed=3)
+    logits = build(tmp_path / "s.lstore", entry, n=10)
+    loader, _ = make_loader(str(tmp_path / "s.lstore"), 5, shuffle=False, pin_memory=False, teacher=True)
+    batch = next(iter(loader))
+    assert set(k for k in batch if k.startswith("teacher_")) == {"teacher_ids", "teacher_counts"}
+    for j in range(10):
+        side, row = ("chosen", "rejected")[j // 5], j % 5
+        want = T.sample(logits[(side, row)], 5, seed=3, stream=row)
+        n = len(want.ids)
+        np.testing.assert_array_equal(batch["teacher_ids"][j, :n].numpy(), want.ids)
+        np.testing.assert_array_equal(batch["teacher_counts"][j, :n].numpy(), want.counts)
+        assert (batch["teacher_counts"][j, n:] == 0).all()
+        assert (batch["teacher_counts"][j, :n].sum(dim=1) == 5).all()
+
+
+def test_teacher_row_with_an_empty_prompt_starts_at_one():
+    from logitstore.loader import pad_teacher
+
+    rec = T.top_k(_logits(np.random.default_rng(2), 2), 3)
+    records = {"ids": [rec.ids], "logps": [rec.logps], "tail_logp": [rec.tail_logp]}
+    empty = {"ids": [np.zeros((0, 3), np.int32)], "logps": [np.zeros((0, 3), np.float32)],
+             "tail_logp": [np.zeros(0, np.float32)]}
+    out = pad_teacher([records, empty], [np.zeros(0)], [[np.arange(3)], [np.arange(1)]])
+    assert out["teacher_ids"].shape == (2, 3, 3)
+    assert (out["teacher_ids"][0, 0] == 0).all() and np.isneginf(out["teacher_logps"][0, 0].numpy()).all()
+    np.testing.assert_array_equal(out["teacher_ids"][0, 1:].numpy(), rec.ids)
+    assert np.isneginf(out["teacher_tail_logp"][1].numpy()).all()
+    with pytest.raises(ValueError, match=r"^teacher records of batch row 0 do not match its completion \(2 records "
+                                         r"for 3 tokens\)$"):
+        pad_teacher([records, empty], [np.arange(2)], [[np.arange(3)], [np.arange(1)]])
+
+
+def test_loader_refuses_a_store_without_teacher_records(tmp_path):
+    from logitstore.loader import make_loader
+    from tests.synthetic import fill
+
+    fill(tmp_path / "plain.lstore", n=8, rows_per_shard=8)
+    with pytest.raises(TS.NoTeacherError, match=r"holds no top-k teacher records; rebuild with --top-k K"):
+        make_loader(str(tmp_path / "plain.lstore"), 4, teacher=True)
