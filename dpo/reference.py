@@ -517,9 +517,15 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
                        revision=cfg.revision, adapter_revision=cfg.adapter_revision,
                        attn_implementation=cfg.attn_implementation)
     model.eval()
+    records: dict[str, list[Any]] = {}
     with torch.no_grad(), precision(next(model.parameters()).device, cfg.dtype):
         chosen, rejected = score_pairs(model, [p for _, p in pairs], pad_id=tokenizer.pad_token_id,
-                                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
+                                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False,
+                                       teacher=store.teacher, rows=[r for r, _ in pairs], records=records)
+    if store.teacher is not None:
+        from .teacher_pass import compare_records
+
+        problems += compare_records(store, [r for r, _ in pairs], records)
     stored = store.row_values([r for r, _ in pairs])
     for i, (row, _) in enumerate(pairs):
         for side, values in zip(kind.sides, (chosen, rejected)):

@@ -112,3 +112,38 @@ def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], reject
             i = j
     pieces = torch.split(values.detach().cpu(), counts)
     return list(pieces[:n]), list(pieces[n:]), records[:n], records[n:]
+
+
+def compare_records(store: Any, rows: list[int], records: dict[str, list[Record]]) -> list[str]:
+    """`verify --model`'s check of the stored teacher records of `rows` against recomputed ones (`records`).
+
+    Top-k: at each position the stored and recomputed log-probs, both sorted, agree within the codec's bound
+    plus 1e-3 nats (ties may order ids either way), the tail log-mass too, and every token the model clearly
+    ranks in the K (above the K-th value by more than that tolerance) is among the stored ids. Sampled: the
+    draws, which depend on (seed, row, side) and the logits only, are the same."""
+    from logitstore import topk_codec as C
+
+    entry = store.teacher
+    tol = (C.PRESETS[entry["codec"]].step / 2 if entry["kind"] == "top_k" else 0.0) + 1e-3
+    problems = []
+    for side in ("chosen", "rejected"):
+        stored = store.top_k(side, rows)
+        for i, row in enumerate(rows):
+            new = records[side][i]
+            what = f"example {store.id_of(row)!r}: {side} teacher records"
+            if entry["kind"] == "top_k":
+                got, want = stored["logps"][i].astype(np.float64), new.logps.astype(np.float64)
+                if got.shape != want.shape or np.any(np.abs(got - want) > tol):
+                    problems.append(f"{what} differ from the recomputed log-probs (tolerance {tol:.4g} nats)")
+                    continue
+                tails = stored["tail_logp"][i].astype(np.float64), new.tail_logp.astype(np.float64)
+                finite = np.isfinite(tails[1])
+                if np.any(np.isfinite(tails[0]) != finite) or np.any(np.abs(tails[0] - tails[1])[finite] > tol):
+                    problems.append(f"{what}: the tail log-mass differs from the recomputed one")
+                    continue
+                clear = new.logps > new.logps[:, -1:] + tol
+                if any(not np.isin(new.ids[t][clear[t]], stored["ids"][i][t]).all() for t in range(len(new.ids))):
+                    problems.append(f"{what}: a token the model ranks in the top {entry['k']} is not stored")
+            elif not (np.array_equal(stored["ids"][i], new.ids) and np.array_equal(stored["counts"][i], new.counts)):
+                problems.append(f"{what}: the draws differ from those the seed gives")
+    return problems

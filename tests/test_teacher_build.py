@@ -149,3 +149,27 @@ def test_per_token_values_equal_a_build_without_records(byte_model, data, tmp_pa
             np.testing.assert_array_equal(x, y)
     for field in ("chosen_logps", "rejected_logps"):
         np.testing.assert_array_equal(plain.row_values(rows)[field], taught.row_values(rows)[field])
+
+
+def test_verify_with_the_model_recomputes_teacher_records(byte_model, data, tmp_path, capsys):
+    import json
+    import shutil
+
+    _build(byte_model, data, tmp_path / "k", top_k=4, topk_codec="compact")
+    code, out, _ = run_main(capsys, "verify", str(tmp_path / "k"), "--model", str(byte_model), "--data", str(data),
+                            "--json")
+    assert code == 0 and json.loads(out)["problems"] == []
+    # another model's records: the sample check finds them
+    other = tmp_path / "other"
+    shutil.copytree(byte_model, other)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(other))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)
+    model.save_pretrained(str(other))
+    code, out, _ = run_main(capsys, "verify", str(tmp_path / "k"), "--model", str(other), "--data", str(data),
+                            "--json", "--sample", "2")
+    problems = json.loads(out)["problems"]
+    assert code == 1 and any("chosen teacher records differ from the recomputed log-probs (tolerance 0.0635 nats)"
+                             in p for p in problems), problems

@@ -387,3 +387,53 @@ def test_loader_refuses_a_store_without_teacher_records(tmp_path):
     fill(tmp_path / "plain.lstore", n=8, rows_per_shard=8)
     with pytest.raises(TS.NoTeacherError, match=r"holds no top-k teacher records; rebuild with --top-k K"):
         make_loader(str(tmp_path / "plain.lstore"), 4, teacher=True)
+
+
+# ---- info, subset, merge ----------------------------------------------------------------------------------------
+
+
+def test_info_shows_the_teacher_entry(topk_store):
+    from logitstore.describe import describe, render
+
+    store = logitstore.open(topk_store[0])
+    s = describe(store)
+    t = s["teacher"]
+    positions = sum(int(store.row_values(range(len(store)))[f"{side}_tokens"].sum()) for side in ("chosen",
+                                                                                                 "rejected"))
+    sizes = sum((topk_store[0] / f"teacher/{side}/c/{k}").stat().st_size for side in ("chosen", "rejected")
+                for k in range(3))
+    assert (t["kind"], t["k"], t["positions"], t["bytes"]) == ("top_k", 6, positions, sizes)
+    line = [x for x in render(s).splitlines() if x.startswith("  teacher")][0]
+    assert line == (f"  teacher       top-6 (exact) of 50 tokens at {positions} positions: "
+                    f"{logitstore.describe.human_bytes(sizes)} ({sizes / positions:.1f} B per position)")
+
+
+def test_subset_and_merge_carry_teacher_records(topk_store, tmp_path):
+    path, _ = topk_store
+    store = logitstore.open(path)
+    keep = [store.id_of(r) for r in (1, 4, 9, 17, 22)]
+    logitstore.subset(path, tmp_path / "sub", ids=keep, rows_per_shard=2)
+    sub = logitstore.open(tmp_path / "sub")
+    assert sub.teacher == store.teacher and logitstore.verify(tmp_path / "sub").ok
+    for side in ("chosen", "rejected"):
+        a, b = store.top_k(side, [1, 4, 9, 17, 22]), sub.top_k(side, range(5))
+        for name in a:
+            for x, y in zip(a[name], b[name]):
+                np.testing.assert_array_equal(x, y)
+    rest = [i for i in store.ids if i not in keep]
+    logitstore.subset(path, tmp_path / "rest", ids=rest)
+    logitstore.merge([tmp_path / "sub", tmp_path / "rest"], tmp_path / "merged")
+    merged = logitstore.open(tmp_path / "merged")
+    for side in ("chosen", "rejected"):
+        a = store.top_k(side, store.rows(merged.ids))
+        b = merged.top_k(side, range(len(merged)))
+        for name in a:
+            for x, y in zip(a[name], b[name]):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_merge_refuses_stores_with_other_teacher_records(topk_store, tmp_path):
+    build(tmp_path / "k4.lstore", TS.entry("top_k", 4, VOCAB, codec="exact"), n=8)
+    with pytest.raises(logitstore.FingerprintMismatchError, match=r"they differ in teacher records \(one lacks "):
+        logitstore.merge([topk_store[0], tmp_path / "k4.lstore"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
