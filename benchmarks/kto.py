@@ -30,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from report import write_section  # noqa: E402
+
 BATCH = 8
 
 
@@ -207,16 +209,6 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
-
-
 def main() -> None:
     import tempfile
 
@@ -230,7 +222,8 @@ def main() -> None:
     parser.add_argument("--render", type=Path, help="write this results file's section into docs/benchmarks.md")
     opts = parser.parse_args()
     if opts.render:
-        write_section(HERE.parent / "docs" / "benchmarks.md", render(json.loads(opts.render.read_text())))
+        write_section(HERE.parent / "docs" / "benchmarks.md", render(json.loads(opts.render.read_text())),
+                      BEGIN, END)
         return
     from workloads import make_model
 
