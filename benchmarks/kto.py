@@ -111,19 +111,13 @@ def trl_train(args: dict) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import KTOTrainer
+    from workloads import step_timer
 
     from logitstore.dpo.models import load_tokenizer
 
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
@@ -131,7 +125,7 @@ def trl_train(args: dict) -> dict:
                          processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(_rows(args)),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
-                         callbacks=[Timer()])
+                         callbacks=[step_timer(times)])
     setup = time.perf_counter() - t
     trainer.train()
     return {"step_seconds": statistics.median(times[1:]), "setup_seconds": setup,
