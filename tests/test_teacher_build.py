@@ -173,3 +173,18 @@ def test_verify_with_the_model_recomputes_teacher_records(byte_model, data, tmp_
     problems = json.loads(out)["problems"]
     assert code == 1 and any("chosen teacher records differ from the recomputed log-probs (tolerance 0.0635 nats)"
                              in p for p in problems), problems
+
+
+def test_info_and_export_of_a_teacher_store(byte_model, data, tmp_path, capsys):
+    import json
+
+    _build(byte_model, data, tmp_path / "k", sample_k=2, seed=9)
+    code, out, _ = run_main(capsys, "info", str(tmp_path / "k"), "--json")
+    teacher = json.loads(out)["teacher"]
+    assert code == 0 and (teacher["kind"], teacher["k"], teacher["seed"], teacher["vocab"]) == ("sampled", 2, 9, 384)
+    code, out, _ = run_main(capsys, "info", str(tmp_path / "k"))
+    assert code == 0 and "  teacher       sampled K=2 (seed 9) of 384 tokens at " in out
+    code, _, err = run_main(capsys, "export", str(tmp_path / "k"), "--to", "trl", "--data", str(data), "--out",
+                            str(tmp_path / "trl"))
+    assert code == 0, err  # the records stay out of the export (TRL's dataset has no column for them)
+    assert (tmp_path / "trl" / "dataset_info.json").is_file()
