@@ -82,7 +82,7 @@ def top_k(logits: np.ndarray, k: int) -> TopK:
 def sample(logits: np.ndarray, k: int, *, seed: int, stream: int = 0) -> Sampled:
     """K draws with replacement from each position's distribution, as distinct ids with counts.
 
-    The draws depend only on ``(seed, stream)`` and the logits: a build passes the row number as `stream` so that
+    The draws depend only on ``(seed, stream)`` and the logits: a build passes ``2 * row + side`` as `stream` so that
     any row is drawn the same way whichever shard or rank computes it."""
     logps = log_softmax(logits)
     n, vocab = logps.shape
