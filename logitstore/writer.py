@@ -152,7 +152,7 @@ class StoreWriter:
     def _write_teacher(self, shard: int, span: range, array: str, records: Sequence[Any],
                        rows: Mapping[str, Any]) -> None:
         """One side's teacher file: a record per row, as many positions as the row's scored-token count."""
-        side = self.kind.sides[[f"teacher/{s.ids[:-4]}" for s in self.kind.sides].index(array)]
+        side = self.kind.sides[teacher_arrays(self.header).index(array)]
         if len(records) != len(span):
             raise ValueError(f"{array}: expected {len(span)} records for shard {shard}, got {len(records)}")
         counts = np.asarray(rows[side.tokens], dtype=np.int64)
