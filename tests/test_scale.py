@@ -262,3 +262,17 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     # FSDP2's transient buffers for the 98 MB embedding and LM-head units (gathered weight, unsharded gradient,
     # reduce-scatter input) and a fixed ~250 MB of interpreter and libraries weigh against 1.39 GB of state.
     assert max(ratios) <= 0.80
+
+
+def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path):
+    """Sampled records are drawn from (seed, row, side): the rank that computes a shard changes no byte."""
+    env = {**os.environ, **ENV}
+    args = ["--sample-k", "4", "--seed", "3", "--per-token", "--max-length", "256"]  # byte-level: longer
+    one = subprocess.run([str(SCRIPT), *build_args(byte_model, data, tmp_path / "one"), *args], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=29531), env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert digest(tmp_path / "two") == digest(tmp_path / "one")
+    assert logitstore.open(tmp_path / "two").teacher["kind"] == "sampled"
