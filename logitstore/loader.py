@@ -115,7 +115,10 @@ def pad_teacher(records: Sequence[dict[str, list[np.ndarray]]], prompts: Sequenc
     T the longest completion. Entry [i, t] is the teacher's distribution over the t-th completion token of row i
     (input position prompt_len + t, predicted from the position before it); a row with an empty prompt has no
     record at t = 0 (that token is not scored). Top-k: ``teacher_ids`` (0 as padding), ``teacher_logps`` and
-    ``teacher_tail_logp`` [R, T] (-inf as padding); sampled: ``teacher_ids`` and ``teacher_counts`` (0 as padding)."""
+    ``teacher_tail_logp`` [R, T] (-inf as padding); sampled: ``teacher_ids`` and ``teacher_counts`` (0 as padding).
+
+    The entries that are not padding, in row-major order, are the batch's scored positions in the order
+    ``hidden[:, :-1][completion_mask[:, 1:].bool()]`` takes them (tests/test_teacher_build.py)."""
     import torch
 
     rows = [(rec, i) for rec in records for i in range(len(rec["ids"]))]

@@ -188,3 +188,30 @@ def test_info_and_export_of_a_teacher_store(byte_model, data, tmp_path, capsys):
                             str(tmp_path / "trl"))
     assert code == 0, err  # the records stay out of the export (TRL's dataset has no column for them)
     assert (tmp_path / "trl" / "dataset_info.json").is_file()
+
+
+def test_loader_entries_line_up_with_the_scored_positions_of_the_batch(byte_model, tmp_path):
+    """What a trainer relies on: the valid entries of `teacher_*`, in row-major order, are the positions
+    `hidden[:, :-1][completion_mask[:, 1:]]` of the batch, so the K = V records equal the model's own
+    log_softmax there (an empty prompt included: its first completion token is not scored)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from logitstore.loader import make_loader
+
+    rows = [{"id": "empty", "prompt": "", "chosen": "Yes.", "rejected": "No, never."}] + ROWS[:3]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    vocab = AutoConfig.from_pretrained(str(byte_model)).vocab_size
+    _build(byte_model, data, tmp_path / "s", top_k=vocab, topk_codec="exact")
+    loader, _ = make_loader(str(tmp_path / "s"), 4, shuffle=False, pin_memory=False, teacher=True)
+    batch = next(iter(loader))
+    model = AutoModelForCausalLM.from_pretrained(str(byte_model), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scored = batch["completion_mask"][:, 1:].bool()
+    want = torch.log_softmax(logits[:, :-1][scored].double(), dim=-1)
+    valid = torch.isfinite(batch["teacher_logps"][..., 0])
+    assert int(valid.sum()) == int(scored.sum()) == want.shape[0]
+    assert not valid[0, 0] and valid[0, 1]  # the row with the empty prompt: t = 0 is padding
+    got = torch.full_like(want, float("nan"))
+    got.scatter_(1, batch["teacher_ids"][valid], batch["teacher_logps"][valid].double())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
