@@ -29,6 +29,8 @@ import numpy as np
 from . import teacher_blocks as TB
 from . import topk_codec as C
 from .errors import FormatError, LogitstoreError
+from .format import chunk_key
+from .kinds import kind_of
 from .teacher import Sampled, TeacherError, TopK
 
 FILE_MAGIC = b"LTS1"
@@ -58,8 +60,6 @@ def side_names(kind: Any) -> list[str]:
 
 def teacher_arrays(header: dict[str, Any]) -> list[str]:
     """The teacher shard-file arrays a header implies (none without a teacher entry)."""
-    from .kinds import kind_of
-
     return [array_name(side) for side in side_names(kind_of(header))] if "teacher" in header else []
 
 
@@ -216,12 +216,12 @@ def rows_records(store: Any, side: str, rows: np.ndarray) -> dict[str, list[np.n
     top = teacher["kind"] == "top_k"
     names = ("ids", "logps", "tail_logp") if top else ("ids", "counts")
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    k = teacher["k"]
     for row in rows.tolist():
         shard, local = divmod(row, rps)
         lengths, part = side_part(store, side, shard, counts_field)
         pieces = [(decoded_block(store, side, shard, block, part), lo, hi)
                   for block, lo, hi in TB.row_spans(lengths, [local], bp)[0]]
-        k = teacher["k"]
         if top:
             out["ids"].append(_cat([r.ids[lo:hi] for r, lo, hi in pieces], (0, k), np.int32))
             out["logps"].append(_cat([r.logps[lo:hi] for r, lo, hi in pieces], (0, k), np.float32))
@@ -252,8 +252,6 @@ def side_part(store: Any, side: str, shard: int, counts_field: str) -> tuple[np.
                     raise FormatError(f"{store.location.url}: {counts_field} of shard {shard} are not token counts")
                 array = array_name(side)
                 data = store._shard_file(array, shard, mapped=True)
-                from .format import chunk_key
-
                 name = f"{store.location.url}: {chunk_key(array, shard)}"
                 if data is None:
                     raise FormatError(f"{name}: the commit record says absent, but a teacher store has a file "
