@@ -215,3 +215,13 @@ def test_loader_entries_line_up_with_the_scored_positions_of_the_batch(byte_mode
     got = torch.full_like(want, float("nan"))
     got.scatter_(1, batch["teacher_ids"][valid], batch["teacher_logps"][valid].double())
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+
+
+def test_unpaired_data_is_refused_in_one_line(byte_model, tmp_path, capsys):
+    rows = [{"prompt": f"Q{i}?", "completion": " Yes.", "label": i % 2 == 0} for i in range(8)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    code, _, err = run_main(capsys, "build", "--model", str(byte_model), "--data", str(data), "--out",
+                            str(tmp_path / "s"), "--top-k", "4", "--quiet")
+    assert (code, err) == (1, f"Error: {data}: --top-k and --sample-k take teacher records of preference pairs; this "
+                              "data is unpaired (prompt/completion/label)\n")
+    assert not (tmp_path / "s").exists()
