@@ -9,13 +9,16 @@ import pytest
 def test_topk_benchmark_runs_and_orders_its_figures():
     from topk import run, table
 
-    result = run(pairs=2, codecs=("exact", "compact"))
+    result = run(pairs=2, codecs=("exact", "compact", "sqrt"))
     rows = {(r["kind"], r["k"], r["codec"]): r for r in result["rows"]}
     kls = [rows[("top", k, "exact")]["kl"] for k in (1, 8, 32, 64, 128)]
     assert kls == sorted(kls, reverse=True) and kls[-1] > 0  # more tokens, closer to the teacher
     for k in (1, 8, 32, 64, 128):  # a coarser value step costs fidelity and saves bytes
         assert rows[("top", k, "compact")]["kl"] >= rows[("top", k, "exact")]["kl"] - 1e-9
         assert rows[("top", k, "compact")]["bytes_per_token"] < rows[("top", k, "exact")]["bytes_per_token"]
+    for k in (1, 8, 32, 64, 128):  # the shard's prior spreads the tail closer to the teacher than evenly
+        assert rows[("top", k, "exact")]["kl_prior"] < rows[("top", k, "exact")]["kl"]
+        assert rows[("top", k, "sqrt")]["bytes_per_token"] < rows[("top", k, "compact")]["bytes_per_token"] or k == 1
     for r in result["rows"]:
         assert 0 < r["grad_cosine"] <= 1 + 1e-6
         if r["codec"] == "exact":  # over K + 1 buckets the loss is a lower bound of the full one
