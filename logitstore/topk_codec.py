@@ -366,7 +366,12 @@ def _sqrt_logp(u: np.ndarray, step: float) -> np.ndarray:
 
 def _most_likely_first(ids: np.ndarray, logps: np.ndarray, tail: np.ndarray, key: np.ndarray) -> TopK:
     """Entries by ascending `key` (the negated value code), ties by smaller id: the record's own order."""
-    perm = np.lexsort((ids, key), axis=-1) if ids.size else np.zeros(ids.shape, np.int64)
+    if not ids.size:
+        perm = np.zeros(ids.shape, np.int64)
+    elif key.dtype.kind == "i":  # codes below 2^26 and ids below 2^22: one int64 key, distinct within a position
+        perm = np.argsort(((key - key.min()) << 32) | ids, axis=1)
+    else:
+        perm = np.lexsort((ids, key), axis=-1)
     return TopK(np.take_along_axis(ids, perm, 1).astype(np.int32), np.take_along_axis(logps, perm, 1),
                 tail.astype(np.float32))
 
