@@ -96,6 +96,7 @@ class TinyLM:
         opt = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
         rng = np.random.default_rng(seed)
         long = [t.astype(np.int64) for t in train if len(t) > 129]
+        long = long or [np.concatenate(train).astype(np.int64)]  # short texts only (the bundled pairs): one stream
         self.losses = []
         for _ in range(steps):
             crops = []
