@@ -43,6 +43,16 @@ def block_positions(k: int) -> int:
     return max(1, min(BLOCK_POSITIONS, MAX_BLOCK_ENTRIES // k))
 
 
+def max_block_bytes(kind: str, k: int, positions: int) -> int:
+    """The most bytes a block of `positions` positions of K can take: its header and each stream at zstd's compress
+    bound of the most its values can decode to (top-k values: a top code per position and K offsets)."""
+    from .shards import zstd_bound
+
+    n = positions
+    streams = (9 * n * k, 9 * (n + n * k), 9 * n) if kind == "top_k" else (9 * n * k, 9 * n * k)
+    return _HEAD.size + 4 * len(streams) + sum(zstd_bound(b) for b in streams)
+
+
 def encode_blocks(record: TopK | Sampled, order, codec: str = "standard",
                   positions: int | None = None) -> list[bytes]:
     """The blocks of all positions of `record` (one side of a shard)."""

@@ -173,6 +173,11 @@ class ShardContext:
         return int(self.order.size)
 
     @property
+    def nbytes(self) -> int:
+        """Memory held (a reader's accounting)."""
+        return int(self.order.nbytes + (0 if self.prior_codes is None else self.prior_codes.nbytes))
+
+    @property
     def log_prior(self) -> np.ndarray | None:
         """float64 [V] log-weights for :func:`logitstore.teacher.reconstruct`, or None (spread evenly)."""
         return None if self.prior_codes is None else -self.prior_codes.astype(np.float64) * PRIOR_STEP
@@ -207,6 +212,14 @@ def vocab_order(ids: np.ndarray, vocab: int, *, tail_mass: np.ndarray | None = N
     if tail_mass is not None and np.asarray(tail_mass).shape != (vocab,):
         raise TeacherError(f"tail mass must have one entry per vocabulary token ({vocab})")
     return ShardContext(order, None if tail_mass is None else prior_codes(tail_mass))
+
+
+def max_context_bytes(vocab: int) -> int:
+    """The most bytes a context blob of a `vocab`-token vocabulary can take (m + order + flag + V prior codes as
+    varints, within zstd's compress bound): what a store's size check may allow for it."""
+    from .shards import zstd_bound
+
+    return zstd_bound(9 * (2 * vocab + 2))
 
 
 def encode_order(order) -> bytes:

@@ -94,3 +94,14 @@ def test_requests_a_store_cannot_hold_are_one_line(kw, message):
 
 def test_requests_a_store_can_hold_pass():
     B.check_request(top_k=128, sample_k=12, vocab=32000, codec="compact")
+
+
+@pytest.mark.parametrize("codec", ["exact", "standard", "sqrt"])
+def test_blocks_and_contexts_keep_within_their_stated_bounds(codec):
+    rec = record(n=64, k=16)
+    ctx = C.vocab_order(rec.ids, 300, tail_mass=np.random.default_rng(0).uniform(0, 1, 300))
+    assert len(C.encode_order(ctx)) <= C.max_context_bytes(300)
+    assert C.decode_order(C.encode_order(ctx), 300).nbytes == 300 * 8 + 300
+    (block,) = B.encode_blocks(rec, ctx, codec, positions=64)
+    assert len(block) <= B.max_block_bytes("top_k", 16, 64)
+    assert B.max_block_bytes("top_k", 16, 64) > B.max_block_bytes("sampled", 16, 64)
