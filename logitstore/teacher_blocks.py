@@ -80,7 +80,7 @@ def encode_blocks(record: TopK | Sampled, order, codec: str = "standard",
 def decode_block(data: bytes, *, kind: str, k: int, positions: int, order,
                  codec: str = "standard") -> TopK | Sampled:
     """One block, checked against what the store says it holds (kind, K, positions, codec)."""
-    if not 1 <= k <= MAX_TOP_K or positions * k > MAX_BLOCK_ENTRIES:
+    if not 1 <= k <= (MAX_TOP_K if kind == "top_k" else MAX_DRAWS) or positions * k > MAX_BLOCK_ENTRIES:
         raise FormatError(f"teacher block: K = {k} with {positions} positions is past the reader's limits")
     if len(data) < _HEAD.size:
         raise FormatError("teacher block: shorter than its header")

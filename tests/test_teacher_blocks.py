@@ -71,6 +71,8 @@ def test_damaged_blocks_are_errors(damage, message):
 def test_a_block_past_the_reader_limits_is_refused_before_decoding():
     with pytest.raises(FormatError, match=r"^teacher block: K = 70000 with 1 positions is past the reader's limits$"):
         B.decode_block(b"", kind="top_k", k=70000, positions=1, order=np.arange(10))
+    with pytest.raises(FormatError, match=r"^teacher block: K = 65536 with 1 positions is past the reader's limits$"):
+        B.decode_block(b"", kind="sampled", k=65536, positions=1, order=np.arange(10))  # counts are uint16
     with pytest.raises(FormatError, match=r"^teacher block: K = 128 with 40000 positions is past the reader's"):
         B.decode_block(b"", kind="top_k", k=128, positions=40000, order=np.arange(10))
 
