@@ -4,7 +4,8 @@ files take per position, what the build costs over one without records, and what
 Teacher: ``topk.TinyLM`` (a 2-layer Mistral, hidden 64, trained a few seeded steps on the bigram's fit text, Mistral
 tokenizer, V = 32,000), saved as a model folder and built from like any reference. Data: the first pairs of
 hh-rlhf harmless-base test (corpus.py's source). Three builds of the same data, side by side in one process: no
-records, ``--top-k 128`` (``standard``), ``--sample-k 12``; each with ``--per-token``.
+records, ``--top-k 128`` (``sqrt``, the default preset, and ``standard``), ``--sample-k 12``; each with
+``--per-token``.
 
 Figures: the teacher files' bytes per scored position (everything in them: per shard and side the vocabulary order,
 the block table and the blocks; compare with ``topk.py``'s block-codec figure, which leaves the order out), build
@@ -60,8 +61,8 @@ def run(pairs: int = 40, steps: int = 150, max_length: int = 512) -> dict:
     source, rows = raw_pairs(pairs)
     data = work / "pairs.jsonl"
     data.write_text("".join(json.dumps({"id": f"hh-{i}", **r}) + "\n" for i, r in enumerate(rows)))
-    builds = {"none": {}, "top-128 standard": {"top_k": 128, "topk_codec": "standard"},
-              "sampled K=12": {"sample_k": 12, "seed": 0}}
+    builds = {"none": {}, "top-128 sqrt": {"top_k": 128, "topk_codec": "sqrt"},
+              "top-128 standard": {"top_k": 128, "topk_codec": "standard"}, "sampled K=12": {"sample_k": 12, "seed": 0}}
     out: dict = {"teacher": f"2-layer Mistral (hidden 64) trained {steps} steps, final loss {loss:.2f} nats, "
                             "Mistral tokenizer (V = 32000)", "source": source, "pairs": pairs,
                  "max_length": max_length, "builds": {}}

@@ -34,6 +34,7 @@ from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
 from .models import (check_attention, check_model_extras, input_device, load_model, load_tokenizer, model_fingerprint,
                      parse_max_memory, precision, resolve_device)
+from .teacher_pass import mass_of, new_mass
 from .tokenization import TokenizedPair, tokenize_pair
 from .unpaired_data import UnpairedExample, data_kind, load_unpaired, pair_kl, tokenize_example
 from .unpaired_data import data_digest as unpaired_digest
@@ -79,7 +80,7 @@ class BuildConfig:
     kl_batch_size: int = DEFAULT_KL_BATCH_SIZE  # unpaired data: the chunk KL completions are paired within
     top_k: int | None = None  # teacher records: the K most likely next tokens at every scored position
     sample_k: int | None = None  # or K draws from the distribution (Sparse Logit Sampling)
-    topk_codec: str = "standard"  # value preset of top-k records (logitstore/topk_codec.py)
+    topk_codec: str = "sqrt"  # value preset of top-k records (logitstore/topk_codec.py; docs/teacher.md: which)
     seed: int = 0  # of sampled records: draws depend on (seed, row, side) only
 
 
@@ -245,10 +246,12 @@ def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: in
 def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, batch_tokens: int,
                 share_prompt: bool, bucketing: bool = True, on_batch: Callable[[int, int], None] | None = None,
                 teacher: dict[str, Any] | None = None, rows: list[int] | None = None,
-                records: dict[str, list[Any]] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+                records: dict[str, list[Any]] | None = None, mass: dict[str, np.ndarray] | None = None,
+                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-token log-probs of the scored chosen and rejected tokens of every pair, in input order. With `teacher`
     (the header's entry), also each side's teacher record per pair, into `records["chosen"]`, `["rejected"]`
-    (`rows`: the pairs' store rows, which seed sampled records)."""
+    (`rows`: the pairs' store rows, which seed sampled records), and with `mass` each side's tail mass added up
+    (``teacher_pass.new_mass``)."""
     import torch
 
     from .logps import pair_logps_full, pair_logps_shared
@@ -264,7 +267,8 @@ def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_si
         inputs = ([torch.from_numpy(p.prompt_ids) for p in sel], [torch.from_numpy(p.chosen_ids) for p in sel],
                   [torch.from_numpy(p.rejected_ids) for p in sel], pad_id)
         if teacher is not None and records is not None and rows is not None:
-            c, r, rc, rr = pair_logps_teacher(model, *inputs, entry=teacher, rows=[rows[i] for i in batch])
+            c, r, rc, rr = pair_logps_teacher(model, *inputs, entry=teacher, rows=[rows[i] for i in batch],
+                                              mass=mass)
             for i, a, b in zip(batch, rc, rr):
                 records["chosen"][i], records["rejected"][i] = a, b
         else:
@@ -438,11 +442,12 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             pairs = [plan.tokenize(cfg, tokenizer, i) for i in rows]
             fresh = [p for p, row in enumerate(rows) if compute[row]]
             records: dict[str, list[Any]] = {}
+            mass = new_mass(teacher) if teacher is not None else None  # the shard's prior, from its rows alone
             chosen, rejected = score_pairs(model, [pairs[p] for p in fresh], pad_id=pad_id,
                                            batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens,
                                            share_prompt=cfg.share_prompt, bucketing=cfg.length_bucketing,
                                            on_batch=on_batch, teacher=teacher, rows=[rows[p] for p in fresh],
-                                           records=records)
+                                           records=records, mass=mass)
             part = shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token, kind)
             if teacher is not None:  # every row is computed (check_teacher refuses --reuse)
                 part.update({f"teacher/{side}": records[side] for side in ("chosen", "rejected")})
@@ -452,7 +457,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             parts += derive.reused_part(reuse, list(rows), tokens_by_field, per_token=cfg.per_token)
             if kind is kinds.UNPAIRED:  # labels come from the data, for computed and reused rows alike
                 parts.append((list(range(len(rows))), {"label": [int(examples[i].label) for i in rows]}))
-            writer.write_shard(shard, derive.combine(len(rows), parts, kind))
+            writer.write_shard(shard, derive.combine(len(rows), parts, kind), teacher_mass=mass_of(mass))
     bar.close()
     distributed.barrier()
     if rank == 0:

@@ -66,11 +66,29 @@ def empty_record(entry: dict[str, Any]) -> Record:
     return T.Sampled(np.zeros((0, k), np.int32), np.zeros((0, k), np.uint16), k)
 
 
+MASS_SCALE = 2.0 ** 32  # tail mass is added up in integer units of 2^-32: the same sum in any order of rows
+
+
+def new_mass(entry: dict[str, Any]) -> dict[str, np.ndarray] | None:
+    """A shard's tail-mass accumulators, one per side (top-k records only: sampled contexts have no prior)."""
+    if entry["kind"] != "top_k":
+        return None
+    return {side: np.zeros(entry["vocab"], np.int64) for side in ("chosen", "rejected")}
+
+
+def mass_of(mass: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
+    """The accumulators as `write_shard`'s `teacher_mass` (float64 [V] per teacher array)."""
+    if mass is None:
+        return None
+    return {f"teacher/{side}": m.astype(np.float64) / MASS_SCALE for side, m in mass.items()}
+
+
 def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], rejected: list[Any], pad_id: int, *,
-                       entry: dict[str, Any], rows: list[int]) -> tuple[list[Any], list[Any], list[Record],
-                                                                        list[Record]]:
+                       entry: dict[str, Any], rows: list[int], mass: dict[str, np.ndarray] | None = None,
+                       ) -> tuple[list[Any], list[Any], list[Record], list[Record]]:
     """`pair_logps_full`'s per-token values of chosen and rejected, and each side's teacher record per pair
-    (`rows`: the pairs' store rows, for the sampled records' streams)."""
+    (`rows`: the pairs' store rows, for the sampled records' streams). With `mass` (:func:`new_mass`), each
+    top-k row's tail mass (``teacher.tail_mass``) is added to its side's accumulator: the shard's prior."""
     import torch
 
     from .logps import LOGIT_BYTES, _head_logps, exact_4bit, head_logits, split_lm
@@ -104,7 +122,11 @@ def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], reject
             offset = 0
             for r in range(i, j):
                 if counts[r]:
-                    records.append(record(logits[offset:offset + counts[r]], stream(rows[r % n], r // n)))
+                    row_logits = logits[offset:offset + counts[r]]
+                    records.append(record(row_logits, stream(rows[r % n], r // n)))
+                    if mass is not None:
+                        acc = mass["chosen" if r < n else "rejected"]  # added up in place
+                        acc += np.rint(T.tail_mass(row_logits, records[-1].ids) * MASS_SCALE).astype(np.int64)
                 else:
                     records.append(empty_record(entry))
                 offset += counts[r]
@@ -117,14 +139,22 @@ def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], reject
 def compare_records(store: Any, rows: list[int], records: dict[str, list[Record]]) -> list[str]:
     """`verify --model`'s check of the stored teacher records of `rows` against recomputed ones (`records`).
 
-    Top-k: at each position the stored and recomputed log-probs, both sorted, agree within the codec's bound
-    plus 1e-3 nats (ties may order ids either way), the tail log-mass too, and every token the model clearly
-    ranks in the K (above the K-th value by more than that tolerance) is among the stored ids. Sampled: the
-    draws, which depend on (seed, row, side) and the logits only, are the same."""
+    Top-k: at each position the stored and recomputed values, both sorted, agree within the codec's bound plus
+    1e-3 (ties may order ids either way): log-probs in nats for the log presets, sqrt(p) for the sqrt ones; the
+    tail too; and every token the model clearly ranks in the K (above the K-th value by more than that
+    tolerance) is among the stored ids. Sampled: the draws, which depend on (seed, row, side) and the logits
+    only, are the same."""
     from logitstore import topk_codec as C
 
     entry = store.teacher
-    tol = (C.PRESETS[entry["codec"]].step / 2 if entry["kind"] == "top_k" else 0.0) + 1e-3
+    preset = C.PRESETS[entry["codec"]] if entry["kind"] == "top_k" else None
+    sqrt = preset is not None and preset.domain == "sqrt"
+    tol = (preset.step / 2 if preset is not None else 0.0) + 1e-3
+
+    def domain(logps: np.ndarray) -> np.ndarray:  # where the codec's bound holds
+        x = logps.astype(np.float64)
+        return np.exp(x / 2) if sqrt else x
+
     problems = []
     for side in ("chosen", "rejected"):
         stored = store.top_k(side, rows)
@@ -132,16 +162,18 @@ def compare_records(store: Any, rows: list[int], records: dict[str, list[Record]
             new = records[side][i]
             what = f"example {store.id_of(row)!r}: {side} teacher records"
             if entry["kind"] == "top_k":
-                got, want = stored["logps"][i].astype(np.float64), new.logps.astype(np.float64)
+                got, want = domain(stored["logps"][i]), domain(new.logps)
                 if got.shape != want.shape or np.any(np.abs(got - want) > tol):
-                    problems.append(f"{what} differ from the recomputed log-probs (tolerance {tol:.4g} nats)")
+                    unit = "in sqrt(p)" if sqrt else "nats"
+                    problems.append(f"{what} differ from the recomputed log-probs (tolerance {tol:.4g} {unit})")
                     continue
-                tails = stored["tail_logp"][i].astype(np.float64), new.tail_logp.astype(np.float64)
-                finite = np.isfinite(tails[1])
-                if np.any(np.isfinite(tails[0]) != finite) or np.any(np.abs(tails[0] - tails[1])[finite] > tol):
+                tails = domain(stored["tail_logp"][i]), domain(new.tail_logp)
+                finite = np.isfinite(new.tail_logp)
+                if np.any(np.isfinite(stored["tail_logp"][i]) != finite) or np.any(
+                        np.abs(tails[0] - tails[1])[finite] > tol):
                     problems.append(f"{what}: the tail log-mass differs from the recomputed one")
                     continue
-                clear = new.logps > new.logps[:, -1:] + tol
+                clear = want > want[:, -1:] + tol
                 if any(not np.isin(new.ids[t][clear[t]], stored["ids"][i][t]).all() for t in range(len(new.ids))):
                     problems.append(f"{what}: a token the model ranks in the top {entry['k']} is not stored")
             elif not (np.array_equal(stored["ids"][i], new.ids) and np.array_equal(stored["counts"][i], new.counts)):

@@ -9,9 +9,9 @@ header's ``shard_files`` (so the commit row holds its size and SHA-256 and the r
     vocab      uint32      V, the width of the teacher's distribution (the header's teacher.vocab)
     positions  uint64      scored positions of the side in the shard (the sum of its rows' *_tokens)
     blocks     uint32      ceil(positions / block_positions)
-    order      uint32      byte size of the vocabulary order
+    context    uint32      byte size of the context blob
     sizes      blocks x uint32, each block's byte size
-    the vocabulary order (``topk_codec.encode_order``), then the blocks in order
+    the context blob (``topk_codec.encode_order``: vocabulary order and prior), then the blocks in order
 
 all little-endian. The positions of the shard's rows follow one another in row order; a row's positions are
 ``teacher_blocks.row_spans`` of the rows' scored-token counts. Everything in a file is checked against what the
@@ -94,13 +94,11 @@ def check_entry(value: Any) -> dict[str, Any]:
 
 
 def file_limit(teacher: dict[str, Any], positions: int) -> int:
-    """The most bytes a file of `positions` positions can have: its head, order and blocks at their bounds."""
-    from .shards import zstd_bound
-
-    k, bp = teacher["k"], teacher["block_positions"]
+    """The most bytes a file of `positions` positions can have: its head, context and blocks at their bounds."""
+    bp = teacher["block_positions"]
     blocks = -(-positions // bp)
-    per_block = 64 + 3 * zstd_bound(9 * bp * k)
-    return _FILE_HEAD.size + 4 * blocks + zstd_bound(9 * (teacher["vocab"] + 1)) + blocks * per_block
+    block = TB.max_block_bytes(teacher["kind"], teacher["k"], bp)
+    return _FILE_HEAD.size + 4 * blocks + C.max_context_bytes(teacher["vocab"]) + blocks * block
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
@@ -123,14 +121,16 @@ def concat(records: Sequence[TopK | Sampled], teacher: dict[str, Any]) -> TopK |
                    np.concatenate([r.counts for r in parts] or [np.zeros((0, k), np.uint16)]).astype(np.uint16), k)
 
 
-def encode_file(record: TopK | Sampled, teacher: dict[str, Any]) -> bytes:
-    """One shard side's file. The vocabulary order is built from this file's records alone, so the bytes depend
-    only on the rows of the shard (a resumed or re-sharded build writes the same file for the same rows)."""
+def encode_file(record: TopK | Sampled, teacher: dict[str, Any], tail_mass: np.ndarray | None = None) -> bytes:
+    """One shard side's file. The context is built from this file's records alone (and, for top-k, `tail_mass`:
+    the teacher's mass outside each position's K summed over the shard's positions, the prior a reconstruction
+    spreads the tail by; None: no prior), so the bytes depend only on the rows of the shard (a resumed or
+    re-sharded build writes the same file for the same rows)."""
     vocab = teacher["vocab"]
     ids = record.ids if isinstance(record, TopK) else record.ids[record.counts > 0]
     if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise TeacherError(f"teacher records hold a token id outside the vocabulary of {vocab}")
-    order = C.vocab_order(ids, vocab)
+    order = C.vocab_order(ids, vocab, tail_mass=tail_mass if isinstance(record, TopK) else None)
     order_blob = C.encode_order(order)
     n = int(record.ids.shape[0])
     blocks = TB.encode_blocks(record, order, teacher["codec"] or "standard", teacher["block_positions"]) if n else []
@@ -143,7 +143,7 @@ def encode_file(record: TopK | Sampled, teacher: dict[str, Any]) -> bytes:
 
 
 class SideFile:
-    """One checked teacher file: its vocabulary order and where each block lies."""
+    """One checked teacher file: its context (vocabulary order and prior) and where each block lies."""
 
     def __init__(self, data: Any, teacher: dict[str, Any], positions: int, name: str):
         self.data, self.teacher, self.positions, self.name = data, teacher, positions, name
@@ -162,7 +162,7 @@ class SideFile:
             raise FormatError(f"{name}: holds {blocks} blocks, {positions} positions take {-(-positions // bp)}")
         table_end = _FILE_HEAD.size + 4 * blocks
         if table_end + order_size > size:
-            raise FormatError(f"{name}: its block table and order run past the end of the file")
+            raise FormatError(f"{name}: its block table and context run past the end of the file")
         sizes = np.frombuffer(data, dtype="<u4", count=blocks, offset=_FILE_HEAD.size).astype(np.int64)
         start = table_end + order_size
         if start + int(sizes.sum()) != size:
@@ -176,6 +176,11 @@ class SideFile:
     @property
     def nbytes(self) -> int:
         return int(self.order.nbytes + self.starts.nbytes)
+
+    @property
+    def log_prior(self) -> np.ndarray | None:
+        """float64 [V] log-weights a reconstruction spreads each position's tail by (None: evenly)."""
+        return self.order.log_prior
 
     def block(self, j: int) -> TopK | Sampled:
         t = self.teacher
@@ -259,6 +264,19 @@ def side_part(store: Any, side: str, shard: int, counts_field: str) -> tuple[np.
                 part = (lengths, SideFile(data, store.header["teacher"], int(lengths.sum()), name))
                 store._parts.put(key, part, part[1].nbytes + lengths.nbytes, 1)
     return part
+
+
+def shard_prior(store: Any, side: str, row: int) -> np.ndarray | None:
+    """The log prior [V] of the shard holding `row` on `side` (``teacher.reconstruct(record, V, prior)``'s
+    default), None when its context has none (sampled records; records copied by subset or merge)."""
+    if store.teacher is None:
+        raise NoTeacherError(f"{store.location.url} holds no top-k teacher records; rebuild with --top-k K "
+                             "(or --sample-k K)")
+    sides = side_names(store.kind)
+    if side not in sides:
+        raise ValueError(f"side must be one of {', '.join(sides)}, got {side!r}")
+    shard = int(store._check_rows([row])[0]) // store.geometry.rows_per_shard
+    return side_part(store, side, shard, store.kind.sides[sides.index(side)].tokens)[1].log_prior
 
 
 def decoded_block(store: Any, side: str, shard: int, block: int, part: SideFile) -> Any:

@@ -112,11 +112,15 @@ class StoreWriter:
 
     # ---- filling ------------------------------------------------------------------------------------------------
 
-    def write_shard(self, shard: int, rows: Mapping[str, Any]) -> None:
+    def write_shard(self, shard: int, rows: Mapping[str, Any],
+                    teacher_mass: Mapping[str, np.ndarray] | None = None) -> None:
         """Write every file of `shard`, then its commit record.
 
         `rows` maps each per-row field to an array with one value per row of the shard, and each ragged field to a
-        sequence of 1-D arrays (one per row). Per-token log-probs are given as floats whatever the codec.
+        sequence of 1-D arrays (one per row). Per-token log-probs are given as floats whatever the codec. A store
+        with teacher records takes each side's records too (``teacher/SIDE``: one record per row), and
+        `teacher_mass` may give, per teacher array, the [V] tail mass summed over the shard's positions
+        (``teacher.tail_mass``), from which a top-k context's prior is made.
         """
         g = self.geometry
         if not 0 <= shard < g.num_shards:
@@ -141,7 +145,7 @@ class StoreWriter:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
             fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
         for array in teacher_files:
-            self._write_teacher(shard, span, array, rows[array], rows)
+            self._write_teacher(shard, span, array, rows[array], rows, (teacher_mass or {}).get(array))
         fault_point(f"before-commit:{shard}")
         record = [1, clipped]
         for array in fmt.shard_file_arrays(self.ragged, self.kind, bool(teacher_files)):
@@ -150,7 +154,7 @@ class StoreWriter:
         fault_point(f"after-commit:{shard}")
 
     def _write_teacher(self, shard: int, span: range, array: str, records: Sequence[Any],
-                       rows: Mapping[str, Any]) -> None:
+                       rows: Mapping[str, Any], mass: np.ndarray | None) -> None:
         """One side's teacher file: a record per row, as many positions as the row's scored-token count."""
         side = self.kind.sides[teacher_arrays(self.header).index(array)]
         if len(records) != len(span):
@@ -161,7 +165,7 @@ class StoreWriter:
             bad = int(np.flatnonzero(got != counts)[0])
             raise ValueError(f"{array}: row {span.start + bad} has {got[bad]} records for {counts[bad]} scored tokens")
         teacher = self.header["teacher"]
-        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher))
+        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher, mass))
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry

@@ -20,6 +20,7 @@ import pytest
 import logitstore
 from logitstore import header as H
 from logitstore import teacher as T
+from logitstore import teacher_blocks as TB
 from logitstore import teacher_store as TS
 from logitstore import topk_codec as C
 
@@ -71,7 +72,8 @@ def test_a_reader_without_teacher_records_refuses_the_store_on_its_header(store,
     ({"block_positions": 1 << 22}, "header teacher.block_positions must be a positive integer with "
                                    "block_positions * k at most 4194304"),
     ({"kind": "full"}, "header teacher.kind must be top_k or sampled, got 'full'"),
-    ({"codec": "zip"}, "header teacher: a top_k store has a codec (exact, fine, standard, compact) and seed null"),
+    ({"codec": "zip"}, "header teacher: a top_k store has a codec (exact, fine, standard, compact, sqrt, "
+                       "sqrt-compact) and seed null"),
     ({"kind": "sampled"}, "header teacher: a sampled store has codec null and an integer seed from 0"),
     ({"extra": 1}, "header teacher must be an object with exactly block_positions, codec, k, kind, seed, vocab"),
 ])
@@ -123,7 +125,7 @@ def test_a_block_of_another_kind_is_refused_though_its_record_matches(store):
     (lambda d: d[:4] + struct.pack("<I", 60) + d[8:], "holds a vocabulary of 60, the header says 50"),
     (lambda d: d[:8] + struct.pack("<Q", 21) + d[16:], "holds 21 positions, the shard's rows have 20 scored tokens"),
     (lambda d: d[:16] + struct.pack("<I", 2) + d[20:], "holds 2 blocks, 20 positions take 1"),
-    (lambda d: d[:20] + struct.pack("<I", 1 << 30) + d[24:], "its block table and order run past the end of the file"),
+    (lambda d: d[:20] + struct.pack("<I", 1 << 30) + d[24:], "its block table and context run past the end of the file"),
     (lambda d: d + b"\0", "the block sizes do not add up to the file's size"),
     (lambda d: d[:10], "shorter than its header"),
 ])
@@ -133,15 +135,16 @@ def test_a_file_head_that_disagrees_with_the_header_or_the_rows_is_refused(store
     assert refusal(read_shard(store)) == f"{store}: {KEY}: {message}"
 
 
-def test_a_vocabulary_order_that_is_not_a_permutation_is_refused(store):
+def test_a_context_whose_order_is_not_a_permutation_is_refused(store):
     data = (store / KEY).read_bytes()
     _, _, _, blocks, order = TS._FILE_HEAD.unpack_from(data)
-    bad = C._pack(np.array([2, 7, 7], np.uint64))  # a token twice
+    bad = C._pack(np.array([2, 7, 7, 0], np.uint64))  # a token twice, no prior
     at = TS._FILE_HEAD.size + 4 * blocks
     data = data[:20] + struct.pack("<I", len(bad)) + data[24:at] + bad + data[at + order:]
     (store / KEY).write_bytes(data)
     recommit(store, KEY)
-    assert refusal(read_shard(store)) == f"{store}: {KEY}: vocabulary order: not a permutation of the vocabulary"
+    assert refusal(read_shard(store)) == (f"{store}: {KEY}: teacher context: the order is "
+                                          "not a permutation of the vocabulary")
 
 
 def test_a_recorded_size_past_the_limit_is_refused_before_reading(store):
@@ -194,7 +197,7 @@ def test_oversized_counts_are_refused():
     data = TS.encode_file(rec, entry)
     start = block_start(data)
     block = data[start:]
-    head = struct.Struct("<4sBIIB")
+    head = TB._HEAD
     sizes = struct.unpack_from("<2I", block, head.size)
     ids = block[head.size + 8 + sizes[0]:]
     counts = C._pack(np.full(6, 9, np.uint64))  # 9 draws where K = 4
@@ -209,7 +212,7 @@ def test_a_block_declaring_more_than_it_may_expand_to_is_refused():
     rec = T.top_k(_logits(np.random.default_rng(1), 7), 3)
     data = TS.encode_file(rec, entry)
     start = block_start(data)
-    head = struct.Struct("<4sBIIB")
+    head = TB._HEAD
     sizes = struct.unpack_from("<3I", data, start + head.size)
     big = C._pack(np.zeros(10_000, np.uint64))  # 10,000 varints where the block holds 21
     first = start + head.size + 12

@@ -74,8 +74,10 @@ def test_top_k_below_the_vocabulary_keeps_the_tail(byte_model, data, tmp_path):
         rec = store.top_k(side, [2])
         want = _model_logps(byte_model, store, 2, side)
         order = np.argsort(-want, axis=1, kind="stable")[:, :8]
-        np.testing.assert_array_equal(rec["ids"][0], order)
-        np.testing.assert_allclose(rec["logps"][0], np.take_along_axis(want, order, 1), atol=2 ** -11 + 2e-5)
+        # the same 8 tokens (quantized values may tie and then come smaller id first), each at its value
+        np.testing.assert_array_equal(np.sort(rec["ids"][0], axis=1), np.sort(order, axis=1))
+        np.testing.assert_allclose(rec["logps"][0], np.take_along_axis(want, rec["ids"][0].astype(np.int64), 1),
+                                   atol=2 ** -11 + 2e-5)
         rest = want.copy()
         np.put_along_axis(rest, order, -np.inf, axis=1)
         tail = np.log(np.exp(rest).sum(axis=1))
@@ -225,3 +227,25 @@ def test_unpaired_data_is_refused_in_one_line(byte_model, tmp_path, capsys):
     assert (code, err) == (1, f"Error: {data}: --top-k and --sample-k take teacher records of preference pairs; this "
                               "data is unpaired (prompt/completion/label)\n")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_top_k_shard_carries_the_prior_of_its_tail_mass(byte_model, data, tmp_path):
+    from logitstore import teacher_store as TS
+    from logitstore import topk_codec as C
+
+    store = _build(byte_model, data, tmp_path / "k8", top_k=8, rows_per_shard=3)
+    for side in ("chosen", "rejected"):
+        for shard, rows in ((0, range(0, 3)), (1, range(3, 6))):
+            mass = 0.0
+            for row in rows:
+                logps = _model_logps(byte_model, store, row, side)
+                mass = mass + T.tail_mass(logps, np.argsort(-logps, axis=1, kind="stable")[:, :8])
+            want = C.prior_codes(mass).astype(np.float64) * -C.PRIOR_STEP
+            got = TS.shard_prior(store, side, rows[1])
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= C.PRIOR_STEP  # float noise may move a code across a rounding edge
+            assert np.mean(got == want) > 0.95
+    sampled = _build(byte_model, data, tmp_path / "s", sample_k=3)
+    assert TS.shard_prior(sampled, "chosen", 0) is None
+    logitstore.subset(tmp_path / "k8", tmp_path / "sub", ids=store.ids[:2])
+    assert TS.shard_prior(logitstore.open(tmp_path / "sub"), "chosen", 0) is None  # copies carry no prior
