@@ -264,10 +264,12 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     assert max(ratios) <= 0.80
 
 
-def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path):
-    """Sampled records are drawn from (seed, row, side): the rank that computes a shard changes no byte."""
+@pytest.mark.parametrize("records", [["--sample-k", "4", "--seed", "3"], ["--top-k", "8"]])
+def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path, records):
+    """Sampled records are drawn from (seed, row, side) and a shard's prior is its rows' tail mass summed in integer
+    units: the rank that computes a shard changes no byte."""
     env = {**os.environ, **ENV}
-    args = ["--sample-k", "4", "--seed", "3", "--per-token", "--max-length", "256"]  # byte-level: longer
+    args = [*records, "--per-token", "--max-length", "256"]  # byte-level: longer
     one = subprocess.run([str(SCRIPT), *build_args(byte_model, data, tmp_path / "one"), *args], env=env,
                          capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
@@ -275,4 +277,4 @@ def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
-    assert logitstore.open(tmp_path / "two").teacher["kind"] == "sampled"
+    assert logitstore.open(tmp_path / "two").teacher["kind"] == ("sampled" if "--sample-k" in records else "top_k")
