@@ -21,6 +21,7 @@ from logitstore.dpo.models import DTYPES
 from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, UNPAIRED_LOSS_TYPES
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
+from logitstore.topk_codec import PRESETS as TOPK_PRESETS
 
 _DEBUG = False
 
@@ -207,14 +208,14 @@ def _kl_batch(value: int) -> int:
 @click.option("--top-k", type=int, metavar="K", help="Also store the reference's K most likely next tokens, their "
               "log-probs and the log of the remaining mass at every scored completion position (teacher records for "
               "distillation; docs/teacher.md).")
-@click.option("--topk-codec", type=click.Choice(["exact", "fine", "standard", "compact", "sqrt", "sqrt-compact"]),
+@click.option("--topk-codec", type=click.Choice(list(TOPK_PRESETS)),
               default="sqrt", show_default=True, help="Value preset of --top-k records: sqrt(p) within 2^-7 / 2^-6 "
               "(sqrt, sqrt-compact: the fewest bytes for a distillation record's fidelity); log-prob fixed point "
               "within 0.00049 / 0.0078 / 0.0625 nats (fine, standard, compact); exact (float32). docs/teacher.md.")
 @click.option("--sample-k", type=int, metavar="K", help="Instead of --top-k: K draws per position from the reference's "
               "distribution, kept as distinct ids with counts (Sparse Logit Sampling).")
 @click.option("--seed", type=click.IntRange(min=0, max=(1 << 63) - 1), default=0, show_default=True,
-              help="Seed of --sample-k draws (each row's draws depend on the seed and the row only).")
+              help="Seed of --sample-k draws (a row side's draws depend on the seed, the row and the side only).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
