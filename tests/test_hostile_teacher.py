@@ -125,7 +125,8 @@ def test_a_block_of_another_kind_is_refused_though_its_record_matches(store):
     (lambda d: d[:4] + struct.pack("<I", 60) + d[8:], "holds a vocabulary of 60, the header says 50"),
     (lambda d: d[:8] + struct.pack("<Q", 21) + d[16:], "holds 21 positions, the shard's rows have 20 scored tokens"),
     (lambda d: d[:16] + struct.pack("<I", 2) + d[20:], "holds 2 blocks, 20 positions take 1"),
-    (lambda d: d[:20] + struct.pack("<I", 1 << 30) + d[24:], "its block table and context run past the end of the file"),
+    (lambda d: d[:20] + struct.pack("<I", 1 << 30) + d[24:],
+     "its block table and context run past the end of the file"),
     (lambda d: d + b"\0", "the block sizes do not add up to the file's size"),
     (lambda d: d[:10], "shorter than its header"),
 ])
