@@ -272,3 +272,39 @@ def _check_teacher(store: Any, report: VerifyReport) -> None:
                     part.block(block)
             except LogitstoreError as exc:
                 report.problems.append(str(exc))
+                continue
+            if store.teacher["kind"] == "top_k" and s.per_token in store.fields:
+                _check_teacher_values(store, side, s, np.asarray(store.geometry.shard_rows(shard)), report)
+
+
+def _check_teacher_values(store: Any, side: str, s: Any, rows: np.ndarray, report: VerifyReport) -> None:
+    """Where the token that was there is among a position's K, the record's value is the per-token value, within
+    both codecs' bounds (log-probs in nats; sqrt(p) for the sqrt presets): records and values are one model's."""
+    from .topk_codec import PRESETS
+
+    preset = PRESETS[store.teacher["codec"]]
+    spec = store.fields[s.per_token]
+    sqrt = preset.domain == "sqrt"
+    tol = preset.step / 2 + 1e-3 + (abs(spec.scale or 0) / 2 if spec.codec == "fixed" else 0.0)
+    records = store.top_k(side, rows)
+    values = store.ragged(s.per_token, rows)
+    tokens = store.ragged(s.ids, rows)
+    bad, first = 0, None
+    for i, row in enumerate(rows.tolist()):
+        t = len(values[i])
+        at = records["ids"][i] == np.asarray(tokens[i][len(tokens[i]) - t:], np.int64)[:, None]
+        hit = at.any(axis=1)
+        got = records["logps"][i][at].astype(np.float64)
+        want = np.asarray(values[i], np.float64)[hit]
+        if spec.codec == "float16":
+            tol_row = tol + 2.0 ** -11 * np.abs(want)
+        else:
+            tol_row = tol
+        diff = np.abs(np.exp(got / 2) - np.exp(want / 2)) if sqrt else np.abs(got - want)
+        off = int(np.count_nonzero(diff > tol_row))
+        if off and first is None:
+            first = row
+        bad += off
+    if bad:
+        report.problems.append(f"teacher/{side}: {bad} records disagree with {s.per_token} at the token that was "
+                               f"there (first: {store.id_of(int(first))})")

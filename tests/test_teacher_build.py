@@ -249,3 +249,24 @@ def test_a_top_k_shard_carries_the_prior_of_its_tail_mass(byte_model, data, tmp_
     assert TS.shard_prior(sampled, "chosen", 0) is None
     logitstore.subset(tmp_path / "k8", tmp_path / "sub", ids=store.ids[:2])
     assert TS.shard_prior(logitstore.open(tmp_path / "sub"), "chosen", 0) is None  # copies carry no prior
+
+
+@pytest.mark.parametrize("codec", ["standard", "sqrt"])
+def test_verify_checks_records_against_the_per_token_values(byte_model, data, tmp_path, codec):
+    """Where the token that was there is among the K, a record and the per-token value are one model's."""
+    from logitstore.writer import StoreWriter
+
+    path = tmp_path / "k"
+    store = _build(byte_model, data, path, top_k=32, topk_codec=codec, per_token=True)
+    assert logitstore.verify(path).problems == []
+    # the same records with other per-token values (and their sums): rewritten through the writer as a forger would
+    writer = StoreWriter.attach(path)
+    rows = writer.shard_rows(0)
+    part = logitstore.derive.read_rows(store, np.asarray(rows), per_token=False, teacher=True)
+    shifted = [v - 0.5 for v in store.ragged("chosen_token_logps", rows)]
+    part["chosen_token_logps"], part["rejected_token_logps"] = shifted, store.ragged("rejected_token_logps", rows)
+    part["chosen_logps"] = np.array([v.sum(dtype=np.float64) for v in shifted])
+    writer.write_shard(0, part)
+    problems = [p for p in logitstore.verify(path).problems if not p.startswith("summary.data_bytes")]
+    assert len(problems) == 1 and problems[0].startswith("teacher/chosen: ") and (
+        "records disagree with chosen_token_logps at the token that was there (first: ") in problems[0], problems
