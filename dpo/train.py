@@ -169,8 +169,6 @@ def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
 def setup_policy(cfg: TrainConfig) -> Any:
     """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
     (`lora=False`; a given adapter is then merged into the weights first)."""
-    from peft import LoraConfig, get_peft_model
-
     if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
         model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
                                         attn_implementation=cfg.attn_implementation)
@@ -189,6 +187,9 @@ def setup_policy(cfg: TrainConfig) -> Any:
             model = model.merge_and_unload()
         return without_dropout(model.requires_grad_(True), cfg)
     if cfg.adapter is None:
+        # Imported here: peft brings in bitsandbytes (155 MiB resident on CPU), which training every weight never uses.
+        from peft import LoraConfig, get_peft_model
+
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         with peft_wrapping():
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,

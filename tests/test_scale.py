@@ -216,8 +216,8 @@ finally:
 
 def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, data, tmp_path):
     """On a model whose weights, gradients and Adam state dominate the process (4 layers x 768, the 32,000-token
-    vocabulary: 86.9M float32 parameters, 1.39 GB of state in one process), each FSDP2 rank's peak RSS is a
-    fraction of one process's. Measured with getrusage in each process, one run after the other."""
+    vocabulary: 86.9M float32 parameters, 1.39 GB of state in one process), each FSDP2 rank's peak RSS is at most
+    0.70x one process's. Measured with getrusage in each process, one run after the other."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
@@ -258,7 +258,6 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     ratios = [int(kib) / alone for kib in ranks.values()]
     print(f"peak RSS: one process {alone / 1024:.0f} MiB; ranks "
           + ", ".join(f"{int(k) / 1024:.0f} MiB ({r:.2f}x)" for k, r in zip(ranks.values(), ratios)))
-    # Measured 0.72-0.77x (several runs, a shared 2-core machine): the issue's 0.70x is not reached on CPU, where
-    # FSDP2's transient buffers for the 98 MB embedding and LM-head units (gathered weight, unsharded gradient,
-    # reduce-scatter input) and a fixed ~250 MB of interpreter and libraries weigh against 1.39 GB of state.
-    assert max(ratios) <= 0.80
+    # Measured 0.61-0.62x (six runs on a shared 2-core machine; 0.75-0.77x before gloo's reduce-scatter clone, the
+    # heap left resident during backward and the unused peft/bitsandbytes imports were dealt with: docs/scaling.md).
+    assert max(ratios) <= 0.70
