@@ -91,6 +91,44 @@ def all_reduce_sum(value):  # noqa: ANN001, ANN201
     return out
 
 
+def eval_share(count: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Which of `count` evaluation batches this rank computes (round robin: rank, rank + world, ...), and how many
+    forward passes every rank makes: the most any rank has, so that FSDP2's collective forwards pair up."""
+    return list(range(rank, count, world)), -(-count // world)
+
+
+def this_ranks_batches(loader: Any, sampler: Any) -> tuple[Any, int]:
+    """The evaluation loader of this rank: its share of the batches of `loader` (whole batches, so each is the one a
+    single process evaluates, and batch-level losses and KTO's KL chunks come out the same), padded with repeats
+    of the first batch to the common number of forward passes; and how many of its batches count. In one process,
+    `loader` and all of its batches."""
+    import torch
+
+    if not is_distributed():
+        return loader, len(sampler)
+    import torch.distributed as dist
+
+    batches = list(sampler)
+    mine, rounds = eval_share(len(batches), dist.get_rank(), dist.get_world_size())
+    share = [batches[i] for i in mine] + [batches[0]] * (rounds - len(mine))
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=share, collate_fn=loader.collate_fn,
+                                       pin_memory=loader.pin_memory), len(mine)
+
+
+def sum_over_ranks(totals: dict[str, float], count: int) -> tuple[dict[str, float], int]:
+    """Per-metric sums and the example count added up over the ranks (float64; every rank has the same keys)."""
+    if not is_distributed():
+        return totals, count
+    import torch
+    import torch.distributed as dist
+
+    names = sorted(totals)
+    t = torch.tensor([totals[k] for k in names] + [float(count)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    values = t.cpu().tolist()
+    return dict(zip(names, values[:-1])), int(values[-1])
+
+
 def _comm_device() -> Any:
     import torch
     import torch.distributed as dist

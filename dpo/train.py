@@ -307,8 +307,9 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
         if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
             with torch.no_grad(), precision(device, cfg.dtype):
                 policy_kl = distributed.score(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
+            # Averaged over the ranks' chunks in training; in evaluation each rank's chunk is its own (as alone).
             kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
-                             distributed.gather if distributed.is_distributed() else None)
+                             distributed.gather if training and distributed.is_distributed() else None)
         out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)
     nan = torch.tensor(float("nan"), device=device)
     metrics = {
@@ -328,20 +329,23 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
     objective = objective_of(cfg)
     if isinstance(objective, UnpairedObjective):
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
-    loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
-                            ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
+    loader, sampler = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
+                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
+                                  pin_memory=device.type == "cuda")
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
+    loader, counted = distributed.this_ranks_batches(loader, sampler)  # ranks split the batches, then add up
     model.eval()
     totals: dict[str, float] = {}
     count = 0
-    for batch in loader:
-        n = batch["rows"].numel()
+    for i, batch in enumerate(loader):
+        n = batch["rows"].numel() if i < counted else 0  # past `counted`: a pass for FSDP2's collectives only
         check_batch(batch, store, vocab)
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
+            totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
+    totals, count = distributed.sum_over_ranks(totals, count)
     model.train()
     return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
 
@@ -351,18 +355,20 @@ def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, obj
     """Unpaired evaluation in the store's order and KL chunks; BCO's δ is read, not updated."""
     store = logitstore.open(path, storage_options=cfg.storage_options)
     chunk = store.kl_batch_size or cfg.batch_size
-    loader, _ = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
-                                     storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    loader, sampler = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
+                                           storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    loader, counted = distributed.this_ranks_batches(loader, sampler)  # whole KL chunks: each rank its own
     model.eval()
     totals: dict[str, float] = {}
     count = 0
-    for batch in loader:
-        n = batch["rows"].numel()
+    for i, batch in enumerate(loader):
+        n = batch["rows"].numel() if i < counted else 0
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
+            totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
+    totals, count = distributed.sum_over_ranks(totals, count)
     model.train()
     return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
 
@@ -555,7 +561,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         record.update(meter.record())
         eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
+            # Every rank evaluates its share of the batches (FSDP2's forward passes are collective); rank 0 records.
             record.update(evaluate(policy, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
