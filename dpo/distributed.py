@@ -1,12 +1,14 @@
-"""Training on several processes with torch's own engines (launched by torchrun or accelerate, WORLD_SIZE > 1).
+"""Training on several processes with torch's own engines (launched by torchrun or accelerate, WORLD_SIZE > 1):
+the process group, what the ranks exchange, the checks of a launch, and the policy as the trainer sees it.
 
-- Full fine-tuning (`--no-lora`): FSDP2 (`torch.distributed.fsdp.fully_shard`) per decoder layer and at the root,
-  so each rank keeps 1/world of the weights, gradients and optimizer state; on a GPU in the model's dtype, with
-  gradients reduced in float32.
+- Full fine-tuning (`--no-lora`): FSDP2, so each rank keeps 1/world of the weights, gradients and optimizer state
+  (the units and the CPU gradient reduction: dpo/fsdp2.py; the weights read and saved shard by shard:
+  dpo/sharded_io.py).
 - LoRA: DistributedDataParallel. The trainable adapter is small and the frozen base model must be whole on every
   rank anyway for DDP, which is the simplest engine that averages gradients; a base model too large for one
   device needs FSDP (not wired for adapters: peft's frozen/trainable mix would need FSDP2's per-parameter
   grouping, and QLoRA's 4-bit weights cannot be sharded by it).
+- Evaluation: each rank evaluates whole batches in turn and the ranks add up their sums.
 
 The trainer scores batches through :class:`Scorer`, one module whose forward is `token_logps`, so both engines see
 every forward pass (they hook the module that is called; `token_logps` calls the backbone and the LM head
@@ -204,140 +206,11 @@ def unwrap(policy: Any) -> Any:
     return scorer.model
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The repeated blocks transformers itself never splits across devices (`_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise DistributedSetupError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so "
-                                    "it cannot be sharded per layer; train it with LoRA, or in one process")
-    return layers
-
-
-def empty_model(folder: Any, *, dtype: str, attn_implementation: str) -> Any:
-    """The model of `folder` with its parameters on the meta device (no memory) and its buffers (rotary tables)
-    computed on the CPU: FSDP2 shards it before any weight is read, and :func:`load_shards` fills each rank's
-    part straight from the checkpoint files."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(folder))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation)
-    model.tie_weights()
-    return model
-
-
-def _checkpoint_files(folder: Any) -> list[Any]:
-    from pathlib import Path
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DistributedSetupError(f"{folder}: a sharded run reads safetensors weights, and there are none (convert "
-                                    "the checkpoint, or train with LoRA)")
-    return files
-
-
-def load_shards(policy: Any, folder: Any) -> None:
-    """Fill each rank's shard of every weight from the model folder's safetensors files, reading only the rows
-    of its shard (FSDP2 shards dimension 0 in world-size chunks, as torch.chunk does)."""
-    import torch
-    from safetensors import safe_open
-
-    model = unwrap(policy)
-    wanted = dict(model.state_dict())  # sharded DTensors; tied names share one
-    filled: set[int] = set()
-    for path in _checkpoint_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                target = wanted.get(name)
-                if target is None:
-                    continue
-                local = target.to_local() if hasattr(target, "to_local") else target
-                piece = f.get_slice(name)
-                shape = list(piece.get_shape())
-                if shape != list(target.shape):
-                    raise DistributedSetupError(f"{path}: {name} has shape {shape}, the model expects "
-                                                f"{list(target.shape)}")
-                if hasattr(target, "to_local"):
-                    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                    rows, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
-                                                                         target.placements)
-                    start = offset[0] if len(offset) else 0
-                    values = piece[start:start + rows[0]] if shape else piece[:]
-                else:
-                    values = piece[:]
-                with torch.no_grad():
-                    local.copy_(values.to(local.dtype))
-                filled.add(id(target))
-    missing = [n for n, t in wanted.items() if id(t) not in filled]
-    if missing:
-        raise DistributedSetupError(f"{folder}: the checkpoint does not hold {len(missing)} of the model's weights "
-                                    f"(first: {missing[0]}); train it with LoRA, or in one process")
-
-
-class CpuReduceScatter:
-    """FSDP2's gradient reduce-scatter on gloo (CPU), at the memory it must have and no more.
-
-    - gloo's reduce_scatter_tensor clones its whole input before reducing it (measured: +94 MiB of peak for the
-      98 MB gradient of a 32k x 768 embedding), on top of FSDP2's own flat input buffer, at the end of the backward
-      pass where memory peaks. An in-place all-reduce of that buffer, then this rank's chunk copied out, moves the
-      same data and computes the same sums (and the same average) with no clone.
-    - FSDP2 calls this as each unit's backward ends, just after that unit's activations were freed: glibc keeps
-      freed blocks below its mmap threshold resident in the heap, while the gradient buffers that follow are fresh
-      mappings, so the heap's free pages are handed back first (:func:`release_free_heap`; measured: the peak RSS
-      of a rank 150-180 MiB lower on a 4 x 768 model, see docs/scaling.md).
-
-    NCCL keeps its own reduce-scatter: this is set for CPU runs only.
-    """
-
-    def allocate(self, size: Any, *, dtype: Any, device: Any) -> Any:
-        import torch
-
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor: Any, input_tensor: Any, group: Any, op: Any, async_op: bool = False) -> Any:
-        import torch.distributed as dist
-
-        release_free_heap()
-        average = op == dist.ReduceOp.AVG
-        if not (average or op == dist.ReduceOp.SUM):  # a pre-multiplied sum (a custom divide factor): gloo's own
-            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
-        dist.all_reduce(input_tensor, op=dist.ReduceOp.SUM, group=group)
-        mine = input_tensor.view(group.size(), -1)[group.rank()]
-        if average:
-            mine.div_(group.size())
-        output_tensor.copy_(mine)
-        return None
-
-
-_LIBC: Any = None
-
-
-def release_free_heap() -> None:
-    """Hand the pages of freed heap blocks back to the system (glibc's malloc_trim); a no-op without glibc."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = libc.malloc_trim if hasattr(libc, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if _LIBC:
-        _LIBC(0)
-
-
 def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from: Any = None) -> Any:
     """In a distributed run, the policy wrapped for its engine (FSDP2 for every weight, DDP for an adapter); in one
     process, the model itself. For DDP `model` is on `device`. For FSDP2 it is on the CPU, or with `weights_from`
-    (a model folder) on the meta device from :func:`empty_model`, and each rank then reads only its shards."""
+    (a model folder) on the meta device from :func:`sharded_io.empty_model`, and each rank then reads only its
+    shards."""
     import torch
 
     if not is_distributed():
@@ -348,33 +221,13 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
 
         ids = [device] if device.type == "cuda" else None
         # Buffers (rotary tables) are computed identically on every rank: no broadcast before each forward, which
-        # would also make evaluation on rank 0 alone a collective.
+        # would make every forward a collective (evaluation's included).
         wrapped = DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
         wrapped._logitstore_engine = "ddp"
         return wrapped
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from . import fsdp2, sharded_io
 
-    # On a GPU, parameters are gathered and computed in the model's dtype, gradients reduced in float32; on a CPU
-    # (gloo) in float32 as in one process.
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    # Units: each decoder layer, and the input embeddings and the LM head on their own (at a 32k vocabulary they
-    # hold half of a small model: in the root unit they would stay gathered for the whole step).
-    units = decoder_layers(model)
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    untied = head is not None and head.weight is not embeddings.weight  # tied ones stay together in the root
-    if untied:
-        units += [embeddings, head]
-    for unit in units:
-        fully_shard(unit, mp_policy=mp)
-    if untied:
-        # An embedding's backward needs only the token ids, never its weight: no all-gather of the vocabulary-sized
-        # table (and no buffer for it) at the end of the backward pass, where memory peaks.
-        embeddings.set_unshard_in_backward(False)
-    fully_shard(scorer, mp_policy=mp)  # the root: what is left (the final norm)
-    if device.type == "cpu":
-        for unit in (*units, scorer):
-            unit.set_custom_reduce_scatter(CpuReduceScatter())
+    fsdp2.shard(scorer, model, dtype=dtype, device=device)
     if weights_from is not None:
         buffers = {name: b.clone() for name, b in scorer.named_buffers()}  # computed on the CPU, not meta
         scorer.to_empty(device=device)
@@ -382,7 +235,7 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
             for name, b in scorer.named_buffers():
                 b.copy_(buffers[name])
         scorer._logitstore_engine = "fsdp2"
-        load_shards(scorer, weights_from)
+        sharded_io.load_shards(scorer, weights_from)
     scorer.to(device)  # only this rank's shards reach the device
     scorer._logitstore_engine = "fsdp2"
     return scorer
@@ -404,79 +257,3 @@ def grad_norm_value(norm: Any) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-MAX_FILE_BYTES = 5 << 30  # per safetensors file of a saved model, as Hugging Face's own sharded checkpoints
-
-
-def save_gathered_model(policy: Any, folder: Any, max_file_bytes: int = MAX_FILE_BYTES) -> None:
-    """Save a model sharded by FSDP2 as one from_pretrained folder, holding one whole tensor at a time.
-
-    Every rank calls this (each tensor is all-gathered in turn); rank 0 writes. The safetensors headers are laid
-    out from the global shapes first, so each gathered tensor is written straight after the previous one and
-    freed: no rank ever holds the whole model, which it may not fit."""
-    import json
-    import struct
-    from pathlib import Path
-
-    import torch
-    import torch.distributed as dist
-
-    folder = Path(folder)
-    model = unwrap(policy)
-    main = dist.get_rank() == 0
-    tensors, seen = [], set()
-    for name, t in model.state_dict().items():  # sharded DTensors; tied copies appear once (the first name)
-        local = t.to_local() if hasattr(t, "to_local") else t
-        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape)) if local.numel() \
-            else id(local)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        tensors.append((name, t))
-    files: list[list[tuple[str, Any]]] = [[]]
-    size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if files[-1] and size + nbytes > max_file_bytes:
-            files.append([])
-            size = 0
-        files[-1].append((name, t))
-        size += nbytes
-    names = ["model.safetensors"] if len(files) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for file_name, group in zip(names, files):
-        header, offset = {}, 0
-        for name, t in group:
-            dtype = str(t.dtype).removeprefix("torch.")
-            nbytes = t.numel() * t.element_size()
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        total += offset
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        out = open(folder / file_name, "wb") if main else None
-        try:
-            if out is not None:
-                out.write(struct.pack("<Q", len(raw)) + raw)
-            for name, t in group:
-                whole = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank, in order
-                if out is not None:
-                    out.write(whole.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-                del whole
-        finally:
-            if out is not None:
-                out.close()
-    if main:
-        if len(files) > 1:
-            (folder / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        model.config.save_pretrained(str(folder))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(folder))

@@ -22,7 +22,7 @@ from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
 from logitstore.unpaired_loader import make_unpaired_loader
 
-from . import distributed
+from . import distributed, sharded_io
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
@@ -169,9 +169,9 @@ def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
 def setup_policy(cfg: TrainConfig) -> Any:
     """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
     (`lora=False`; a given adapter is then merged into the weights first)."""
-    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
-        model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
-                                        attn_implementation=cfg.attn_implementation)
+    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/fsdp2.py); dpo/sharded_io.py reads each rank's part
+        model = sharded_io.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
+                                       attn_implementation=cfg.attn_implementation)
         enable_checkpointing(model, cfg)
         return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
@@ -387,7 +387,7 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
     """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
     In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
     if distributed.is_sharded(model):
-        distributed.save_gathered_model(model, folder)  # collective
+        sharded_io.save_gathered_model(model, folder)  # collective
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return folder
     if not distributed.is_sharded(model):
