@@ -4,10 +4,9 @@ the process group, what the ranks exchange, the checks of a launch, and the poli
 - Full fine-tuning (`--no-lora`): FSDP2, so each rank keeps 1/world of the weights, gradients and optimizer state
   (the units and the CPU gradient reduction: dpo/fsdp2.py; the weights read and saved shard by shard:
   dpo/sharded_io.py).
-- LoRA: DistributedDataParallel. The trainable adapter is small and the frozen base model must be whole on every
-  rank anyway for DDP, which is the simplest engine that averages gradients; a base model too large for one
-  device needs FSDP (not wired for adapters: peft's frozen/trainable mix would need FSDP2's per-parameter
-  grouping, and QLoRA's 4-bit weights cannot be sharded by it).
+- LoRA: DistributedDataParallel. The trainable adapter is small, DDP is the simplest engine that averages its
+  gradients, and the frozen base model is whole on every rank: it must fit one device (not wired for adapters:
+  QLoRA's 4-bit bitsandbytes weights cannot be sharded by FSDP2; docs/scaling.md, "Adapters past one device").
 - Evaluation: each rank evaluates whole batches in turn and the ranks add up their sums.
 
 The trainer scores batches through :class:`Scorer`, one module whose forward is `token_logps`, so both engines see
