@@ -34,7 +34,11 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
+_CREATED = False  # whether init() made the process group (then shutdown() ends it)
+
+
 def init() -> None:
+    global _CREATED
     import torch
     import torch.distributed as dist
 
@@ -42,6 +46,18 @@ def init() -> None:
         if torch.cuda.is_available():  # one GPU per rank: LOCAL_RANK picks it
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        _CREATED = True
+
+
+def shutdown() -> None:
+    """End the process group init() made, as torch asks before a process exits (every rank, once all are done);
+    a group made by someone else (accelerate, a user's script) is theirs to end."""
+    global _CREATED
+    if _CREATED and is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    _CREATED = False
 
 
 def is_distributed() -> bool:

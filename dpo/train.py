@@ -600,4 +600,5 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         result["history"] = history
     result["peak_memory"], result["peak_memory_gib"] = meter.summary(), meter.peak_bytes() / 2**30  # the run's
     distributed.barrier()
+    distributed.shutdown()  # every rank done: the process group this run made ends here, as torch asks
     return result
