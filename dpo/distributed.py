@@ -1,12 +1,13 @@
-"""Training on several processes with torch's own engines (launched by torchrun or accelerate, WORLD_SIZE > 1).
+"""Training on several processes with torch's own engines (launched by torchrun or accelerate, WORLD_SIZE > 1):
+the process group, what the ranks exchange, the checks of a launch, and the policy as the trainer sees it.
 
-- Full fine-tuning (`--no-lora`): FSDP2 (`torch.distributed.fsdp.fully_shard`) per decoder layer and at the root,
-  so each rank keeps 1/world of the weights, gradients and optimizer state; on a GPU in the model's dtype, with
-  gradients reduced in float32.
-- LoRA: DistributedDataParallel. The trainable adapter is small and the frozen base model must be whole on every
-  rank anyway for DDP, which is the simplest engine that averages gradients; a base model too large for one
-  device needs FSDP (not wired for adapters: peft's frozen/trainable mix would need FSDP2's per-parameter
-  grouping, and QLoRA's 4-bit weights cannot be sharded by it).
+- Full fine-tuning (`--no-lora`): FSDP2, so each rank keeps 1/world of the weights, gradients and optimizer state
+  (the units and the CPU gradient reduction: dpo/fsdp2.py; the weights read and saved shard by shard:
+  dpo/sharded_io.py).
+- LoRA: DistributedDataParallel. The trainable adapter is small, DDP is the simplest engine that averages its
+  gradients, and the frozen base model is whole on every rank: it must fit one device (not wired for adapters:
+  QLoRA's 4-bit bitsandbytes weights cannot be sharded by FSDP2; docs/scaling.md, "Adapters past one device").
+- Evaluation: each rank evaluates whole batches in turn and the ranks add up their sums.
 
 The trainer scores batches through :class:`Scorer`, one module whose forward is `token_logps`, so both engines see
 every forward pass (they hook the module that is called; `token_logps` calls the backbone and the LM head
@@ -33,7 +34,11 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), world
 
 
+_CREATED = False  # whether init() made the process group (then shutdown() ends it)
+
+
 def init() -> None:
+    global _CREATED
     import torch
     import torch.distributed as dist
 
@@ -41,6 +46,18 @@ def init() -> None:
         if torch.cuda.is_available():  # one GPU per rank: LOCAL_RANK picks it
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        _CREATED = True
+
+
+def shutdown() -> None:
+    """End the process group init() made, as torch asks before a process exits (every rank, once all are done);
+    a group made by someone else (accelerate, a user's script) is theirs to end."""
+    global _CREATED
+    if _CREATED and is_distributed():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    _CREATED = False
 
 
 def is_distributed() -> bool:
@@ -89,6 +106,44 @@ def all_reduce_sum(value):  # noqa: ANN001, ANN201
     out = value.clone()
     dist.all_reduce(out)
     return out
+
+
+def eval_share(count: int, rank: int, world: int) -> tuple[list[int], int]:
+    """Which of `count` evaluation batches this rank computes (round robin: rank, rank + world, ...), and how many
+    forward passes every rank makes: the most any rank has, so that FSDP2's collective forwards pair up."""
+    return list(range(rank, count, world)), -(-count // world)
+
+
+def this_ranks_batches(loader: Any, sampler: Any) -> tuple[Any, int]:
+    """The evaluation loader of this rank: its share of the batches of `loader` (whole batches, so each is the one a
+    single process evaluates, and batch-level losses and KTO's KL chunks come out the same), padded with repeats
+    of the first batch to the common number of forward passes; and how many of its batches count. In one process,
+    `loader` and all of its batches."""
+    import torch
+
+    if not is_distributed():
+        return loader, len(sampler)
+    import torch.distributed as dist
+
+    batches = list(sampler)
+    mine, rounds = eval_share(len(batches), dist.get_rank(), dist.get_world_size())
+    share = [batches[i] for i in mine] + [batches[0]] * (rounds - len(mine))
+    return torch.utils.data.DataLoader(loader.dataset, batch_sampler=share, collate_fn=loader.collate_fn,
+                                       pin_memory=loader.pin_memory), len(mine)
+
+
+def sum_over_ranks(totals: dict[str, float], count: int) -> tuple[dict[str, float], int]:
+    """Per-metric sums and the example count added up over the ranks (float64; every rank has the same keys)."""
+    if not is_distributed():
+        return totals, count
+    import torch
+    import torch.distributed as dist
+
+    names = sorted(totals)
+    t = torch.tensor([totals[k] for k in names] + [float(count)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    values = t.cpu().tolist()
+    return dict(zip(names, values[:-1])), int(values[-1])
 
 
 def _comm_device() -> Any:
@@ -166,86 +221,11 @@ def unwrap(policy: Any) -> Any:
     return scorer.model
 
 
-def decoder_layers(model: Any) -> list[Any]:
-    """The repeated blocks transformers itself never splits across devices (`_no_split_modules`)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise DistributedSetupError(f"{type(model).__name__} names no decoder layer class (_no_split_modules), so "
-                                    "it cannot be sharded per layer; train it with LoRA, or in one process")
-    return layers
-
-
-def empty_model(folder: Any, *, dtype: str, attn_implementation: str) -> Any:
-    """The model of `folder` with its parameters on the meta device (no memory) and its buffers (rotary tables)
-    computed on the CPU: FSDP2 shards it before any weight is read, and :func:`load_shards` fills each rank's
-    part straight from the checkpoint files."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(str(folder))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation)
-    model.tie_weights()
-    return model
-
-
-def _checkpoint_files(folder: Any) -> list[Any]:
-    from pathlib import Path
-
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise DistributedSetupError(f"{folder}: a sharded run reads safetensors weights, and there are none (convert "
-                                    "the checkpoint, or train with LoRA)")
-    return files
-
-
-def load_shards(policy: Any, folder: Any) -> None:
-    """Fill each rank's shard of every weight from the model folder's safetensors files, reading only the rows
-    of its shard (FSDP2 shards dimension 0 in world-size chunks, as torch.chunk does)."""
-    import torch
-    from safetensors import safe_open
-
-    model = unwrap(policy)
-    wanted = dict(model.state_dict())  # sharded DTensors; tied names share one
-    filled: set[int] = set()
-    for path in _checkpoint_files(folder):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                target = wanted.get(name)
-                if target is None:
-                    continue
-                local = target.to_local() if hasattr(target, "to_local") else target
-                piece = f.get_slice(name)
-                shape = list(piece.get_shape())
-                if shape != list(target.shape):
-                    raise DistributedSetupError(f"{path}: {name} has shape {shape}, the model expects "
-                                                f"{list(target.shape)}")
-                if hasattr(target, "to_local"):
-                    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                    rows, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
-                                                                         target.placements)
-                    start = offset[0] if len(offset) else 0
-                    values = piece[start:start + rows[0]] if shape else piece[:]
-                else:
-                    values = piece[:]
-                with torch.no_grad():
-                    local.copy_(values.to(local.dtype))
-                filled.add(id(target))
-    missing = [n for n, t in wanted.items() if id(t) not in filled]
-    if missing:
-        raise DistributedSetupError(f"{folder}: the checkpoint does not hold {len(missing)} of the model's weights "
-                                    f"(first: {missing[0]}); train it with LoRA, or in one process")
-
-
 def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from: Any = None) -> Any:
     """In a distributed run, the policy wrapped for its engine (FSDP2 for every weight, DDP for an adapter); in one
     process, the model itself. For DDP `model` is on `device`. For FSDP2 it is on the CPU, or with `weights_from`
-    (a model folder) on the meta device from :func:`empty_model`, and each rank then reads only its shards."""
+    (a model folder) on the meta device from :func:`sharded_io.empty_model`, and each rank then reads only its
+    shards."""
     import torch
 
     if not is_distributed():
@@ -256,25 +236,13 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
 
         ids = [device] if device.type == "cuda" else None
         # Buffers (rotary tables) are computed identically on every rank: no broadcast before each forward, which
-        # would also make evaluation on rank 0 alone a collective.
+        # would make every forward a collective (evaluation's included).
         wrapped = DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
         wrapped._logitstore_engine = "ddp"
         return wrapped
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from . import fsdp2, sharded_io
 
-    # On a GPU, parameters are gathered and computed in the model's dtype, gradients reduced in float32; on a CPU
-    # (gloo) in float32 as in one process.
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    # Units: each decoder layer, and the input embeddings and the LM head on their own (at a 32k vocabulary they
-    # hold half of a small model: in the root unit they would stay gathered for the whole step).
-    units = decoder_layers(model)
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if head is not None and head.weight is not embeddings.weight:  # tied ones stay together in the root
-        units += [embeddings, head]
-    for unit in units:
-        fully_shard(unit, mp_policy=mp)
-    fully_shard(scorer, mp_policy=mp)  # the root: what is left (the final norm)
+    fsdp2.shard(scorer, model, dtype=dtype, device=device)
     if weights_from is not None:
         buffers = {name: b.clone() for name, b in scorer.named_buffers()}  # computed on the CPU, not meta
         scorer.to_empty(device=device)
@@ -282,7 +250,7 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
             for name, b in scorer.named_buffers():
                 b.copy_(buffers[name])
         scorer._logitstore_engine = "fsdp2"
-        load_shards(scorer, weights_from)
+        sharded_io.load_shards(scorer, weights_from)
     scorer.to(device)  # only this rank's shards reach the device
     scorer._logitstore_engine = "fsdp2"
     return scorer
@@ -304,79 +272,3 @@ def grad_norm_value(norm: Any) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
-_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-                       "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-MAX_FILE_BYTES = 5 << 30  # per safetensors file of a saved model, as Hugging Face's own sharded checkpoints
-
-
-def save_gathered_model(policy: Any, folder: Any, max_file_bytes: int = MAX_FILE_BYTES) -> None:
-    """Save a model sharded by FSDP2 as one from_pretrained folder, holding one whole tensor at a time.
-
-    Every rank calls this (each tensor is all-gathered in turn); rank 0 writes. The safetensors headers are laid
-    out from the global shapes first, so each gathered tensor is written straight after the previous one and
-    freed: no rank ever holds the whole model, which it may not fit."""
-    import json
-    import struct
-    from pathlib import Path
-
-    import torch
-    import torch.distributed as dist
-
-    folder = Path(folder)
-    model = unwrap(policy)
-    main = dist.get_rank() == 0
-    tensors, seen = [], set()
-    for name, t in model.state_dict().items():  # sharded DTensors; tied copies appear once (the first name)
-        local = t.to_local() if hasattr(t, "to_local") else t
-        ident = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(t.shape)) if local.numel() \
-            else id(local)
-        if ident in seen:
-            continue
-        seen.add(ident)
-        tensors.append((name, t))
-    files: list[list[tuple[str, Any]]] = [[]]
-    size = 0
-    for name, t in tensors:
-        nbytes = t.numel() * t.element_size()
-        if files[-1] and size + nbytes > max_file_bytes:
-            files.append([])
-            size = 0
-        files[-1].append((name, t))
-        size += nbytes
-    names = ["model.safetensors"] if len(files) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
-    if main:
-        folder.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for file_name, group in zip(names, files):
-        header, offset = {}, 0
-        for name, t in group:
-            dtype = str(t.dtype).removeprefix("torch.")
-            nbytes = t.numel() * t.element_size()
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(t.shape),
-                            "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-            weight_map[name] = file_name
-        total += offset
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        out = open(folder / file_name, "wb") if main else None
-        try:
-            if out is not None:
-                out.write(struct.pack("<Q", len(raw)) + raw)
-            for name, t in group:
-                whole = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank, in order
-                if out is not None:
-                    out.write(whole.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-                del whole
-        finally:
-            if out is not None:
-                out.close()
-    if main:
-        if len(files) > 1:
-            (folder / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        model.config.save_pretrained(str(folder))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(str(folder))

@@ -22,7 +22,7 @@ from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
 from logitstore.unpaired_loader import make_unpaired_loader
 
-from . import distributed
+from . import distributed, sharded_io
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
@@ -169,11 +169,9 @@ def enable_checkpointing(model: Any, cfg: TrainConfig) -> None:
 def setup_policy(cfg: TrainConfig) -> Any:
     """The policy: the base model (4-bit if asked) with a fresh LoRA, the given adapter, or every weight trainable
     (`lora=False`; a given adapter is then merged into the weights first)."""
-    from peft import LoraConfig, get_peft_model
-
-    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/distributed.py), which then reads each rank's part
-        model = distributed.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
-                                        attn_implementation=cfg.attn_implementation)
+    if cfg.device == "meta":  # to be sharded by FSDP2 (dpo/fsdp2.py); dpo/sharded_io.py reads each rank's part
+        model = sharded_io.empty_model(check_model_folder(cfg.model, cfg.revision), dtype=cfg.dtype,
+                                       attn_implementation=cfg.attn_implementation)
         enable_checkpointing(model, cfg)
         return model.requires_grad_(True)
     model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device=cfg.device, adapter=cfg.adapter,
@@ -189,6 +187,9 @@ def setup_policy(cfg: TrainConfig) -> Any:
             model = model.merge_and_unload()
         return without_dropout(model.requires_grad_(True), cfg)
     if cfg.adapter is None:
+        # Imported here: peft brings in bitsandbytes (155 MiB resident on CPU), which training every weight never uses.
+        from peft import LoraConfig, get_peft_model
+
         targets: Any = cfg.target_modules if cfg.target_modules == "all-linear" else cfg.target_modules.split(",")
         with peft_wrapping():
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
@@ -306,8 +307,9 @@ def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig,
         if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
             with torch.no_grad(), precision(device, cfg.dtype):
                 policy_kl = distributed.score(model, *half(slice(n, 2 * n))).per_token.sum(dim=1)
+            # Averaged over the ranks' chunks in training; in evaluation each rank's chunk is its own (as alone).
             kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
-                             distributed.gather if distributed.is_distributed() else None)
+                             distributed.gather if training and distributed.is_distributed() else None)
         out = kto_loss(policy, ref, labels, kl, loss_type=objective.loss_type, **weights)
     nan = torch.tensor(float("nan"), device=device)
     metrics = {
@@ -327,20 +329,23 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
     objective = objective_of(cfg)
     if isinstance(objective, UnpairedObjective):
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
-    loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
-                            ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
+    loader, sampler = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
+                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
+                                  pin_memory=device.type == "cuda")
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
+    loader, counted = distributed.this_ranks_batches(loader, sampler)  # ranks split the batches, then add up
     model.eval()
     totals: dict[str, float] = {}
     count = 0
-    for batch in loader:
-        n = batch["rows"].numel()
+    for i, batch in enumerate(loader):
+        n = batch["rows"].numel() if i < counted else 0  # past `counted`: a pass for FSDP2's collectives only
         check_batch(batch, store, vocab)
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
+            totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
+    totals, count = distributed.sum_over_ranks(totals, count)
     model.train()
     return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
 
@@ -350,18 +355,20 @@ def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, obj
     """Unpaired evaluation in the store's order and KL chunks; BCO's δ is read, not updated."""
     store = logitstore.open(path, storage_options=cfg.storage_options)
     chunk = store.kl_batch_size or cfg.batch_size
-    loader, _ = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
-                                     storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    loader, sampler = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
+                                           storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
+    loader, counted = distributed.this_ranks_batches(loader, sampler)  # whole KL chunks: each rank its own
     model.eval()
     totals: dict[str, float] = {}
     count = 0
-    for batch in loader:
-        n = batch["rows"].numel()
+    for i, batch in enumerate(loader):
+        n = batch["rows"].numel() if i < counted else 0
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
         for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + float(v) * n
+            totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
+    totals, count = distributed.sum_over_ranks(totals, count)
     model.train()
     return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
 
@@ -380,7 +387,7 @@ def save_weights(model: Any, cfg: TrainConfig, folder: Path) -> Path:
     """The adapter, or with `lora=False` a whole model folder (weights, config, tokenizer) for from_pretrained.
     In a distributed run every rank calls this (a sharded model is gathered shard by shard); rank 0 writes."""
     if distributed.is_sharded(model):
-        distributed.save_gathered_model(model, folder)  # collective
+        sharded_io.save_gathered_model(model, folder)  # collective
     if distributed.is_distributed() and torch.distributed.get_rank() != 0:
         return folder
     if not distributed.is_sharded(model):
@@ -554,7 +561,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         record.update(meter.record())
         eval_due = bool(cfg.eval_store and cfg.eval_every and step % cfg.eval_every == 0)
         if eval_due:  # after this step's update; kept as the best adapter if its loss is the lowest yet
-            # Every rank evaluates (DDP and FSDP2 forward passes are collective); rank 0 records.
+            # Every rank evaluates its share of the batches (FSDP2's forward passes are collective); rank 0 records.
             record.update(evaluate(policy, cfg.eval_store, cfg, device, running))  # type: ignore[arg-type]
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
@@ -593,4 +600,5 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         result["history"] = history
     result["peak_memory"], result["peak_memory_gib"] = meter.summary(), meter.peak_bytes() / 2**30  # the run's
     distributed.barrier()
+    distributed.shutdown()  # every rank done: the process group this run made ends here, as torch asks
     return result
