@@ -49,7 +49,13 @@ def top_k_divergence(student_logits: torch.Tensor, ids: torch.Tensor, logps: tor
     """Per-position divergence [N] between the student (`student_logits` [N, V]) and a top-k teacher record
     (`ids` [N, K] long, `logps` [N, K], `tail_logp` [N]) over the K stored tokens and one tail bucket."""
     check_beta(beta)
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    t_k, s_k = _buckets(torch.log_softmax(student_logits.float(), dim=-1), ids, logps, tail_logp)
+    return _divergence(t_k, s_k, beta)
+
+
+def _buckets(log_s: torch.Tensor, ids: torch.Tensor, logps: torch.Tensor, tail_logp: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probs over the K stored tokens and, for K < V, one tail bucket."""
     vocab, k = log_s.shape[-1], ids.shape[-1]
     if k > vocab:
         raise ValueError(f"the record holds {k} tokens per position, more than the student's vocabulary ({vocab})")
@@ -59,7 +65,7 @@ def top_k_divergence(student_logits: torch.Tensor, ids: torch.Tensor, logps: tor
         rest = log_s.scatter(-1, ids, float("-inf"))
         s_k = torch.cat([s_k, torch.logsumexp(rest, dim=-1, keepdim=True)], dim=-1)
         t_k = torch.cat([t_k, tail_logp.float().unsqueeze(-1)], dim=-1)
-    return _divergence(t_k, s_k, beta)
+    return t_k, s_k
 
 
 def sampled_divergence(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
@@ -114,24 +120,47 @@ def tdpo_loss(chosen_margin: torch.Tensor, rejected_margin: torch.Tensor, chosen
     return losses, beta * (chosen_margin + chosen_kl).detach(), beta * (rejected_margin + rejected_kl).detach()
 
 
-def head_top_k_divergence(hidden: torch.Tensor, head, config, ids: torch.Tensor, logps: torch.Tensor,
-                          tail_logp: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
-    """:func:`top_k_divergence` from hidden states [M, H] through the LM head, in slices of at most
+def divergences(student_logits: torch.Tensor, ids: torch.Tensor, *, logps: torch.Tensor | None = None,
+                tail_logp: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                betas: tuple[float, ...] = (0.0,)) -> torch.Tensor:
+    """Per-position divergences [N, len(betas)] of a top-k record (`logps`, `tail_logp`) or a sampled one
+    (`counts`), one column per beta, from one log-softmax of the student's logits."""
+    if counts is not None:
+        return torch.stack([sampled_divergence(student_logits, ids, counts, b) for b in betas], dim=-1)
+    for b in betas:
+        check_beta(b)
+    log_s = torch.log_softmax(student_logits.float(), dim=-1)
+    t_k, s_k = _buckets(log_s, ids, logps, tail_logp)  # type: ignore[arg-type]
+    return torch.stack([_divergence(t_k, s_k, b) for b in betas], dim=-1)
+
+
+def head_divergences(hidden: torch.Tensor, head, config, ids: torch.Tensor, *, logps: torch.Tensor | None = None,
+                     tail_logp: torch.Tensor | None = None, counts: torch.Tensor | None = None,
+                     betas: tuple[float, ...] = (0.0,)) -> torch.Tensor:
+    """:func:`divergences` from hidden states [M, H] through the LM head, in slices of at most
     ``dpo.logps.LOGIT_BYTES`` of logits, each recomputed in the backward pass rather than kept: the trainer's
     memory bound for the DPO log-probs, held for distillation too."""
     from torch.utils.checkpoint import checkpoint
 
     from .logps import LOGIT_BYTES, head_logits
 
-    check_beta(beta)
     logits_of = head_logits(head, config)
     step = max(1, LOGIT_BYTES // (4 * head.weight.shape[0]))
+    record = {"logps": logps, "tail_logp": tail_logp, "counts": counts}
+    names = [k for k, v in record.items() if v is not None]
 
-    def piece(h, i, lp, t):
-        return top_k_divergence(logits_of(h), i, lp, t, beta)
+    def piece(h, i, *values):
+        return divergences(logits_of(h), i, betas=betas, **dict(zip(names, values)))
 
     keep = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = [checkpoint(piece, *(x[s:s + step] for x in (hidden, ids, logps, tail_logp)), use_reentrant=False)
-              if keep else piece(*(x[s:s + step] for x in (hidden, ids, logps, tail_logp)))
+    inputs = (hidden, ids, *(record[k] for k in names))
+    pieces = [checkpoint(piece, *(x[s:s + step] for x in inputs), use_reentrant=False)
+              if keep else piece(*(x[s:s + step] for x in inputs))
               for s in range(0, hidden.shape[0], step)]
-    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, len(betas), dtype=torch.float32)
+
+
+def head_top_k_divergence(hidden: torch.Tensor, head, config, ids: torch.Tensor, logps: torch.Tensor,
+                          tail_logp: torch.Tensor, beta: float = 0.0) -> torch.Tensor:
+    """:func:`top_k_divergence` [M] from hidden states through the LM head, slice by slice (:func:`head_divergences`)."""
+    return head_divergences(hidden, head, config, ids, logps=logps, tail_logp=tail_logp, betas=(beta,))[:, 0]

@@ -24,6 +24,8 @@ from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distill_step import (check_teacher, check_teacher_batch, check_teacher_vocabulary, teacher_metrics,
+                           teacher_records)
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
 from .memory import PeakMeter, is_out_of_memory
@@ -62,6 +64,8 @@ class TrainConfig:
     ld_alpha: float | None = None  # LD-DPO; the reference comes from the store's per-token values
     use_weighting: bool = False  # WPO
     discopop_tau: float | None = None
+    distill_beta: float | None = None  # distill: 0 forward KL, 1 reverse KL (TRL's default), between JSD
+    tdpo_alpha: float | None = None  # TDPO2's α (default 0.5)
     desirable_weight: float = 1.0  # unpaired losses (kto, apo_zero_unpaired, bco), as TRL's KTOConfig
     undesirable_weight: float = 1.0
     lora_r: int = 8
@@ -94,12 +98,14 @@ def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
         cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
         dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
                      "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
-                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau})
+                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau,
+                     "--distill-beta": cfg.distill_beta, "--tdpo-alpha": cfg.tdpo_alpha})
     if unpaired is not None:
         return unpaired
     return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
-                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau)
+                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau,
+                     distill_beta=cfg.distill_beta, tdpo_alpha=cfg.tdpo_alpha)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -253,6 +259,11 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
                              f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} token id {token}, outside the "
                              f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
+    misfit = check_teacher_batch(batch, vocab_size)
+    if misfit is not None:
+        bad_rows, why = misfit
+        raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
+                             f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} {why}")
 
 
 def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
@@ -261,8 +272,9 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
+    teacher = teacher_records(batch, objective, device)  # None unless distill or TDPO reads the teacher
     with precision(device, cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed.py)
-        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting)
+        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting, teacher=teacher)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
     out = dpo_loss(pair, objective)
@@ -274,6 +286,7 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
         "logps/chosen": pair.chosen.detach().mean(),
         "logps/rejected": pair.rejected.detach().mean(),
+        **teacher_metrics(pair),
     }
     return out.losses.mean(), metrics
 
@@ -328,8 +341,10 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
     if isinstance(objective, UnpairedObjective):
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
-                            ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda")
+                            ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda",
+                            **({"teacher": True} if objective.needs_teacher else {}))
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
+    objective = check_teacher(store, objective)
     model.eval()
     totals: dict[str, float] = {}
     count = 0
@@ -425,6 +440,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    if isinstance(objective, Objective):  # distill and TDPO: the store's teacher records, distill's beta for them
+        objective = check_teacher(store, objective)
     check_kind(store, objective, cfg, world)
     distributed.check_same_everywhere("store", store.digest)
     distributed.check_same_everywhere("model", json.dumps(model_fingerprint(
@@ -442,6 +459,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                                   "unpaired store")
         if objective.ld_alpha is not None:
             require_per_token(eval_store)
+        if isinstance(objective, Objective):
+            check_teacher(eval_store, objective)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise LogitstoreError(f"--resume: no checkpoint in {out}")
@@ -455,6 +474,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     vocab = vocabulary_size(model)
+    if isinstance(objective, Objective):
+        check_teacher_vocabulary(store, objective, vocab)
     # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
     policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
                                      weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
@@ -473,7 +494,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                                       group_by_length=cfg.group_by_length, rank=rank, world_size=world,
                                       num_workers=cfg.num_workers, storage_options=cfg.storage_options,
                                       ld_alpha=objective.ld_alpha, digest=cfg.expect_digest,
-                                      pin_memory=device.type == "cuda")
+                                      pin_memory=device.type == "cuda",
+                                      **({"teacher": True} if objective.needs_teacher else {}))
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "

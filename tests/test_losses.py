@@ -345,7 +345,7 @@ def test_f_divergence_refusal_gives_trls_reason():
      "weight"),
     (dict(loss_types="sigmoid,dpo"), "unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, exo_pair, nca_pair, "
                                      "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
-                                     "sft, sigmoid_norm"),
+                                     "sft, sigmoid_norm, distill, tdpo1, tdpo2"),
     (dict(loss_types="sigmoid,,sft"), "expected one or more loss types separated by commas, got 'sigmoid,,sft'"),
     (dict(loss_types=("sft", "sft")), "loss type 'sft' is listed twice; give it one weight instead"),
     (dict(f_divergence="kl"), "unknown f-divergence 'kl'; choose from reverse_kl, forward_kl, js_divergence, "
