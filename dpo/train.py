@@ -99,7 +99,8 @@ def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
         dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
                      "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
                      "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau,
-                     "--distill-beta": cfg.distill_beta, "--tdpo-alpha": cfg.tdpo_alpha})
+                     # set or not: 0 is a value of these, not their default
+                     "--distill-beta": cfg.distill_beta is not None, "--tdpo-alpha": cfg.tdpo_alpha is not None})
     if unpaired is not None:
         return unpaired
     return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
