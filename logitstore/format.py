@@ -139,11 +139,14 @@ def offsets_array(field: str) -> str:
     return f"{field}/offsets"
 
 
-def shard_file_arrays(ragged: list[RaggedSpec], kind: Kind = PAIRS) -> list[str]:
-    """Arrays with exactly one chunk file per shard, in `commits` column order."""
+def shard_file_arrays(ragged: list[RaggedSpec], kind: Kind = PAIRS, teacher: bool = False) -> list[str]:
+    """Arrays with exactly one chunk file per shard, in `commits` column order; a store with teacher records ends
+    with one teacher file per side (logitstore/teacher_store.py)."""
     names = [*kind.row_fields, CONTENT_KEY]
     for spec in ragged:
         names += [offsets_array(spec.name), values_array(spec.name)]
+    if teacher:
+        names += [f"teacher/{side.ids[:-len('_ids')]}" for side in kind.sides]
     return names
 
 
@@ -307,6 +310,8 @@ def metadata_documents(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "index_codecs": [_bytes_codec("uint64"), {"name": "crc32c"}], "index_location": "end"}}
         docs[f"{values_array(spec.name)}/zarr.json"] = _array(
             [shards * cap], spec.dtype, [cap], [sharding], 0, {"scale": spec.scale} if spec.scale is not None else None)
+    if "teacher" in header:  # a group, so that Zarr readers see the folder as one; its files are not Zarr arrays
+        docs["teacher/zarr.json"] = dict(GROUP_METADATA)
     width = commit_width(len(header["shard_files"]))
     docs["commits/zarr.json"] = _array([shards, width], "uint64", [1, width],
                                        [_bytes_codec("uint64"), {"name": "crc32c"}])

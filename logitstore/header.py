@@ -29,7 +29,7 @@ _ROOT_KEYS = {"zarr_format", "node_type", "attributes"}
 # misread a store whose meaning it changes. `complete` and `summary` are written together by finalisation.
 HEADER_KEYS = {"format_version", "num_examples", "rows_per_shard", "num_shards", "max_length", "shard_capacity",
                "inner_chunk", "id_bytes", "fields", "shard_files", "fingerprint", "fingerprint_digest", "tokenizer",
-               "settings", "created", "plan_files", "skipped", "content_key", "provenance"}
+               "settings", "created", "plan_files", "skipped", "content_key", "provenance", "teacher"}
 FINAL_KEYS = {"complete", "summary"}
 KIND_KEYS = {"kind", "kl_pairing"}  # an unpaired store's (format version 3) own keys (logitstore/kinds.py)
 _TOKENIZER_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "vocab_size"}
@@ -138,7 +138,11 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     order = [name for name in store_kind.token_fields + store_kind.per_token_fields
              if name in ragged]  # the format's order
     specs = [ragged[name] for name in order]
-    shard_files = fmt.shard_file_arrays(specs, store_kind)
+    if "teacher" in header:
+        from .teacher_store import check_entry
+
+        check_entry(header["teacher"])
+    shard_files = fmt.shard_file_arrays(specs, store_kind, "teacher" in header)
     if header.get("shard_files") != shard_files:
         raise FormatError(f"header shard_files must be {shard_files}")
     _check_plan_files(header, n)

@@ -21,6 +21,7 @@ import numpy as np
 from .format import PER_TOKEN_FIELDS
 from .ld_dpo import ld_reference, require_per_token
 from .reader import Store
+from .teacher_store import NoTeacherError, side_names
 from .reader import open as open_store
 
 if TYPE_CHECKING:
@@ -32,13 +33,16 @@ class PairDataset:
     ``__getitems__``."""
 
     def __init__(self, path: str, *, storage_options: dict[str, Any] | None = None, fields: Sequence[str] = (),
-                 digest: str | None = None):
+                 digest: str | None = None, teacher: bool = False):
         self.path = str(path)
         self.storage_options = storage_options
         self.digest = digest  # every process (workers too) opens exactly the pinned contents
         self.extra_fields = tuple(fields)
+        self.teacher = teacher  # batches carry each side's teacher records (Store.top_k)
         self._store: Store | None = None
         store = self.store
+        if teacher:
+            require_teacher(store)
         self.pad_token_id = int(store.tokenizer.get("pad_token_id") or 0)
         self._length = len(store)
 
@@ -68,6 +72,8 @@ class PairDataset:
         out: dict[str, Any] = {"rows": rows, **s.row_values(rows)}
         for field in (*s.kind.token_fields, *self.extra_fields):
             out[field] = s.ragged(field, rows)
+        if self.teacher:
+            out["teacher"] = {side: s.top_k(side, rows) for side in side_names(s.kind)}
         return out
 
     def __getitem__(self, row: int) -> dict[str, Any]:
@@ -96,9 +102,59 @@ def pad_pairs(prompts: Sequence[Any], chosen: Sequence[Any], rejected: Sequence[
             "completion_mask": torch.from_numpy(completion)}
 
 
+def require_teacher(store: Store) -> None:
+    """Teacher batches need a store built with --top-k or --sample-k: one line otherwise."""
+    if store.teacher is None:
+        raise NoTeacherError(f"{store.location.url} holds no top-k teacher records; rebuild with --top-k K "
+                             "(or --sample-k K)")
+
+
+def pad_teacher(records: Sequence[dict[str, list[np.ndarray]]], prompts: Sequence[Any],
+                completions: Sequence[Sequence[Any]]) -> dict[str, torch.Tensor]:
+    """Teacher records of rows in :func:`pad_pairs`' layout (each side's rows, sides in order) as [R, T, K] tensors,
+    T the longest completion. Entry [i, t] is the teacher's distribution over the t-th completion token of row i
+    (input position prompt_len + t, predicted from the position before it); a row with an empty prompt has no
+    record at t = 0 (that token is not scored). Top-k: ``teacher_ids`` (0 as padding), ``teacher_logps`` and
+    ``teacher_tail_logp`` [R, T] (-inf as padding); sampled: ``teacher_ids`` and ``teacher_counts`` (0 as padding)."""
+    import torch
+
+    rows = [(rec, i) for rec in records for i in range(len(rec["ids"]))]
+    comp = [c for side in completions for c in side]
+    lengths = [len(c) for c in comp]
+    width = max(lengths, default=0)
+    k = rows[0][0]["ids"][rows[0][1]].shape[1] if rows else 0  # every record has K columns, even with no rows
+    n = len(rows)
+    top = "logps" in records[0]
+    ids = np.zeros((n, width, k), np.int64)
+    if top:
+        logps = np.full((n, width, k), -np.inf, np.float32)
+        tail = np.full((n, width), -np.inf, np.float32)
+    else:
+        counts = np.zeros((n, width, k), np.int64)
+    for j, ((rec, i), length) in enumerate(zip(rows, lengths)):
+        t = rec["ids"][i].shape[0]
+        start = length - t  # 1 when the prompt is empty (the first completion token is not scored), else 0
+        if not 0 <= start <= 1 or (start == 1 and len(prompts[j % len(prompts)])):
+            raise ValueError(f"teacher records of batch row {j} do not match its completion ({t} records for "
+                             f"{length} tokens)")
+        ids[j, start:length] = rec["ids"][i]
+        if top:
+            logps[j, start:length] = rec["logps"][i]
+            tail[j, start:length] = rec["tail_logp"][i]
+        else:
+            counts[j, start:length] = rec["counts"][i]
+    out = {"teacher_ids": torch.from_numpy(ids)}
+    if top:
+        out.update(teacher_logps=torch.from_numpy(logps), teacher_tail_logp=torch.from_numpy(tail))
+    else:
+        out["teacher_counts"] = torch.from_numpy(counts)
+    return out
+
+
 def collate(batch: dict[str, Any], pad_token_id: int, ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """A batch of store rows as tensors: :func:`pad_pairs` plus the reference values and token counts. With
-    `ld_alpha`, the reference values are LD-DPO's for that α, from the per-token values (:mod:`.ld_dpo`)."""
+    `ld_alpha`, the reference values are LD-DPO's for that α, from the per-token values (:mod:`.ld_dpo`). A batch
+    read with teacher records adds them (:func:`pad_teacher`), chosen rows then rejected rows."""
     import torch
     out = pad_pairs(batch["prompt_ids"], batch["chosen_ids"], batch["rejected_ids"], pad_token_id)
     ref_chosen, ref_rejected = batch["chosen_logps"], batch["rejected_logps"]
@@ -112,6 +168,9 @@ def collate(batch: dict[str, Any], pad_token_id: int, ld_alpha: float | None = N
         "rejected_tokens": torch.from_numpy(np.asarray(batch["rejected_tokens"], dtype=np.int64)),
         "rows": torch.from_numpy(np.asarray(batch["rows"], dtype=np.int64)),
     })
+    if "teacher" in batch:
+        out.update(pad_teacher([batch["teacher"]["chosen"], batch["teacher"]["rejected"]], batch["prompt_ids"],
+                               [batch["chosen_ids"], batch["rejected_ids"]]))
     return out
 
 
@@ -207,18 +266,23 @@ class Prefetcher:
 def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 prefetch: int = 2, storage_options: dict[str, Any] | None = None, ld_alpha: float | None = None,
-                digest: str | None = None, pin_memory: bool | None = None) -> tuple[Any, PairBatchSampler]:
+                digest: str | None = None, pin_memory: bool | None = None,
+                teacher: bool = False) -> tuple[Any, PairBatchSampler]:
     """A DataLoader over the store at `path` and its sampler (for `set_epoch` and saving the position). With
     `ld_alpha`, batches carry LD-DPO reference values for that α (the store needs per-token values); with
     `digest`, every process reads only the contents that digest names.
 
     `pin_memory` (default: whether CUDA is available) puts batches in page-locked memory, from which copies to the
     GPU run asynchronously (`tensor.to("cuda", non_blocking=True)`); pass False when training on the CPU.
+
+    `teacher` adds the store's teacher records to every batch (:func:`pad_teacher`: ``teacher_ids``,
+    ``teacher_logps``, ``teacher_tail_logp`` of a top-k store, ``teacher_ids``, ``teacher_counts`` of a sampled one);
+    a store without them is refused in one line.
     """
     import torch
 
     fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
-    dataset = PairDataset(path, storage_options=storage_options, fields=fields, digest=digest)
+    dataset = PairDataset(path, storage_options=storage_options, fields=fields, digest=digest, teacher=teacher)
     if ld_alpha is not None:
         require_per_token(dataset.store)
     lengths = dataset.lengths() if group_by_length else None

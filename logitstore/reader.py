@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
-from . import kinds
+from . import kinds, teacher_store
 from .errors import (
     DamagedFileError,
     DigestMismatchError,
@@ -223,6 +223,8 @@ class Store:
             return zstd_bound(g.rows_per_shard * np.dtype(self.kind.row_fields[array][0]).itemsize)
         if array.endswith("/offsets") or array == fmt.CONTENT_KEY:
             return zstd_bound(g.rows_per_shard * 16)
+        if array.startswith("teacher/"):
+            return teacher_store.file_limit(self.header["teacher"], g.rows_per_shard * g.max_length)
         spec = self.fields[array.rsplit("/", 1)[0]]
         n_inner = g.shard_capacity // g.inner_chunk
         chunk = g.inner_chunk * np.dtype(spec.dtype).itemsize
@@ -428,6 +430,25 @@ class Store:
         out = self.row_values(rows)
         out["row"] = rows
         return out
+
+    # ---- teacher records (logitstore/teacher_store.py) ---------------------------------------------------
+
+    @property
+    def teacher(self) -> dict[str, Any] | None:
+        """The header's teacher entry (kind, k, codec, seed, block_positions, vocab), None without records."""
+        entry = self.header.get("teacher")
+        return None if entry is None else dict(entry)
+
+    def top_k(self, side: str, rows: Sequence[int] | np.ndarray) -> dict[str, list[np.ndarray]]:
+        """The teacher's records on `side` ("chosen" or "rejected") of `rows`, one entry per row of T = the row's
+        scored tokens: ``ids`` [T, K] int32 (most likely first), ``logps`` [T, K] float32, ``tail_logp`` [T]
+        float32 (log of the mass outside the K; -inf when K is the vocabulary). A sampled store gives ``ids``
+        [T, K] int32 and ``counts`` [T, K] uint16 instead (distinct drawn ids ascending, padding id 0 count 0)."""
+        rows = self._check_rows(rows)
+        try:
+            return teacher_store.rows_records(self, side, rows)
+        except IncompleteStoreError:
+            raise self._absent(rows) from None
 
     # ---- content keys ---------------------------------------------------------------------------------------
 

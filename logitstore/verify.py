@@ -184,6 +184,8 @@ def _check_values(store: Any, report: VerifyReport) -> None:
         return
     values = store.row_values(rows)
     _check_content_keys(store, rows, report)
+    if store.teacher is not None:
+        _check_teacher(store, report)
     if store.kind.name == "unpaired":
         _check_kl_pairing(store, rows, report)
     for s in store.kind.sides:
@@ -256,3 +258,17 @@ def _check_kl_pairing(store: Any, rows: np.ndarray, report: VerifyReport) -> Non
     if bad:
         report.problems.append(f"kl_completion_ids: {len(bad)} examples do not hold the completion the KL pairing "
                                f"(batch size {store.kl_batch_size}) names (first: {printable(store.id_of(bad[0]))})")
+
+
+def _check_teacher(store: Any, report: VerifyReport) -> None:
+    """Every block of every committed shard's teacher files decodes as the header and the row counts say."""
+    from .teacher_store import side_names, side_part
+
+    for shard in np.flatnonzero(store.committed).tolist():
+        for side, s in zip(side_names(store.kind), store.kind.sides):
+            try:
+                _, part = side_part(store, side, shard, s.tokens)
+                for block in range(part.starts.size - 1):
+                    part.block(block)
+            except LogitstoreError as exc:
+                report.problems.append(str(exc))

@@ -26,6 +26,7 @@ from .header import parse_root
 from .quantize import encode_fixed
 from .reader import read_commit_row
 from .storage import Location, file_sha256, location
+from .teacher_store import check_entry, concat, encode_file, teacher_arrays
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
@@ -122,7 +123,8 @@ class StoreWriter:
             raise ValueError(f"shard {shard} is out of range (the store has {g.num_shards})")
         span = g.shard_rows(shard)
         n = len(span)
-        expected = set(self.kind.row_fields) | {s.name for s in self.ragged}
+        teacher_files = teacher_arrays(self.header)
+        expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_files)
         if set(rows) != expected:
             raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
         for name, (dtype, _) in self.kind.row_fields.items():
@@ -138,12 +140,28 @@ class StoreWriter:
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
             fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
+        for array in teacher_files:
+            self._write_teacher(shard, span, array, rows[array], rows)
         fault_point(f"before-commit:{shard}")
         record = [1, clipped]
-        for array in fmt.shard_file_arrays(self.ragged, self.kind):
+        for array in fmt.shard_file_arrays(self.ragged, self.kind, bool(teacher_files)):
             record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
         fault_point(f"after-commit:{shard}")
+
+    def _write_teacher(self, shard: int, span: range, array: str, records: Sequence[Any],
+                       rows: Mapping[str, Any]) -> None:
+        """One side's teacher file: a record per row, as many positions as the row's scored-token count."""
+        side = self.kind.sides[[f"teacher/{s.ids[:-4]}" for s in self.kind.sides].index(array)]
+        if len(records) != len(span):
+            raise ValueError(f"{array}: expected {len(span)} records for shard {shard}, got {len(records)}")
+        counts = np.asarray(rows[side.tokens], dtype=np.int64)
+        got = np.array([r.ids.shape[0] for r in records], dtype=np.int64)
+        if not np.array_equal(got, counts):
+            bad = int(np.flatnonzero(got != counts)[0])
+            raise ValueError(f"{array}: row {span.start + bad} has {got[bad]} records for {counts[bad]} scored tokens")
+        teacher = self.header["teacher"]
+        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher))
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry
@@ -229,7 +247,7 @@ def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping
 
 _KNOWN_TOP = {name for kind in kinds.KINDS.values()
               for name in (*kind.row_fields, *kind.token_fields, *kind.per_token_fields)} | {
-    "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY}
+    "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY, "teacher"}
 
 
 def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Mapping[str, Any],
@@ -239,7 +257,8 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
            tokenizer: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None,
            skipped: Sequence[Mapping[str, Any]] = (), storage_options: dict[str, Any] | None = None,
            scoring: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None,
-           kind: str = "pairs", kl_batch_size: int | None = None) -> StoreWriter:
+           kind: str = "pairs", kl_batch_size: int | None = None,
+           teacher: Mapping[str, Any] | None = None) -> StoreWriter:
     """Plan a store for `ids` (or resume the one already there with the same fingerprint) and return its writer.
 
     Planning writes the array metadata, the IDs and the ID index, then the group header last: a store whose
@@ -250,6 +269,9 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
 
     `kind="unpaired"` plans an unpaired store (KTO, BCO: fields `completion_*`, `kl_*` and `label`), whose rows'
     KL completions were paired within chunks of `kl_batch_size` rows (docs/FORMAT.md, "Unpaired stores").
+
+    `teacher` (``teacher_store.entry(...)``) plans teacher records: each shard then takes, per side, one record
+    per row (docs/FORMAT.md, "Teacher records").
     """
     provenance = dict(provenance or {"sources": [], "reused": 0, "computed": len(ids)})
     if kind not in kinds.KINDS:
@@ -270,6 +292,10 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
                                            f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
                                            f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
                                            "; use another output path")
+        if header.get("teacher") != (dict(teacher) if teacher is not None else None):
+            raise FingerprintMismatchError(f"{loc.url} was planned with teacher records "
+                                           f"{fmt.canonical_json(header.get('teacher')).decode()}, this run asks for "
+                                           f"{fmt.canonical_json(teacher).decode()}; use another output path")
         if header["num_examples"] != len(ids):
             raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
         _check_provenance(loc.url, header, provenance)
@@ -300,7 +326,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         **geometry.header(),
         "id_bytes": sum(len(b) for b in encoded),
         "fields": fields,
-        "shard_files": fmt.shard_file_arrays(ragged, store_kind),
+        "shard_files": fmt.shard_file_arrays(ragged, store_kind, teacher is not None),
         "fingerprint": dict(fingerprint),
         "fingerprint_digest": fingerprint_digest(fingerprint),
         "tokenizer": dict(tokenizer or {"vocab_size": vocab_size}),
@@ -310,6 +336,8 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "content_key": {"version": CONTENT_KEY_VERSION, "scoring": dict(scoring or {})},
         "provenance": provenance,
     }
+    if teacher is not None:
+        header["teacher"] = check_entry(dict(teacher))
     header["plan_files"] = _write_plan(loc, header, encoded)
     fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
     write_root(loc, header)  # last: a store whose header exists is planned
