@@ -38,24 +38,21 @@ class TeacherRecords:
     def kind(self) -> str:
         return "sampled" if self.counts is not None else "top_k"
 
-    def entries(self) -> torch.Tensor:
-        """[R] the real (unpadded) positions of each row: a top-k position's first log-prob is finite, a sampled
-        position's counts add up to K > 0."""
+    def real(self) -> torch.Tensor:
+        """[R, T] bool, the entries that are records, not padding: a top-k position's first log-prob is finite, a
+        sampled position's counts add up to K > 0. (A row with an empty prompt has none at t = 0: no position
+        predicts its first token.)"""
         if self.counts is not None:
-            real = self.counts.sum(dim=-1) > 0
-        else:
-            real = torch.isfinite(self.logps[..., 0])  # type: ignore[index]
-        return real.sum(dim=1)
+            return self.counts.sum(dim=-1) > 0
+        return torch.isfinite(self.logps[..., 0])  # type: ignore[index]
 
     def per_position(self, hidden: torch.Tensor, scored: torch.Tensor, head: Any, config: Any) -> torch.Tensor:
         """[M, len(betas)] divergences at the scored positions: `hidden` [M, H] are the hidden states that predict
-        the scored tokens of `scored` [R, S] (bool), row-major, as :func:`dpo.logps.token_logps` gathers them."""
-        counts = scored.sum(dim=1).to(self.ids.device)
-        width = self.ids.shape[1]
-        if counts.numel() and int(counts.max()) > width:
-            raise ValueError(f"the teacher records cover {width} completion tokens per row, the batch scores "
-                             f"{int(counts.max())}")
-        real = torch.arange(width, device=self.ids.device)[None, :] < counts[:, None]  # [R, T]
+        the scored tokens of `scored` [R, S] (bool), row-major, as :func:`dpo.logps.token_logps` gathers them; the
+        records' real entries, row-major, are the same tokens in the same order."""
+        real = self.real()
+        if not torch.equal(real.sum(dim=1), scored.sum(dim=1).to(real.device)):
+            raise ValueError("the teacher records do not cover the batch's scored tokens one to one")
         device = hidden.device
 
         def flat(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -90,43 +87,34 @@ def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def teacher_header(store: Any) -> dict[str, Any] | None:
-    """The store's teacher entry (``{"kind": "top_k" | "sampled", "k": K, ...}``), or None without records."""
-    info = getattr(store, "teacher", None)
-    if info is None or isinstance(info, dict):
-        return info
-    return {name: getattr(info, name) for name in ("kind", "k") if hasattr(info, name)}
-
-
 def check_teacher(store: Any, objective: Objective) -> Objective:
     """Refuse a store whose records cannot serve `objective`, in one line; return it with distill's beta resolved
     for the store's record kind (:func:`dpo.objective.for_teacher`)."""
     from logitstore.errors import LogitstoreError
+    from logitstore.loader import require_teacher
 
-    from .objective import for_teacher
+    from .objective import TEACHER_LOSSES, for_teacher
 
     if not objective.needs_teacher:
         return objective
     url = store.location.url
-    names = ", ".join(t for t in objective.loss_types if t in ("distill", "tdpo1", "tdpo2"))
+    names = ", ".join(t for t in objective.loss_types if t in TEACHER_LOSSES)
     if store.kind.name != "pairs":
         raise LogitstoreError(f"--loss {names} trains on a preference-pair store's teacher records; {url} is an "
                               f"{store.kind.name} store (KTO, BCO)")
-    info = teacher_header(store)
-    if not info:
-        raise LogitstoreError(f"{url} holds no top-k teacher records; rebuild with --top-k K")
-    return for_teacher(objective, str(info.get("kind")), url)
+    require_teacher(store)  # the loader's one line for a store without records
+    return for_teacher(objective, str(store.teacher["kind"]), url)
 
 
 def check_teacher_vocabulary(store: Any, objective: Objective, vocab_size: int) -> None:
-    """A record of more tokens per position than the model's vocabulary was made with another tokenizer."""
+    """A teacher of a larger vocabulary than the model's (the header's ``vocab``) was another tokenizer's: its ids
+    past the model's have no logit to compare with."""
     from logitstore.errors import LogitstoreError
 
-    info = teacher_header(store) if objective.needs_teacher else None
-    if info and info.get("kind") == "top_k" and int(info.get("k", 0)) > vocab_size:
-        raise LogitstoreError(f"{store.location.url} holds the teacher's top {info['k']} tokens per position, more "
-                              f"than the model's vocabulary of {vocab_size}; the store was built for another "
-                              "tokenizer")
+    info = store.teacher if objective.needs_teacher else None
+    if info and int(info["vocab"]) > vocab_size:
+        raise LogitstoreError(f"{store.location.url} holds a teacher of {info['vocab']} tokens, more than the "
+                              f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
 
 
 def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, str] | None:
@@ -143,9 +131,10 @@ def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tupl
         return outside[:n] | outside[n:], (f"a teacher token id {token}, outside the model's vocabulary of "
                                            f"{vocab_size}; the store was built for another tokenizer")
     scored = batch["completion_mask"][:, 1:].sum(dim=1)
-    differ = records.entries() != scored
+    entries = records.real().sum(dim=1)
+    differ = entries != scored
     if differ.any():
         i = int(differ.nonzero()[0, 0])
-        return differ[:n] | differ[n:], (f"teacher records for {int(records.entries()[i])} positions of a "
-                                         f"completion that scores {int(scored[i])} tokens; the store is damaged")
+        return differ[:n] | differ[n:], (f"teacher records for {int(entries[i])} positions of a completion that "
+                                         f"scores {int(scored[i])} tokens; the store is damaged")
     return None

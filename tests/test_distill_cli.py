@@ -63,7 +63,7 @@ def test_a_store_without_teacher_records_is_one_line(byte_model, plain_stores, t
     code, err = run_cli(["--model", str(byte_model), "--store", str(pairs), "--out", str(tmp_path / "r"), "--loss",
                          loss, "--max-steps", "1", "--batch-size", "2"], capsys)
     assert code == 1
-    assert err == [f"Error: {pairs} holds no top-k teacher records; rebuild with --top-k K"]
+    assert err == [f"Error: {pairs} holds no top-k teacher records; rebuild with --top-k K (or --sample-k K)"]
     assert not (tmp_path / "r").exists()
 
 
@@ -79,20 +79,21 @@ def test_distill_on_an_unpaired_store_is_one_line(byte_model, plain_stores, tmp_
 
 def test_check_teacher_resolves_distills_beta_for_the_record_kind():
     distill = Objective(loss_types=("distill",))
-    assert check_teacher(fake_store(teacher={"kind": "top_k", "k": 8}), distill).distill_divergence == 1.0
-    assert check_teacher(fake_store(teacher={"kind": "sampled", "k": 12}), distill).distill_divergence == 0.0
+    top_k = fake_store(teacher={"kind": "top_k", "k": 8, "vocab": 384})
+    sampled = fake_store(teacher={"kind": "sampled", "k": 12, "vocab": 384})
+    assert check_teacher(top_k, distill).distill_divergence == 1.0
+    assert check_teacher(sampled, distill).distill_divergence == 0.0
     assert check_teacher(fake_store(), Objective()) == Objective()  # no teacher loss: no teacher needed
     with pytest.raises(LogitstoreError) as info:
-        check_teacher(fake_store(teacher={"kind": "sampled", "k": 12}), Objective(loss_types=("distill",),
-                                                                                    distill_beta=1.0))
+        check_teacher(sampled, Objective(loss_types=("distill",), distill_beta=1.0))
     assert str(info.value) == ("/data/s.lstore holds sampled teacher records, which estimate only the forward KL; "
                                "pass --distill-beta 0 (got 1.0)")
 
 
 def test_a_teacher_k_above_the_models_vocabulary_is_one_line():
     distill = Objective(loss_types=("distill",))
-    check_teacher_vocabulary(fake_store(teacher={"kind": "top_k", "k": 384}), distill, 384)
+    check_teacher_vocabulary(fake_store(teacher={"kind": "top_k", "k": 8, "vocab": 384}), distill, 384)
     with pytest.raises(LogitstoreError) as info:
-        check_teacher_vocabulary(fake_store(teacher={"kind": "top_k", "k": 385}), distill, 384)
-    assert str(info.value) == ("/data/s.lstore holds the teacher's top 385 tokens per position, more than the "
-                               "model's vocabulary of 384; the store was built for another tokenizer")
+        check_teacher_vocabulary(fake_store(teacher={"kind": "sampled", "k": 8, "vocab": 32000}), distill, 384)
+    assert str(info.value) == ("/data/s.lstore holds a teacher of 32000 tokens, more than the model's vocabulary "
+                               "of 384; the store was built for another tokenizer")

@@ -14,7 +14,7 @@ import torch
 from logitstore import teacher as T
 from logitstore.dpo.objective import Objective, ObjectiveError, for_teacher
 from logitstore.dpo.train import TrainConfig, dpo_batch
-from logitstore.loader import pad_pairs
+from logitstore.loader import pad_pairs, pad_teacher
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +29,20 @@ def models(byte_model, tmp_path_factory):
     return policy.train(), teacher, str(byte_model)
 
 
-def pairs(vocab: int, seed: int = 0):
+def pairs(vocab: int, seed: int = 0, empty_prompt: bool = False):
     g = torch.Generator().manual_seed(seed)
     draw = lambda n: torch.randint(3, vocab, (n,), generator=g)  # noqa: E731
-    prompts, chosen, rejected = [draw(3), draw(5)], [draw(4), draw(6)], [draw(5), draw(2)]
+    prompts, chosen, rejected = [draw(0 if empty_prompt else 3), draw(5)], [draw(4), draw(6)], [draw(5), draw(2)]
     return prompts, chosen, rejected
 
 
-def padded(rows: list[np.ndarray], width: int, fill, dtype) -> torch.Tensor:
-    out = np.full((len(rows), width, *rows[0].shape[1:]), fill, dtype=dtype)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return torch.from_numpy(out)
-
-
-def teacher_batch(teacher, k: int | None = None, sample_k: int | None = None, seed: int = 0):
-    """A batch as the loader lays it out, with the teacher's records of every scored completion token; also the
-    teacher's full logits [2B, L-1, V] for the exact computations."""
+def teacher_batch(teacher, k: int | None = None, sample_k: int | None = None, seed: int = 0,
+                  empty_prompt: bool = False):
+    """A batch as the loader gives it (logitstore.loader.pad_pairs and pad_teacher), with the teacher's records of
+    every scored completion token; also the teacher's full logits [2B, L-1, V] and the scored positions."""
     vocab = teacher.config.vocab_size
-    batch = pad_pairs(*pairs(vocab, seed), pad_token_id=0)
+    prompts, chosen, rejected = pairs(vocab, seed, empty_prompt)
+    batch = pad_pairs(prompts, chosen, rejected, pad_token_id=0)
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     scored = batch["completion_mask"][:, 1:].bool()
@@ -56,16 +51,15 @@ def teacher_batch(teacher, k: int | None = None, sample_k: int | None = None, se
     batch["ref_chosen_logps"], batch["ref_rejected_logps"] = ref.chunk(2)
     batch["rows"] = torch.arange(2)
     per_row = [logits[i][scored[i]].numpy() for i in range(len(logits))]
-    width = max(len(r) for r in per_row)
     if k is not None:
         recs = [T.top_k(r, k) for r in per_row]
-        batch["teacher_ids"] = padded([r.ids.astype(np.int64) for r in recs], width, 0, np.int64)
-        batch["teacher_logps"] = padded([r.logps for r in recs], width, -np.inf, np.float32)
-        batch["teacher_tail_logp"] = padded([r.tail_logp for r in recs], width, -np.inf, np.float32)
-    if sample_k is not None:
+        fields = {"ids": [r.ids for r in recs], "logps": [r.logps for r in recs],
+                  "tail_logp": [r.tail_logp for r in recs]}
+    else:
         recs = [T.sample(r, sample_k, seed=7, stream=i) for i, r in enumerate(per_row)]
-        batch["teacher_ids"] = padded([r.ids.astype(np.int64) for r in recs], width, 0, np.int64)
-        batch["teacher_counts"] = padded([r.counts.astype(np.int64) for r in recs], width, 0, np.int64)
+        fields = {"ids": [r.ids for r in recs], "counts": [r.counts for r in recs]}
+    sides = [{name: values[:2] for name, values in fields.items()}, {name: values[2:] for name, values in fields.items()}]
+    batch.update(pad_teacher(sides, prompts, [chosen, rejected]))
     return batch, logits, scored
 
 
@@ -105,10 +99,13 @@ def assert_close(got, want, grad, want_grad, value_tol=2e-6, grad_tol=2e-5):
     assert relative <= grad_tol, relative
 
 
-@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
-def test_distill_at_vocabulary_size_equals_trl_on_full_logits(models, beta):
+@pytest.mark.parametrize("beta, empty_prompt", [(0.0, False), (0.5, False), (1.0, False), (0.5, True)])
+def test_distill_at_vocabulary_size_equals_trl_on_full_logits(models, beta, empty_prompt):
     policy, teacher, path = models
-    batch, _, _ = teacher_batch(teacher, k=teacher.config.vocab_size)
+    batch, _, _ = teacher_batch(teacher, k=teacher.config.vocab_size, empty_prompt=empty_prompt)
+    if empty_prompt:  # the loader's layout: no record at t = 0, where no position predicts the first token
+        first = torch.isfinite(batch["teacher_logps"][:, 0, 0])  # rows: chosen 0, chosen 1, rejected 0, rejected 1
+        assert first.tolist() == [False, True, False, True]
     loss, grad, metrics = ours(policy, batch, Objective(loss_types=("distill",), distill_beta=beta), path)
     want, want_grad = trl_distill(policy, teacher, batch, beta)
     assert_close(loss, want, grad, want_grad)
@@ -182,7 +179,7 @@ def test_sampled_distill_is_the_estimator_on_full_logits(models):
     loss, grad, _ = ours(policy, batch, objective, path)
     policy.zero_grad(set_to_none=True)
     logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    real = torch.arange(batch["teacher_ids"].shape[1])[None, :] < scored.sum(1)[:, None]
+    real = batch["teacher_counts"].sum(-1) > 0
     want = sampled_divergence(logits[scored], batch["teacher_ids"][real], batch["teacher_counts"][real]).mean()
     want.backward()
     assert_close(loss, want.detach(), grad, flat_grad(policy))
