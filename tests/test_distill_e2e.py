@@ -1,0 +1,128 @@
+"""End to end: a tiny store with top-k teacher records, read through the loader by `logitstore train --loss distill`
+and `--loss sigmoid,distill`; the step-0 distillation loss equals the direct computation from the model.
+
+The store's DPO part comes from `build` (the reference pass); its teacher records are those of a second tiny
+model (another seed and a sharpened LM head: a teacher the policy is not), written with the store writer as a build with --top-k writes them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import logitstore
+from logitstore import teacher as T
+from logitstore import teacher_store as TS
+from logitstore.dpo.reference import BuildConfig, build
+from logitstore.dpo.train import TrainConfig, train
+from sample_data import implicit_rows, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+K = 16
+PAIRS = 6
+
+
+def scored_logits(model, prompt: np.ndarray, completion: np.ndarray) -> torch.Tensor:
+    """The model's logits [T, V] at the positions that predict the completion's tokens."""
+    ids = torch.from_numpy(np.concatenate([prompt, completion]).astype(np.int64))[None]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].float()
+    start = max(len(prompt), 1)
+    return logits[start - 1:len(ids[0]) - 1]
+
+
+@pytest.fixture(scope="module")
+def topk_store(byte_model, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.dpo.demo import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("e2e")
+    build(BuildConfig(model=str(byte_model), data=str(write_jsonl(folder / "d.jsonl", implicit_rows(PAIRS))),
+                      out=str(folder / "plain"), max_length=128), progress=False)
+    plain = logitstore.open(folder / "plain")
+    teacher = AutoModelForCausalLM.from_pretrained(str(make_tiny_model(folder / "teacher", seed=1))).eval()
+    teacher.lm_head.weight.data *= 20  # a peaked teacher (a random tiny model's next-token distribution is flat)
+    vocab = teacher.config.vocab_size
+    rows = np.arange(len(plain))
+    data = {**plain.row_values(rows), **{f: plain.ragged(f, rows) for f in plain.kind.token_fields}}
+    data = {k: v for k, v in data.items() if k in plain.kind.row_fields or k in plain.kind.token_fields}
+    for side in ("chosen", "rejected"):
+        data[f"teacher/{side}"] = [T.top_k(scored_logits(teacher, p, c).numpy(), K)
+                                   for p, c in zip(data["prompt_ids"], data[f"{side}_ids"])]
+    h = plain.header
+    writer = logitstore.create(folder / "topk", [plain.id_of(int(r)) for r in rows], fingerprint=plain.fingerprint,
+                               vocab_size=vocab, max_length=h["max_length"], tokenizer=plain.tokenizer,
+                               rows_per_shard=PAIRS, teacher=TS.entry("top_k", K, vocab, codec="standard"))
+    writer.write_shard(0, data)
+    writer.finalize()
+    return folder / "topk"
+
+
+def run(model, store, out, **kw):
+    return train(TrainConfig(model=str(model), store=str(store), out=str(out), plot=False, dtype="float32",
+                             batch_size=PAIRS // 2, max_steps=2, **kw), progress=False, log=lambda s: None)
+
+
+def direct_distill(model_path, store_path, rows, beta: float) -> float:
+    """Per-token mean over every scored completion token of `rows`, both sides: the divergence between the model's
+    logits and the store's decoded top-k records (K buckets plus the tail), computed position by position."""
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.dpo.distill import top_k_divergence
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    store = logitstore.open(store_path)
+    values = []
+    for side in ("chosen", "rejected"):
+        records = store.top_k(side, rows)
+        for i, row in enumerate(rows):
+            logits = scored_logits(model, store.ragged("prompt_ids", [row])[0], store.ragged(f"{side}_ids", [row])[0])
+            values.append(top_k_divergence(logits, torch.from_numpy(records["ids"][i]).long(),
+                                           torch.from_numpy(records["logps"][i]),
+                                           torch.from_numpy(records["tail_logp"][i]), beta))
+    return float(torch.cat(values).mean())
+
+
+def first_batch_rows(store_path, batch_size: int) -> list[int]:
+    from logitstore.loader import PairBatchSampler
+
+    sampler = PairBatchSampler(len(logitstore.open(store_path)), batch_size, seed=0)
+    sampler.set_epoch(0)
+    return next(iter(sampler))
+
+
+def test_distill_trains_from_the_store_and_its_step_zero_loss_is_the_direct_one(byte_model, topk_store, tmp_path):
+    result = run(byte_model, topk_store, tmp_path / "d", loss="distill", distill_beta=0.5)
+    first, second = result["history"]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["distill/loss"]) for r in (first, second))
+    # a fresh LoRA adapter leaves the model as it was: step 0 scores the base model
+    want = direct_distill(byte_model, topk_store, first_batch_rows(topk_store, PAIRS // 2), 0.5)
+    assert abs(first["loss"] - first["distill/loss"]) < 1e-7  # the only term
+    assert abs(first["loss"] - want) < 1e-5 * max(1.0, want), (first["loss"], want)
+    assert first["loss"] > 0.05  # the teacher is another model
+
+
+def test_sigmoid_plus_distill_adds_half_the_distill_loss_to_ln2(byte_model, topk_store, tmp_path):
+    result = run(byte_model, topk_store, tmp_path / "sd", loss="sigmoid,distill", loss_weights=[1.0, 0.5])
+    first, second = result["history"]
+    assert all(math.isfinite(r["loss"]) for r in (first, second))
+    want = direct_distill(byte_model, topk_store, first_batch_rows(topk_store, PAIRS // 2), 1.0)  # TRL's default
+    assert abs(first["distill/loss"] - want) < 1e-5 * max(1.0, want)
+    assert abs(first["loss"] - (math.log(2) + 0.5 * first["distill/loss"])) < 1e-5
+    records = [json.loads(x) for x in (tmp_path / "sd" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all("distill/loss" in r for r in records)
+
+
+def test_tdpo2_trains_from_the_store(byte_model, topk_store, tmp_path):
+    result = run(byte_model, topk_store, tmp_path / "t", loss="tdpo2", eval_store=str(topk_store))
+    first = result["history"][0]
+    assert all(math.isfinite(r["loss"]) for r in result["history"])
+    # the reference is the policy at step 0: margins are 0, and the store's KL terms are the teacher's to it
+    assert first["tdpo/seq_kl_chosen"] > 0 and first["tdpo/seq_kl_rejected"] > 0
+    assert math.isfinite(result["eval"]["eval/loss"]) and "eval/tdpo_seq_kl_chosen" in result["eval"]
