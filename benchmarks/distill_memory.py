@@ -8,9 +8,10 @@ LoRA r=8 on every linear layer, batch 4 pairs of 512 tokens (a 64-token prompt, 
 3 steps. The teacher records are synthetic top-128 records in the loader's layout (ids, sorted log-probs, tail),
 as `dpo.train.dpo_batch` reads them: the training step's memory does not depend on their values.
 
-Objectives: sigmoid (no teacher), distill, sigmoid+distill, tdpo2, and "distill, whole logits": the same
-divergence from [2B, T, V] logits of one ordinary forward pass (what a trainer without the sliced LM head would
-hold), to show what slicing saves.
+Objectives: sigmoid (no teacher), distill, sigmoid+distill, tdpo2; and two other ways to compute distill's
+divergence, to show what the trainer's way saves: "autograd slices", the same slices under autograd, each
+recomputed in the backward pass (the path of heads with a logit scale or soft-capping, forced here by a logit scale
+of 1.0), and "whole logits", the divergence from the [2B, T, V] logits of one ordinary forward pass.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ OBJECTIVES = {
     "distill": {"loss_types": ("distill",), "distill_beta": 0.0},
     "sigmoid+distill": {"loss_types": ("sigmoid", "distill"), "loss_weights": (1.0, 0.5), "distill_beta": 0.0},
     "tdpo2": {"loss_types": ("tdpo2",)},
-    "distill, whole logits": {"loss_types": ("distill",), "distill_beta": 0.0, "whole_logits": True},
+    "distill, autograd slices": {"loss_types": ("distill",), "distill_beta": 0.0, "mode": "autograd"},
+    "distill, whole logits": {"loss_types": ("distill",), "distill_beta": 0.0, "mode": "whole"},
 }
 
 
@@ -65,11 +67,14 @@ def child(args: dict) -> dict:
     from logitstore.dpo.train import TrainConfig, dpo_batch, make_optimizer, setup_policy
 
     spec = dict(OBJECTIVES[args["objective"]])
-    whole = spec.pop("whole_logits", False)
+    mode = spec.pop("mode", None)
+    whole = mode == "whole"
     objective = Objective(**spec)
     cfg = TrainConfig(model=args["model"], store="-", out="-", dtype="float32", device="cpu")
     torch.manual_seed(0)
     policy = setup_policy(cfg)
+    if mode == "autograd":  # not a plain head any more: dpo.distill.head_divergences takes its autograd path
+        policy.get_base_model().config.logit_scale = 1.0
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
     batch = synthetic_batch(args["setting"], policy.config.vocab_size)

@@ -408,10 +408,10 @@ def test_docs_list_every_loss_type_with_its_paper():
     import re
     from pathlib import Path
 
-    from logitstore.dpo.objective import PAPERS
+    from logitstore.dpo.objective import PAPERS, TEACHER_PAPERS
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.M)}
-    for loss_type, paper in PAPERS.items():
+    for loss_type, paper in {**PAPERS, **TEACHER_PAPERS}.items():
         arxiv = re.search(r"arXiv:\d{4}\.\d{5}", paper)
         assert loss_type in table and (arxiv is None or arxiv.group(0) in table[loss_type]), loss_type
