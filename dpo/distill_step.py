@@ -76,6 +76,19 @@ def teacher_records(batch: dict[str, torch.Tensor], objective: Objective, device
                           tail_logp=move["teacher_tail_logp"])
 
 
+def global_token_mean(pair: Any, scored: torch.Tensor) -> Any:
+    """`pair` with distill's per-token mean taken over every rank's scored tokens, as TRL's DistillationTrainer
+    divides by the token count of all processes: each rank's sum over the count's per-rank share, which DDP's and
+    FSDP2's gradient averaging then turns into the global mean. The same pair in one process."""
+    from . import distributed
+
+    if pair.distill is None or not distributed.is_distributed():
+        return pair
+    local = scored.sum().to(pair.distill)
+    share = distributed.all_reduce_sum(local.detach().clone()) / torch.distributed.get_world_size()
+    return dataclasses.replace(pair, distill=pair.distill * local / share.clamp(min=1.0))
+
+
 def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:
     """What the teacher terms add to a step's record: distill's loss, TDPO's sequential KL of each side."""
     out = {}

@@ -24,8 +24,8 @@ from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distill_step import (check_teacher, check_teacher_batch, check_teacher_vocabulary, teacher_metrics,
-                           teacher_records)
+from .distill_step import (check_teacher, check_teacher_batch, check_teacher_vocabulary, global_token_mean,
+                           teacher_metrics, teacher_records)
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
 from .memory import PeakMeter, is_out_of_memory
@@ -278,6 +278,7 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
         tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting, teacher=teacher)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
+    pair = global_token_mean(pair, tokens.scored)  # distill: TRL's mean over all ranks' tokens
     out = dpo_loss(pair, objective)
     metrics = {
         "loss": out.losses.detach().mean(),

@@ -9,6 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +29,7 @@ from sample_data import implicit_rows, write_jsonl
 pytestmark = pytest.mark.slow
 
 K = 16
-PAIRS = 6
+PAIRS = 8
 
 
 def scored_logits(model, prompt: np.ndarray, completion: np.ndarray) -> torch.Tensor:
@@ -126,3 +131,30 @@ def test_tdpo2_trains_from_the_store(byte_model, topk_store, tmp_path):
     # the reference is the policy at step 0: margins are 0, and the store's KL terms are the teacher's to it
     assert first["tdpo/seq_kl_chosen"] > 0 and first["tdpo/seq_kl_rejected"] > 0
     assert math.isfinite(result["eval"]["eval/loss"]) and "eval/tdpo_seq_kl_chosen" in result["eval"]
+
+
+@pytest.mark.parametrize("mode, port", [("lora", 29531), ("full", 29532)])
+def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path, mode, port):
+    """DDP (LoRA) and FSDP2 (every weight): each step's loss and distill term equal one process's at the same global
+    batch, the distillation mean taken over both ranks' tokens as TRL does."""
+    script = Path(sys.executable).parent / "logitstore"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+
+    def args(out):
+        return ["train", "--model", str(byte_model), "--store", str(topk_store), "--out", str(out), "--loss",
+                "sigmoid,distill", "--loss-weights", "1,0.5", "--distill-beta", "0.5", "--batch-size", "2",
+                "--grad-accum", "2", "--max-steps", "2", "--log-every", "1", "--quiet",
+                *(["--no-lora"] if mode == "full" else [])]
+
+    one = subprocess.run([str(script), *args(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(port), "--no-python", str(script), *args(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("one", "two"))
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["distill/loss"] == pytest.approx(y["distill/loss"], abs=1e-5)
