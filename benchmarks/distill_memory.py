@@ -49,7 +49,9 @@ def synthetic_batch(s: dict, vocab: int):
     draw = lambda m: torch.randint(3, vocab, (m,), generator=g)  # noqa: E731
     batch = pad_pairs([draw(p) for _ in range(n)], [draw(c) for _ in range(n)], [draw(c) for _ in range(n)], 0)
     rows, width = 2 * n, c - (0 if p else 1)  # every completion token is scored (the prompt is not empty)
-    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(rows * width)]).reshape(rows, width, k)
+    # clone(): a slice of a permutation would keep the whole permutation's storage (256 KB a position) alive
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k].clone() for _ in range(rows * width)])
+    ids = ids.reshape(rows, width, k)
     logps = torch.sort(torch.randn(rows, width, k, generator=g) * 2 - 6, dim=-1, descending=True).values
     batch.update({"teacher_ids": ids, "teacher_logps": logps, "teacher_tail_logp": torch.full((rows, width), -1.0),
                   "ref_chosen_logps": torch.full((n,), -100.0), "ref_rejected_logps": torch.full((n,), -100.0),
