@@ -33,6 +33,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+from report import write_section  # noqa: E402
+
 # config.json of mistralai/Mistral-7B-v0.1, as published.
 MISTRAL_7B_V01 = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
@@ -611,16 +613,6 @@ def render_sweep(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    text = doc.read_text()
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few pairs and steps; runs on CPU")
@@ -643,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" in results:
             write_section(args.doc, render_sweep(results), SWEEP_BEGIN, SWEEP_END)
         else:
-            write_section(args.doc, render(results))
+            write_section(args.doc, render(results), BEGIN, END)
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-gpu-"))
     if args.max_length_sweep:

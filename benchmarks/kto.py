@@ -30,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from report import write_section  # noqa: E402
+
 BATCH = 8
 
 
@@ -109,19 +111,13 @@ def trl_train(args: dict) -> dict:
     import datasets
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
     from trl import KTOTrainer
+    from workloads import step_timer
 
     from logitstore.dpo.models import load_tokenizer
 
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.t)
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
@@ -129,7 +125,7 @@ def trl_train(args: dict) -> dict:
                          processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(_rows(args)),
                          peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear"),
-                         callbacks=[Timer()])
+                         callbacks=[step_timer(times)])
     setup = time.perf_counter() - t
     trainer.train()
     return {"step_seconds": statistics.median(times[1:]), "setup_seconds": setup,
@@ -207,16 +203,6 @@ def render(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
-
-
 def main() -> None:
     import tempfile
 
@@ -230,7 +216,8 @@ def main() -> None:
     parser.add_argument("--render", type=Path, help="write this results file's section into docs/benchmarks.md")
     opts = parser.parse_args()
     if opts.render:
-        write_section(HERE.parent / "docs" / "benchmarks.md", render(json.loads(opts.render.read_text())))
+        write_section(HERE.parent / "docs" / "benchmarks.md", render(json.loads(opts.render.read_text())),
+                      BEGIN, END)
         return
     from workloads import make_model
 

@@ -25,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from gpu import synthetic_pairs  # noqa: E402
+from report import write_section  # noqa: E402
 from workloads import run_child  # noqa: E402
 
 SETTING = {"size": "memory", "max_length": 512, "batch_size": 4, "steps": 6, "lora_r": 8, "pairs": 32,
@@ -165,16 +166,6 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    doc.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["compare", "breakdown", "render"])
@@ -190,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = [json.loads(p.read_text()) for p in args.results]
         if any(r["setting"] != json.loads(json.dumps(SETTING)) for r in loaded):
             raise SystemExit("benchmarks/memory.py: these results are not from the benchmark's setting (--smoke?)")
-        write_section(args.doc, render(*loaded))
+        write_section(args.doc, render(*loaded), BEGIN, END)
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-memory-"))
     work.mkdir(parents=True, exist_ok=True)

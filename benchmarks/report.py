@@ -366,6 +366,19 @@ KEPT = (("<!-- memory:begin -->", "<!-- memory:end -->"), ("<!-- gpu:begin -->",
         ("<!-- gpu-sweep:begin -->", "<!-- gpu-sweep:end -->"), ("<!-- kto:begin -->", "<!-- kto:end -->"))
 
 
+
+def write_section(doc: Path, section: str, begin: str, end: str) -> None:
+    """Put `section` (which starts with `begin` and ends with `end`) in place of the doc's section between those
+    markers, or at its end: the sections of docs/benchmarks.md that other scripts write."""
+    text = doc.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    doc.write_text(text)
+
+
 def kept_sections(old: str) -> str:
     out = []
     for begin, end in KEPT:

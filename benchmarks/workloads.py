@@ -136,17 +136,10 @@ def train(args: dict) -> dict:
             "loss_first": result["history"][0]["loss"]}
 
 
-def trl_train(args: dict) -> dict:
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
-
-    rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
-    times: list[float] = []
+def step_timer(times: list[float]) -> Any:
+    """A transformers TrainerCallback that appends each optimizer step's wall time to `times`."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -154,6 +147,21 @@ def trl_train(args: dict) -> dict:
 
         def on_step_end(self, *a, **k):
             times.append(time.perf_counter() - self.t)
+
+    return Timer()
+
+
+def trl_train(args: dict) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from logitstore.dpo.models import load_tokenizer
+
+    rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
+    times: list[float] = []
 
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
     config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
@@ -164,7 +172,7 @@ def trl_train(args: dict) -> dict:
                          train_dataset=datasets.Dataset.from_list(rows),
                          peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
                                                 lora_dropout=0.05, target_modules="all-linear"),
-                         callbacks=[Timer()])
+                         callbacks=[step_timer(times)])
     trainer.train()
     return {"step_seconds": statistics.median(times[1:]), "steps": len(times),
             "loss_first": trainer.state.log_history[0]["loss"]}

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import google_crc32c
 import numpy as np
+import pytest
 
+import logitstore
 from logitstore import format as fmt
+
+from synthetic import fill
 
 
 def header(store: Path) -> dict:
@@ -37,3 +42,26 @@ def recommit(store: Path, key: str) -> None:
     row[start:start + fmt.COMMIT_FILE_WORDS] = fmt.commit_entry(data)
     payload = row.astype("<u8").tobytes()
     record.write_bytes(payload + google_crc32c.value(payload).to_bytes(4, "little"))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """A well-formed store: 40 rows in 3 shards of 16, per-token fixed point, zstd token ids."""
+    path = tmp_path_factory.mktemp("pristine") / "s"
+    fill(path, n=40)
+    return path
+
+
+@pytest.fixture
+def store(pristine, tmp_path) -> Path:
+    """A fresh copy of the pristine store, for one test to damage."""
+    path = tmp_path / "s"
+    shutil.copytree(pristine, path)
+    return path
+
+
+def refusal(call) -> str:
+    """The message of the LogitstoreError `call` raises (any other exception fails the test)."""
+    with pytest.raises(logitstore.LogitstoreError) as info:
+        call()
+    return str(info.value)

@@ -4,7 +4,6 @@ checks it, and here is the exact answer."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 import struct
 from pathlib import Path
 
@@ -15,28 +14,9 @@ import logitstore
 from logitstore import format as fmt
 from logitstore.quantize import decode_fixed, encode_fixed
 
-from forge import header, recommit, write_header
+from forge import header, pristine, recommit, refusal, store, write_header  # noqa: F401 (fixtures)
 from synthetic import fill
 
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pristine") / "s"
-    fill(path, n=40)  # 3 shards of 16 rows, per-token fixed point, zstd token ids
-    return path
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    path = tmp_path / "s"
-    shutil.copytree(pristine, path)
-    return path
-
-
-def refusal(call) -> str:
-    with pytest.raises(logitstore.LogitstoreError) as info:
-        call()
-    return str(info.value)
 
 
 def edited(store: Path, **changes) -> Path:

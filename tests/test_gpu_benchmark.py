@@ -53,8 +53,8 @@ def test_gpu_report_section_is_replaced_in_place(tmp_path):
         sys.path.remove(str(ROOT / "benchmarks"))
     doc = tmp_path / "doc.md"
     doc.write_text("# Benchmarks\n\nbefore\n")
-    gpu.write_section(doc, f"{gpu.BEGIN}\nfirst\n{gpu.END}\n")
-    gpu.write_section(doc, f"{gpu.BEGIN}\nsecond\n{gpu.END}\n")
+    gpu.write_section(doc, f"{gpu.BEGIN}\nfirst\n{gpu.END}\n", gpu.BEGIN, gpu.END)
+    gpu.write_section(doc, f"{gpu.BEGIN}\nsecond\n{gpu.END}\n", gpu.BEGIN, gpu.END)
     assert doc.read_text() == f"# Benchmarks\n\nbefore\n\n{gpu.BEGIN}\nsecond\n{gpu.END}\n"
 
 

@@ -22,24 +22,10 @@ import pytest
 import logitstore
 from logitstore import format as fmt
 
-from forge import header, recommit, write_header
-from synthetic import fill
+from forge import header, pristine, recommit, refusal, store, write_header  # noqa: F401 (fixtures)
 
 SECRET = b"SECRET-OUTSIDE-THE-STORE\n" * 4
 
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pristine") / "s"
-    fill(path, n=40)  # 3 shards of 16 rows, per-token fixed point, zstd token ids
-    return path
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    path = tmp_path / "s"
-    shutil.copytree(pristine, path)
-    return path
 
 
 @pytest.fixture
@@ -61,13 +47,6 @@ def alarm(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-def refusal(call) -> str:
-    """The message of the LogitstoreError `call` raises (any other exception fails the test)."""
-    with pytest.raises(logitstore.LogitstoreError) as info:
-        call()
-    return str(info.value)
 
 
 # ---- code execution --------------------------------------------------------------------------------------------

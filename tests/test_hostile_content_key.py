@@ -7,8 +7,6 @@ Same setting as tests/test_hostile.py: each case runs in this process and assert
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,31 +14,11 @@ import pytest
 import logitstore
 from logitstore.derive import merge, subset
 
-from forge import header, recommit, write_header
-from synthetic import fill
+from forge import header, pristine, recommit, refusal, store, write_header  # noqa: F401 (fixtures)
 
 KEY = "content_key/c/1/0"
 SHARD_1 = "shard 1, 16 examples (ex-16, ex-17, ex-18 and 13 more)"
 
-
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("pristine") / "s"
-    fill(path, n=40)  # 3 shards of 16 rows
-    return path
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    path = tmp_path / "s"
-    shutil.copytree(pristine, path)
-    return path
-
-
-def refusal(call) -> str:
-    with pytest.raises(logitstore.LogitstoreError) as info:
-        call()
-    return str(info.value)
 
 
 def _zstd(array: np.ndarray) -> bytes:
