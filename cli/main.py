@@ -144,6 +144,12 @@ def cli() -> None:
     """
 
 
+class UsageLine(click.ClickException):
+    """A usage error found past option parsing (it needs the model's config): one line, exit status 2."""
+
+    exit_code = 2
+
+
 def _kl_batch(value: int) -> int:
     if value < 2:
         raise click.BadParameter(f"{value}: KTO's KL term needs batches of at least 2 (TRL refuses a per-device "
@@ -199,6 +205,16 @@ def _kl_batch(value: int) -> int:
 @click.option("--reuse", multiple=True, metavar="STORE", help="Copy the values of pairs with the same content "
               "(token ids) from this store, built with the same model, adapter and precision; only the other pairs "
               "run through the model (repeatable).")
+@click.option("--top-k", type=int, metavar="K", help="Also store the reference's K most likely next tokens, their "
+              "log-probs and the log of the remaining mass at every scored completion position (teacher records for "
+              "distillation; docs/teacher.md).")
+@click.option("--topk-codec", type=click.Choice(["exact", "fine", "standard", "compact"]), default="standard",
+              show_default=True, help="Value preset of --top-k records: exact (float32), or fixed point within "
+              "0.00049 / 0.0078 / 0.0625 nats (docs/teacher.md).")
+@click.option("--sample-k", type=int, metavar="K", help="Instead of --top-k: K draws per position from the reference's "
+              "distribution, kept as distinct ids with counts (Sparse Logit Sampling).")
+@click.option("--seed", type=click.IntRange(min=0, max=(1 << 63) - 1), default=0, show_default=True,
+              help="Seed of --sample-k draws (each row's draws depend on the seed and the row only).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
@@ -219,13 +235,21 @@ def build(quiet: bool, **options: Any) -> None:
       logitstore build --model ./tiny --data thumbs.jsonl --out kto.lstore --kl-batch-size 8
       logitstore build --model ./llama-70b --device-map auto --max-memory 0=75GiB --max-memory 1=75GiB \\
           --data pairs.jsonl --out pairs.lstore
+      logitstore build --model ./tiny --data pairs.jsonl --out distill.lstore --top-k 32 --per-token
+      logitstore build --model ./tiny --data pairs.jsonl --out sampled.lstore --sample-k 12 --seed 1
     """
-    from logitstore.dpo.reference import BuildConfig, build as run_build
+    from logitstore.dpo.reference import BuildConfig, build as run_build, check_teacher
+    from logitstore.teacher import TeacherError
 
     options["max_memory"] = tuple(options["max_memory"])
+    cfg = BuildConfig(**options)
+    try:
+        check_teacher(cfg)  # K against the model's vocabulary and the codec: a usage error, before anything is read
+    except TeacherError as exc:
+        raise UsageLine(str(exc)) from None
 
     with _quiet(quiet):
-        result = run_build(BuildConfig(**options), progress=not quiet, log=click.echo)
+        result = run_build(cfg, progress=not quiet, log=click.echo)
     import logitstore
 
     click.echo(f"Store digest: {logitstore.open(result.path, storage_options=options['storage_options']).digest}")

@@ -28,6 +28,7 @@ from logitstore import kinds
 from logitstore.describe import human_bytes
 from logitstore.content_key import content_keys
 from logitstore.errors import InputDataError
+from logitstore.teacher import TeacherError
 
 from . import distributed
 from .preference_data import PreferenceExample, Skipped, data_digest, load_examples
@@ -76,6 +77,10 @@ class BuildConfig:
     storage_options: dict[str, Any] | None = None
     reuse: tuple[str, ...] = ()  # stores whose matching pairs are copied instead of computed
     kl_batch_size: int = DEFAULT_KL_BATCH_SIZE  # unpaired data: the chunk KL completions are paired within
+    top_k: int | None = None  # teacher records: the K most likely next tokens at every scored position
+    sample_k: int | None = None  # or K draws from the distribution (Sparse Logit Sampling)
+    topk_codec: str = "standard"  # value preset of top-k records (logitstore/topk_codec.py)
+    seed: int = 0  # of sampled records: draws depend on (seed, row, side) only
 
 
 @dataclasses.dataclass
@@ -108,7 +113,7 @@ class BuildResult:
                 f"{human_bytes(self.store_bytes)} ({human_bytes(per_pair)} per {self.unit}).")
 
 
-def build_fingerprint(cfg: BuildConfig, examples: list[Any]) -> dict[str, Any]:
+def build_fingerprint(cfg: BuildConfig, examples: list[Any], teacher: dict[str, Any] | None = None) -> dict[str, Any]:
     fp = model_fingerprint(cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize,
                            revision=cfg.revision, adapter_revision=cfg.adapter_revision, device=cfg.device)
     fp["tokenization"] = {"scheme": TOKENIZATION, "max_length": cfg.max_length,
@@ -119,6 +124,8 @@ def build_fingerprint(cfg: BuildConfig, examples: list[Any]) -> dict[str, Any]:
         fp["kind"] = {"name": "unpaired", "kl_batch_size": cfg.kl_batch_size}
     fp["layout"] = {"rows_per_shard": cfg.rows_per_shard, "per_token": cfg.per_token,
                     "codec": cfg.codec if cfg.per_token else None, "token_codec": cfg.token_codec}
+    if teacher is not None:  # a resumed build must take the same records
+        fp["teacher"] = dict(teacher)
     return fp
 
 
@@ -237,20 +244,31 @@ def length_batches(pairs: list[TokenizedPair], batch_size: int, batch_tokens: in
 
 def score_pairs(model: Any, pairs: list[TokenizedPair], *, pad_id: int, batch_size: int, batch_tokens: int,
                 share_prompt: bool, bucketing: bool = True, on_batch: Callable[[int, int], None] | None = None,
-                ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Per-token log-probs of the scored chosen and rejected tokens of every pair, in input order."""
+                teacher: dict[str, Any] | None = None, rows: list[int] | None = None,
+                records: dict[str, list[Any]] | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per-token log-probs of the scored chosen and rejected tokens of every pair, in input order. With `teacher`
+    (the header's entry), also each side's teacher record per pair, into `records["chosen"]`, `["rejected"]`
+    (`rows`: the pairs' store rows, which seed sampled records)."""
     import torch
 
     from .logps import pair_logps_full, pair_logps_shared
+    from .teacher_pass import pair_logps_teacher
 
     scorer = pair_logps_shared if share_prompt else pair_logps_full
     chosen: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
     rejected: list[np.ndarray] = [np.zeros(0, np.float32)] * len(pairs)
+    if records is not None:
+        records["chosen"], records["rejected"] = [None] * len(pairs), [None] * len(pairs)
     for batch in length_batches(pairs, batch_size, batch_tokens, bucketing):
         sel = [pairs[i] for i in batch]
-        c, r = scorer(model, [torch.from_numpy(p.prompt_ids) for p in sel],
-                      [torch.from_numpy(p.chosen_ids) for p in sel],
-                      [torch.from_numpy(p.rejected_ids) for p in sel], pad_id)
+        inputs = ([torch.from_numpy(p.prompt_ids) for p in sel], [torch.from_numpy(p.chosen_ids) for p in sel],
+                  [torch.from_numpy(p.rejected_ids) for p in sel], pad_id)
+        if teacher is not None and records is not None and rows is not None:
+            c, r, rc, rr = pair_logps_teacher(model, *inputs, entry=teacher, rows=[rows[i] for i in batch])
+            for i, a, b in zip(batch, rc, rr):
+                records["chosen"][i], records["rejected"][i] = a, b
+        else:
+            c, r = scorer(model, *inputs)
         for i, ci, ri in zip(batch, c, r):
             chosen[i], rejected[i] = ci.numpy(), ri.numpy()
         if on_batch is not None:
@@ -309,6 +327,24 @@ def check_device_map(cfg: BuildConfig) -> None:
     parse_max_memory(cfg.max_memory)
 
 
+def check_teacher(cfg: BuildConfig) -> dict[str, Any] | None:
+    """The header's teacher entry of a build with --top-k or --sample-k (None without), after refusing in one line
+    what cannot be stored or combined: read from the model's config, before any data is read or weights load."""
+    if cfg.top_k is None and cfg.sample_k is None:
+        return None
+    from .teacher_pass import model_vocab, teacher_entry
+
+    entry = teacher_entry(top_k=cfg.top_k, sample_k=cfg.sample_k, codec=cfg.topk_codec, seed=cfg.seed,
+                          vocab=model_vocab(cfg.model, cfg.revision))
+    flag = "--top-k" if cfg.top_k is not None else "--sample-k"
+    if cfg.reuse:
+        raise TeacherError(f"{flag} needs the model's logits at every row; --reuse copies values without them: "
+                           "drop one")
+    if cfg.share_prompt:
+        raise TeacherError(f"{flag} takes records in the one-pass scoring; drop --prompt-sharing")
+    return entry
+
+
 def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
     """Run the reference pass described by `cfg`; resumes a partial store with the same fingerprint."""
     import torch
@@ -317,13 +353,17 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     check_device_map(cfg)
     rank, world = distributed.rank_and_world()
     start = time.perf_counter()
+    teacher = check_teacher(cfg)  # before the data is read: nothing is written when records cannot be stored
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     plan = plan_examples(cfg, tokenizer)
+    if teacher is not None and plan.kind is not kinds.PAIRS:
+        raise InputDataError(f"{cfg.data}: --top-k and --sample-k take teacher records of preference pairs; this "
+                             "data is unpaired (prompt/completion/label)")
     examples, skipped = plan.examples, plan.skipped
     if cfg.rows_per_shard is None:  # sized by the model work in a shard; the same data always gives the same size
         cfg = dataclasses.replace(cfg, rows_per_shard=fmt.build_rows_per_shard(plan.positions))
     check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter)  # before anything is written
-    fingerprint = build_fingerprint(cfg, examples)
+    fingerprint = build_fingerprint(cfg, examples, teacher)
     check_attention(cfg.attn_implementation, device=resolve_device(cfg.device), dtype=fingerprint["precision"]["dtype"])
     kind = plan.kind
     per_token_specs = {s.name: s for s in fmt.ragged_specs(len(tokenizer), cfg.token_codec, cfg.per_token, cfg.codec,
@@ -345,7 +385,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             logp_codec=cfg.codec, rows_per_shard=cfg.rows_per_shard, tokenizer=tok_header, settings=settings,
             skipped=[s.as_dict() for s in skipped], storage_options=cfg.storage_options, scoring=plan.scoring,
             provenance=provenance, kind=kind.name,
-            kl_batch_size=cfg.kl_batch_size if kind is kinds.UNPAIRED else None)
+            kl_batch_size=cfg.kl_batch_size if kind is kinds.UNPAIRED else None, teacher=teacher)
     distributed.barrier()
     if rank != 0:
         writer = logitstore.StoreWriter.attach(cfg.out, fingerprint, storage_options=cfg.storage_options)
@@ -397,11 +437,16 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
             rows = writer.shard_rows(shard)
             pairs = [plan.tokenize(cfg, tokenizer, i) for i in rows]
             fresh = [p for p, row in enumerate(rows) if compute[row]]
+            records: dict[str, list[Any]] = {}
             chosen, rejected = score_pairs(model, [pairs[p] for p in fresh], pad_id=pad_id,
                                            batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens,
                                            share_prompt=cfg.share_prompt, bucketing=cfg.length_bucketing,
-                                           on_batch=on_batch)
-            parts = [(fresh, shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token, kind))]
+                                           on_batch=on_batch, teacher=teacher, rows=[rows[p] for p in fresh],
+                                           records=records)
+            part = shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token, kind)
+            if teacher is not None:  # every row is computed (check_teacher refuses --reuse)
+                part.update({f"teacher/{side}": records[side] for side in ("chosen", "rejected")})
+            parts = [(fresh, part)]
             tokens_by_field = {f: [getattr(p, attr) for p in pairs]
                                for f, attr in zip(kind.token_fields, fmt.TOKEN_FIELDS)}
             parts += derive.reused_part(reuse, list(rows), tokens_by_field, per_token=cfg.per_token)
@@ -472,9 +517,15 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
                        revision=cfg.revision, adapter_revision=cfg.adapter_revision,
                        attn_implementation=cfg.attn_implementation)
     model.eval()
+    records: dict[str, list[Any]] = {}
     with torch.no_grad(), precision(next(model.parameters()).device, cfg.dtype):
         chosen, rejected = score_pairs(model, [p for _, p in pairs], pad_id=tokenizer.pad_token_id,
-                                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False)
+                                       batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, share_prompt=False,
+                                       teacher=store.teacher, rows=[r for r, _ in pairs], records=records)
+    if store.teacher is not None:
+        from .teacher_pass import compare_records
+
+        problems += compare_records(store, [r for r, _ in pairs], records)
     stored = store.row_values([r for r, _ in pairs])
     for i, (row, _) in enumerate(pairs):
         for side, values in zip(kind.sides, (chosen, rejected)):

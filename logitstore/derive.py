@@ -59,9 +59,11 @@ def committed_rows(store: Store) -> np.ndarray:
 
 # ---- copying rows ----------------------------------------------------------------------------------------------
 
-def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool) -> dict[str, Any]:
+def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool,
+              teacher: bool = False) -> dict[str, Any]:
     """Rows of `store` in the form `StoreWriter.write_shard` takes, with every stored bit kept: sums and counts
-    as stored, token ids, and (with `per_token`) per-token values as stored codes."""
+    as stored, token ids, (with `per_token`) per-token values as stored codes, and (with `teacher`) each side's
+    teacher records as decoded (re-encoding a decoded record with the same codec gives back the same codes)."""
     rows = np.asarray(rows, dtype=np.int64)
     values = store.row_values(rows)
     kind = store.kind
@@ -71,6 +73,8 @@ def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool
     if per_token:
         for field in kind.per_token_fields:
             out[field] = store.ragged(field, rows, decode=False)
+    if teacher:
+        out.update(teacher_rows(store, rows))
     # The stored key must be the hash of the stored ids: matching and merging trust keys, so a forged key stops
     # the copy here rather than lend its values to another pair.
     keys = content_keys(*(out[f] for f in kind.token_fields), store.scoring)
@@ -196,6 +200,22 @@ def reused_part(plan: ReusePlan, new_rows: Sequence[int], tokens: Mapping[str, S
         yield positions.tolist(), data
 
 
+def teacher_rows(store: Store, rows: np.ndarray) -> dict[str, list[Any]]:
+    """Each side's teacher records of `rows`, one record per row, as `write_shard` takes them."""
+    from .teacher import Sampled, TopK
+    from .teacher_store import array_name, side_names
+
+    out: dict[str, list[Any]] = {}
+    k = store.header["teacher"]["k"]
+    for side in side_names(store.kind):
+        rec = store.top_k(side, rows)
+        if "logps" in rec:
+            out[array_name(side)] = [TopK(*parts) for parts in zip(rec["ids"], rec["logps"], rec["tail_logp"])]
+        else:
+            out[array_name(side)] = [Sampled(i, c, k) for i, c in zip(rec["ids"], rec["counts"])]
+    return out
+
+
 # ---- subset and merge ------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -307,6 +327,10 @@ def merge(sources: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str]
         if _per_token_specs(store) != _per_token_specs(first):
             raise FingerprintMismatchError(f"cannot merge {store.location.url} with {first.location.url}: they "
                                            "differ in per-token values (one lacks them, or another codec)")
+        if store.teacher != first.teacher:
+            raise FingerprintMismatchError(f"cannot merge {store.location.url} with {first.location.url}: they "
+                                           "differ in teacher records (one lacks them, or another kind, K, codec, "
+                                           "seed or vocabulary)")
     picks: list[tuple[int, int]] = []
     seen: dict[str, tuple[int, bytes]] = {}
     duplicates = 0
@@ -376,7 +400,8 @@ def _write_derived(out: str | os.PathLike[str], stores: list[Store], picks: list
                     rows_per_shard=rps, inner_chunk=first.geometry.inner_chunk, tokenizer=first.tokenizer,
                     settings={"derived": kind, "token_codec": token_spec.codec,
                               "codec": logp.codec if logp else None},
-                    scoring=first.scoring, provenance=provenance, storage_options=storage_options)
+                    scoring=first.scoring, provenance=provenance, storage_options=storage_options,
+                    teacher=first.teacher)
     if writer.complete:
         return DeriveResult(writer.loc.url, n, len(stores), 0, True, 0.0, writer.loc.total_bytes())
     source = np.array([s for s, _ in picks], dtype=np.int64)
@@ -389,7 +414,8 @@ def _write_derived(out: str | os.PathLike[str], stores: list[Store], picks: list
             positions = np.flatnonzero(source[span.start:span.stop] == s)
             if positions.size:
                 parts.append((positions.tolist(), read_rows(store, row[span.start + positions],
-                                                            per_token=bool(per_token))))
+                                                            per_token=bool(per_token),
+                                                            teacher=first.teacher is not None)))
         writer.write_shard(shard, combine(len(span), parts))
     writer.finalize()
     return DeriveResult(writer.loc.url, n, len(stores), len(missing), False, time.perf_counter() - start,

@@ -55,7 +55,24 @@ def describe(store: Store) -> dict[str, Any]:
         "reused": header.get("provenance", {}).get("reused"),
         "provenance": header.get("provenance"),
         "summary": header.get("summary"),
+        "teacher": teacher_summary(store),
     }
+
+
+def teacher_summary(store: Store) -> dict[str, Any] | None:
+    """The header's teacher entry with the bytes its files take (committed shards) per scored position."""
+    from . import format as fmt
+
+    entry = store.teacher
+    if entry is None:
+        return None
+    table = store.commit_table()
+    columns = [j for j, name in enumerate(store._meta.shard_files) if name.startswith("teacher/")]
+    size = sum(int(fmt.commit_file(row, j)[0]) for row in table if row[0] == 1 for j in columns)
+    rows = np.flatnonzero(np.repeat(store.committed, store.geometry.rows_per_shard)[:len(store)])
+    values = store.row_values(rows)
+    positions = sum(int(values[side.tokens].astype(np.int64).sum()) for side in store.kind.sides)
+    return dict(entry, bytes=size, positions=positions, bytes_per_position=size / positions if positions else 0.0)
 
 
 def render(s: dict[str, Any]) -> str:
@@ -84,8 +101,15 @@ def render(s: dict[str, Any]) -> str:
         f"  fingerprint   {s['fingerprint_digest'][:16]}",
         f"  digest        {s['digest']}",
         f"  settings      {s['settings']}",
+        *([] if not s.get("teacher") else [_teacher_line(s["teacher"])]),
         f"  created       {s['created']}",
     ]
     from logitstore.errors import printable
 
     return "\n".join(printable(line) for line in lines)  # IDs and fingerprint values cannot drive the terminal
+
+
+def _teacher_line(t: dict[str, Any]) -> str:
+    what = (f"top-{t['k']} ({t['codec']})" if t["kind"] == "top_k" else f"sampled K={t['k']} (seed {t['seed']})")
+    return (f"  teacher       {what} of {t['vocab']:,} tokens at {t['positions']:,} positions: "
+            f"{human_bytes(t['bytes'])} ({t['bytes_per_position']:.1f} B per position)")

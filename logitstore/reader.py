@@ -431,19 +431,15 @@ class Store:
         out["row"] = rows
         return out
 
-    # ---- teacher records (logitstore/teacher_store.py) ---------------------------------------------------
+    # ---- teacher records: logitstore/teacher_store.py ----------------------------------------------------
 
     @property
     def teacher(self) -> dict[str, Any] | None:
-        """The header's teacher entry (kind, k, codec, seed, block_positions, vocab), None without records."""
-        entry = self.header.get("teacher")
-        return None if entry is None else dict(entry)
+        """The header's teacher entry (kind, k, codec, seed, block_positions, vocab); None without records."""
+        return dict(self.header["teacher"]) if "teacher" in self.header else None
 
     def top_k(self, side: str, rows: Sequence[int] | np.ndarray) -> dict[str, list[np.ndarray]]:
-        """The teacher's records on `side` ("chosen" or "rejected") of `rows`, one entry per row of T = the row's
-        scored tokens: ``ids`` [T, K] int32 (most likely first), ``logps`` [T, K] float32, ``tail_logp`` [T]
-        float32 (log of the mass outside the K; -inf when K is the vocabulary). A sampled store gives ``ids``
-        [T, K] int32 and ``counts`` [T, K] uint16 instead (distinct drawn ids ascending, padding id 0 count 0)."""
+        """Each row's teacher records on `side` ("chosen", "rejected"): see `teacher_store.rows_records`."""
         rows = self._check_rows(rows)
         try:
             return teacher_store.rows_records(self, side, rows)

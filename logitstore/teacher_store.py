@@ -199,7 +199,11 @@ class _Decoded:
 
 
 def rows_records(store: Any, side: str, rows: np.ndarray) -> dict[str, list[np.ndarray]]:
-    """`Store.top_k`'s work: each row's records on `side`, read through the store's checked files and caches."""
+    """`Store.top_k`'s work: the teacher's records on `side` of `rows`, read through the store's checked files and
+    caches, one entry per row of T = the row's scored tokens on that side: ``ids`` [T, K] int32 (most likely
+    first), ``logps`` [T, K] float32, ``tail_logp`` [T] float32 (log of the mass outside the K; -inf when K is the
+    vocabulary). A sampled store gives ``ids`` [T, K] int32 and ``counts`` [T, K] uint16 instead (distinct drawn
+    ids ascending, padding id 0 with count 0)."""
     teacher = store.header.get("teacher")
     if teacher is None:
         raise NoTeacherError(f"{store.location.url} holds no top-k teacher records; rebuild with --top-k K "

@@ -158,153 +158,6 @@ def test_writer_refuses_records_that_do_not_match_the_counts(tmp_path):
         writer.write_shard(0, data)
 
 
-# ---- hostile stores -------------------------------------------------------------------------------------------
-
-
-def _rewrite(path, key: str, data: bytes, shard: int) -> None:
-    """Replace a teacher file and give its commit row the new size and SHA-256 (damage the checksum cannot see)."""
-    import google_crc32c
-
-    (path / key).write_bytes(data)
-    store = logitstore.open(path)
-    column = store._meta.shard_files.index(key.rsplit("/c/", 1)[0])
-    row = store.commit_row(shard).copy()
-    start = 2 + 5 * column
-    row[start] = len(data)
-    row[start + 1:start + 5] = np.frombuffer(hashlib.sha256(data).digest(), "<u8")
-    raw = row.astype("<u8").tobytes()
-    (path / f"commits/c/{shard}/0").write_bytes(raw + google_crc32c.value(raw).to_bytes(4, "little"))
-
-
-@pytest.fixture()
-def copy_store(topk_store, tmp_path):
-    import shutil
-
-    target = tmp_path / "copy.lstore"
-    shutil.copytree(topk_store[0], target)
-    return target
-
-
-def test_damaged_teacher_file_fails_its_checksum(copy_store):
-    key = copy_store / "teacher/chosen/c/1"
-    data = bytearray(key.read_bytes())
-    data[-5] ^= 0xFF
-    key.write_bytes(bytes(data))
-    with pytest.raises(DamagedFileError, match=r"damaged file teacher/chosen/c/1 \(its SHA-256 differs"):
-        logitstore.open(copy_store).top_k("chosen", range(8, 16))
-
-
-def test_damaged_block_with_a_matching_commit_row_is_a_format_error(copy_store):
-    key = "teacher/chosen/c/1"
-    data = bytearray((copy_store / key).read_bytes())
-    _, _, _, blocks, order = TS._FILE_HEAD.unpack_from(data)
-    start = TS._FILE_HEAD.size + 4 * blocks + order
-    data[start + 4] = 2  # the block says sampled
-    _rewrite(copy_store, key, bytes(data), 1)
-    with pytest.raises(FormatError, match=r"teacher/chosen/c/1: block 0: teacher block: not a top_k block"):
-        logitstore.open(copy_store).top_k("chosen", range(8, 16))
-
-
-def test_wrong_k_in_the_header_is_refused_at_the_block(copy_store):
-    raw = json.loads((copy_store / "zarr.json").read_bytes())
-    raw["attributes"]["logitstore"]["teacher"]["k"] = 5
-    (copy_store / "zarr.json").write_bytes(logitstore.format.canonical_json(raw))
-    with pytest.raises(FormatError, match=r"expected \d+ of K = 5"):
-        logitstore.open(copy_store).top_k("chosen", range(8, 16))
-
-
-@pytest.mark.parametrize("change, message", [
-    ({"k": 0}, r"header teacher.k must be an integer in \[1, 50\] for a top_k store"),
-    ({"k": 51}, r"header teacher.k must be an integer in \[1, 50\] for a top_k store"),
-    ({"vocab": 1 << 23}, r"header teacher.vocab must be an integer in \[1, 4194304\]"),
-    ({"block_positions": 1 << 22}, r"block_positions \* k at most 4194304"),
-    ({"kind": "full"}, r"header teacher.kind must be top_k or sampled, got 'full'"),
-    ({"codec": "zip"}, r"a top_k store has a codec"),
-    ({"extra": 1}, r"header teacher must be an object with exactly block_positions, codec, k, kind, seed, vocab"),
-])
-def test_bad_header_entries_are_refused_on_open(copy_store, change, message):
-    raw = json.loads((copy_store / "zarr.json").read_bytes())
-    raw["attributes"]["logitstore"]["teacher"].update(change)
-    (copy_store / "zarr.json").write_bytes(logitstore.format.canonical_json(raw))
-    with pytest.raises(FormatError, match=message):
-        logitstore.open(copy_store)
-
-
-def test_teacher_entry_without_its_files_is_refused(copy_store):
-    raw = json.loads((copy_store / "zarr.json").read_bytes())
-    raw["attributes"]["logitstore"]["shard_files"] = raw["attributes"]["logitstore"]["shard_files"][:-2]
-    (copy_store / "zarr.json").write_bytes(logitstore.format.canonical_json(raw))
-    with pytest.raises(FormatError, match="header shard_files must be"):
-        logitstore.open(copy_store)
-
-
-def test_symlinked_teacher_file_is_refused(copy_store):
-    key = copy_store / "teacher/rejected/c/0"
-    outside = copy_store.parent / "outside"
-    outside.write_bytes(key.read_bytes())
-    key.unlink()
-    os.symlink(outside, key)
-    with pytest.raises(FormatError, match=r"refusing teacher/rejected/c/0: a symbolic link"):
-        logitstore.open(copy_store).top_k("rejected", [1])
-
-
-def test_missing_teacher_file_is_damage(copy_store):
-    (copy_store / "teacher/rejected/c/2").unlink()
-    with pytest.raises(DamagedFileError, match=r"missing file teacher/rejected/c/2 of committed shard 2"):
-        logitstore.open(copy_store).top_k("rejected", [20])
-
-
-def test_side_file_checks_its_head():
-    entry = TS.entry("top_k", 3, VOCAB, codec="fine")
-    rec = T.top_k(_logits(np.random.default_rng(1), 7), 3)
-    data = TS.encode_file(rec, entry)
-    TS.SideFile(data, entry, 7, "f")  # sound
-    with pytest.raises(FormatError, match="f: holds 7 positions, the shard's rows have 6 scored tokens"):
-        TS.SideFile(data, entry, 6, "f")
-    with pytest.raises(FormatError, match="f: not a teacher file"):
-        TS.SideFile(b"XXXX" + data[4:], entry, 7, "f")
-    with pytest.raises(FormatError, match="f: holds a vocabulary of 50, the header says 60"):
-        TS.SideFile(data, dict(entry, vocab=60), 7, "f")
-    with pytest.raises(FormatError, match="f: the block sizes do not add up"):
-        TS.SideFile(data + b"\0", entry, 7, "f")
-    with pytest.raises(FormatError, match="f: shorter than its header"):
-        TS.SideFile(data[:10], entry, 7, "f")
-
-
-def test_oversized_counts_are_refused():
-    """A sampled block whose counts pass K (rewritten with a matching stream size) is damage, not data."""
-    import struct
-
-    from logitstore import topk_codec as C
-
-    entry = TS.entry("sampled", 4, VOCAB, seed=0)
-    rec = T.sample(_logits(np.random.default_rng(1), 6), 4, seed=0)
-    data = TS.encode_file(rec, entry)
-    f = TS.SideFile(data, entry, 6, "f")
-    block = bytes(data[int(f.starts[0]):int(f.starts[1])])
-    head = struct.Struct("<4sBIIB")
-    sizes = struct.unpack_from("<2I", block, head.size)
-    ids = block[head.size + 8 + sizes[0]:]
-    counts = C._pack(np.full(6, 9, np.uint64))  # 9 draws where K = 4
-    bad_block = block[:head.size] + struct.pack("<2I", len(counts), len(ids)) + counts + ids
-    bad = data[:int(f.starts[0])] + bad_block
-    bad = bad[:TS._FILE_HEAD.size] + struct.pack("<I", len(bad_block)) + bad[TS._FILE_HEAD.size + 4:]
-    with pytest.raises(FormatError, match=r"f: block 0: sampled counts: a count is outside 1..K"):
-        TS.SideFile(bad, entry, 6, "f").block(0)
-
-
-def test_verify_decodes_every_block(copy_store):
-    assert logitstore.verify(copy_store).problems == []
-    key = "teacher/rejected/c/0"
-    data = bytearray((copy_store / key).read_bytes())
-    _, _, _, blocks, order = TS._FILE_HEAD.unpack_from(data)
-    data[TS._FILE_HEAD.size + 4 * blocks + order + 4] = 2  # the block says sampled
-    _rewrite(copy_store, key, bytes(data), 0)
-    problems = logitstore.verify(copy_store).problems
-    assert len(problems) == 1 and problems[0].endswith(
-        "teacher/rejected/c/0: block 0: teacher block: not a top_k block"), problems
-
-
 # ---- the torch loader -----------------------------------------------------------------------------------------
 
 
@@ -387,3 +240,53 @@ def test_loader_refuses_a_store_without_teacher_records(tmp_path):
     fill(tmp_path / "plain.lstore", n=8, rows_per_shard=8)
     with pytest.raises(TS.NoTeacherError, match=r"holds no top-k teacher records; rebuild with --top-k K"):
         make_loader(str(tmp_path / "plain.lstore"), 4, teacher=True)
+
+
+# ---- info, subset, merge ----------------------------------------------------------------------------------------
+
+
+def test_info_shows_the_teacher_entry(topk_store):
+    from logitstore.describe import describe, render
+
+    store = logitstore.open(topk_store[0])
+    s = describe(store)
+    t = s["teacher"]
+    positions = sum(int(store.row_values(range(len(store)))[f"{side}_tokens"].sum()) for side in ("chosen",
+                                                                                                 "rejected"))
+    sizes = sum((topk_store[0] / f"teacher/{side}/c/{k}").stat().st_size for side in ("chosen", "rejected")
+                for k in range(3))
+    assert (t["kind"], t["k"], t["positions"], t["bytes"]) == ("top_k", 6, positions, sizes)
+    line = [x for x in render(s).splitlines() if x.startswith("  teacher")][0]
+    assert line == (f"  teacher       top-6 (exact) of 50 tokens at {positions} positions: "
+                    f"{logitstore.describe.human_bytes(sizes)} ({sizes / positions:.1f} B per position)")
+
+
+def test_subset_and_merge_carry_teacher_records(topk_store, tmp_path):
+    path, _ = topk_store
+    store = logitstore.open(path)
+    keep = [store.id_of(r) for r in (1, 4, 9, 17, 22)]
+    logitstore.subset(path, tmp_path / "sub", ids=keep, rows_per_shard=2)
+    sub = logitstore.open(tmp_path / "sub")
+    assert sub.teacher == store.teacher and logitstore.verify(tmp_path / "sub").ok
+    for side in ("chosen", "rejected"):
+        a, b = store.top_k(side, [1, 4, 9, 17, 22]), sub.top_k(side, range(5))
+        for name in a:
+            for x, y in zip(a[name], b[name]):
+                np.testing.assert_array_equal(x, y)
+    rest = [i for i in store.ids if i not in keep]
+    logitstore.subset(path, tmp_path / "rest", ids=rest)
+    logitstore.merge([tmp_path / "sub", tmp_path / "rest"], tmp_path / "merged")
+    merged = logitstore.open(tmp_path / "merged")
+    for side in ("chosen", "rejected"):
+        a = store.top_k(side, store.rows(merged.ids))
+        b = merged.top_k(side, range(len(merged)))
+        for name in a:
+            for x, y in zip(a[name], b[name]):
+                np.testing.assert_array_equal(x, y)
+
+
+def test_merge_refuses_stores_with_other_teacher_records(topk_store, tmp_path):
+    build(tmp_path / "k4.lstore", TS.entry("top_k", 4, VOCAB, codec="exact"), n=8)
+    with pytest.raises(logitstore.FingerprintMismatchError, match=r"they differ in teacher records \(one lacks "):
+        logitstore.merge([topk_store[0], tmp_path / "k4.lstore"], tmp_path / "m")
+    assert not (tmp_path / "m").exists()
