@@ -124,26 +124,32 @@ def divergences(student_logits: torch.Tensor, ids: torch.Tensor, *, logps: torch
                 tail_logp: torch.Tensor | None = None, counts: torch.Tensor | None = None,
                 betas: tuple[float, ...] = (0.0,)) -> torch.Tensor:
     """Per-position divergences [N, len(betas)] of a top-k record (`logps`, `tail_logp`) or a sampled one
-    (`counts`), one column per beta, from one log-softmax of the student's logits."""
+    (`counts`), one column per beta, from one log-softmax of the student's logits: what the trainer computes.
+
+    Unlike :func:`top_k_divergence`, the top-k record's K (+ 1 tail) bucket log-probs are renormalized first, as
+    ``teacher.reconstruct`` does: a record with quantized values need not sum to exactly 1, and a KL to an
+    unnormalized record can fall below 0 (it did, by 3e-4 nats, on a `standard` record of the model itself)."""
     if counts is not None:
         return torch.stack([sampled_divergence(student_logits, ids, counts, b) for b in betas], dim=-1)
     for b in betas:
         check_beta(b)
     log_s = torch.log_softmax(student_logits.float(), dim=-1)
     t_k, s_k = _buckets(log_s, ids, logps, tail_logp)  # type: ignore[arg-type]
+    t_k = t_k - torch.logsumexp(t_k, dim=-1, keepdim=True)
     return torch.stack([_divergence(t_k, s_k, b) for b in betas], dim=-1)
 
 
 def _teacher_buckets(k: int, vocab: int, logps: torch.Tensor | None, tail_logp: torch.Tensor | None,
                      counts: torch.Tensor | None) -> torch.Tensor:
     """The teacher's log-probs over the buckets [N, K] or [N, K + 1]: a top-k record's K values and, for K < V,
-    its tail; a sampled record's log(counts / draws), -inf for padding (count 0)."""
+    its tail, renormalized (:func:`divergences`); a sampled record's log(counts / draws), -inf for padding."""
     if counts is not None:
         c = counts.float()
         q = c / c.sum(-1, keepdim=True).clamp(min=1.0)
         return torch.where(q > 0, torch.log(q.clamp(min=1e-30)), torch.full_like(q, float("-inf")))
     t = logps.float()  # type: ignore[union-attr]
-    return torch.cat([t, tail_logp.float().unsqueeze(-1)], dim=-1) if k < vocab else t  # type: ignore[union-attr]
+    t = torch.cat([t, tail_logp.float().unsqueeze(-1)], dim=-1) if k < vocab else t  # type: ignore[union-attr]
+    return t - torch.logsumexp(t, dim=-1, keepdim=True)
 
 
 class _LinearHeadDivergences(torch.autograd.Function):

@@ -216,3 +216,19 @@ def test_linear_head_divergences_equal_autograd_through_the_logits(monkeypatch, 
     got = run(lambda: head_divergences(hidden, head, SimpleNamespace(), ids, betas=betas, **fields))
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), float((a - b).abs().max())
+
+
+def test_the_trainers_divergences_renormalize_a_quantized_record():
+    """A record whose values do not sum to 1 (quantized) is a distribution once renormalized: the trainer's
+    divergence of a student to its own rounded record is at least 0, where the raw one can be below."""
+    from logitstore.dpo.distill import divergences
+
+    student, _ = case()
+    ids, logps, tail = record(student.detach(), 8)
+    off = logps - 0.01  # every stored value rounded down: the record sums to e^-0.01 < 1 (tail kept)
+    raw = top_k_divergence(student, ids, off, tail, 0.0).detach()
+    ours = divergences(student, ids, logps=off, tail_logp=tail, betas=(0.0,))[:, 0].detach()
+    assert float(raw.min()) < 0 <= float(ours.min())
+    norm = torch.logsumexp(torch.cat([off, tail[:, None]], 1), 1, keepdim=True)
+    want = top_k_divergence(student, ids, off - norm, tail - norm[:, 0], 0.0).detach()
+    assert (ours - want).abs().max() < 1e-6

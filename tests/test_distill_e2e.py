@@ -76,7 +76,7 @@ def run(model, store, out, **kw):
 
 def direct_distill(model_path, store_path, rows, beta: float) -> float:
     """Per-token mean over every scored completion token of `rows`, both sides: the divergence between the model's
-    logits and the store's decoded top-k records (K buckets plus the tail), computed position by position."""
+    logits and the store's decoded top-k records (K buckets plus the tail, renormalized), position by position."""
     from transformers import AutoModelForCausalLM
 
     from logitstore.dpo.distill import top_k_divergence
@@ -88,9 +88,10 @@ def direct_distill(model_path, store_path, rows, beta: float) -> float:
         records = store.top_k(side, rows)
         for i, row in enumerate(rows):
             logits = scored_logits(model, store.ragged("prompt_ids", [row])[0], store.ragged(f"{side}_ids", [row])[0])
-            values.append(top_k_divergence(logits, torch.from_numpy(records["ids"][i]).long(),
-                                           torch.from_numpy(records["logps"][i]),
-                                           torch.from_numpy(records["tail_logp"][i]), beta))
+            lp, tail = torch.from_numpy(records["logps"][i]), torch.from_numpy(records["tail_logp"][i])
+            norm = torch.logsumexp(torch.cat([lp, tail[:, None]], dim=1), dim=1)  # a quantized record's sum
+            values.append(top_k_divergence(logits, torch.from_numpy(records["ids"][i]).long(), lp - norm[:, None],
+                                           tail - norm, beta))
     return float(torch.cat(values).mean())
 
 
@@ -158,3 +159,87 @@ def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
         assert x["distill/loss"] == pytest.approx(y["distill/loss"], abs=1e-5)
+
+
+# ---- stores made by `logitstore build --top-k / --sample-k` (the reference is the teacher) ----------------------
+
+def cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from logitstore.cli.main import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def built_stores(byte_model, tmp_path_factory):
+    from click.testing import CliRunner
+
+    from logitstore.cli.main import cli as group
+
+    folder = tmp_path_factory.mktemp("built")
+    data = write_jsonl(folder / "d.jsonl", implicit_rows(PAIRS))
+    common = ["build", "--model", str(byte_model), "--data", str(data), "--max-length", "128", "--quiet"]
+    for name, extra in (("topk", ["--top-k", "8"]), ("sampled", ["--sample-k", "12", "--seed", "3"])):
+        result = CliRunner().invoke(group, [*common, "--out", str(folder / name), *extra])
+        assert result.exit_code == 0, result.output
+    return folder / "topk", folder / "sampled"
+
+
+def test_cli_trains_distill_and_sigmoid_distill_from_a_built_top_k_store(byte_model, built_stores, tmp_path, capsys):
+    topk, _ = built_stores
+    common = ["train", "--model", str(byte_model), "--store", str(topk), "--max-steps", "2", "--batch-size",
+              str(PAIRS // 2), "--log-every", "1", "--quiet"]
+    code, out, err = cli([*common, "--out", str(tmp_path / "d"), "--loss", "distill", "--distill-beta", "0"], capsys)
+    assert code == 0, err
+    assert out.startswith("Trained 2 steps; last logged loss ")
+    first, second = [json.loads(x) for x in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(first["loss"]) and math.isfinite(second["loss"])
+    # the store's teacher is the model itself: at step 0 the loss is what the codec's rounding leaves
+    want = direct_distill(byte_model, topk, first_batch_rows(topk, PAIRS // 2), 0.0)
+    assert abs(first["distill/loss"] - want) < 1e-6 and 0 <= want < 1e-3
+    code, _, err = cli([*common, "--out", str(tmp_path / "sd"), "--loss", "sigmoid,distill", "--loss-weights",
+                        "1,0.5"], capsys)
+    assert code == 0, err
+    first = json.loads((tmp_path / "sd" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["loss"] - (math.log(2) + 0.5 * first["distill/loss"])) < 1e-5
+
+
+def test_cli_trains_sampled_distill_and_refuses_what_samples_cannot_give(byte_model, built_stores, tmp_path, capsys):
+    _, sampled = built_stores
+    common = ["train", "--model", str(byte_model), "--store", str(sampled), "--max-steps", "2", "--batch-size",
+              str(PAIRS // 2), "--quiet"]
+    code, out, err = cli([*common, "--out", str(tmp_path / "s"), "--loss", "distill"], capsys)  # beta 0 by default
+    assert code == 0, err
+    assert all(math.isfinite(json.loads(x)["distill/loss"])
+               for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines())
+    code, _, err = cli([*common, "--out", str(tmp_path / "b"), "--loss", "distill", "--distill-beta", "0.5"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"Error: {sampled} holds sampled teacher records, which estimate only the forward KL; pass --distill-beta 0 "
+        "(got 0.5)"]
+    code, _, err = cli([*common, "--out", str(tmp_path / "t"), "--loss", "tdpo1"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"Error: tdpo1 needs the reference's top-k distribution and {sampled} holds sampled teacher records (an "
+        "estimate of the forward KL's gradient, not of its value); rebuild with --top-k K"]
+    assert not (tmp_path / "b").exists() and not (tmp_path / "t").exists()
+
+
+def test_a_teacher_vocabulary_above_the_models_is_one_line(mistral_model, byte_model, tmp_path, capsys):
+    from click.testing import CliRunner
+
+    from logitstore.cli.main import cli as group
+
+    data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
+    result = CliRunner().invoke(group, ["build", "--model", str(mistral_model), "--data", str(data), "--out",
+                                        str(tmp_path / "s"), "--max-length", "64", "--top-k", "4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    code, _, err = cli(["train", "--model", str(byte_model), "--store", str(tmp_path / "s"), "--out",
+                        str(tmp_path / "r"), "--loss", "distill", "--allow-fingerprint-mismatch", "--batch-size", "2",
+                        "--quiet"], capsys)
+    assert code == 1 and err.strip().splitlines() == [
+        f"Error: {tmp_path / 's'} holds a teacher of 32000 tokens, more than the model's vocabulary of 384; the "
+        "store was built for another tokenizer"]
