@@ -344,7 +344,7 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, _ = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False, storage_options=cfg.storage_options,
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda",
-                            **({"teacher": True} if objective.needs_teacher else {}))
+                            teacher=objective.needs_teacher)
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     objective = check_teacher(store, objective)
     model.eval()
@@ -497,7 +497,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                                       num_workers=cfg.num_workers, storage_options=cfg.storage_options,
                                       ld_alpha=objective.ld_alpha, digest=cfg.expect_digest,
                                       pin_memory=device.type == "cuda",
-                                      **({"teacher": True} if objective.needs_teacher else {}))
+                                      teacher=objective.needs_teacher)
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
