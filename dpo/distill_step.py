@@ -132,7 +132,8 @@ def check_teacher_vocabulary(store: Any, objective: Objective, vocab_size: int) 
 
 def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, str] | None:
     """The rows (of ``batch["rows"]``, a bool mask) whose teacher records do not fit the batch, and why: ids
-    outside the model's vocabulary, or another number of positions than the row scores. None if all fit."""
+    outside the model's vocabulary, log-probs that are NaN or above 0, or another number of positions than the row
+    scores. None if all fit."""
     if "teacher_ids" not in batch:
         return None
     ids = batch["teacher_ids"]
@@ -143,6 +144,13 @@ def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tupl
         token = int(ids[(ids < 0) | (ids >= vocab_size)][0])
         return outside[:n] | outside[n:], (f"a teacher token id {token}, outside the model's vocabulary of "
                                            f"{vocab_size}; the store was built for another tokenizer")
+    if records.logps is not None:  # a log-probability is at most 0; padding is -inf
+        values = torch.cat([records.logps.flatten(1), batch["teacher_tail_logp"].flatten(1)], dim=1)
+        wrong = torch.isnan(values) | (values > 0)
+        if wrong.any():
+            per_row = wrong.any(dim=1)
+            return per_row[:n] | per_row[n:], (f"a teacher log-prob of {float(values[wrong][0])}, which is no "
+                                               "log-probability; the store is damaged")
     scored = batch["completion_mask"][:, 1:].sum(dim=1)
     entries = records.real().sum(dim=1)
     differ = entries != scored

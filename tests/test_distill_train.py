@@ -245,7 +245,30 @@ def test_batch_checks_name_the_misfit(models):
     rows, why = check_teacher_batch(batch, 100)
     assert why.startswith("a teacher token id ") and why.endswith(
         ", outside the model's vocabulary of 100; the store was built for another tokenizer")
+    batch["teacher_tail_logp"][2, 0] = math.nan
+    rows, why = check_teacher_batch(batch, teacher.config.vocab_size)
+    assert rows.tolist() == [True, False]
+    assert why == "a teacher log-prob of nan, which is no log-probability; the store is damaged"
+    batch["teacher_tail_logp"][2, 0] = -1.0
     batch["teacher_logps"][3, 1:] = -math.inf  # the second pair's rejected side loses a position
     rows, why = check_teacher_batch(batch, teacher.config.vocab_size)
     assert rows.tolist() == [False, True]
     assert why == "teacher records for 1 positions of a completion that scores 2 tokens; the store is damaged"
+
+
+def test_check_batch_names_the_examples_whose_records_misfit(models):
+    from types import SimpleNamespace
+
+    from logitstore.dpo.train import check_batch
+    from logitstore.errors import InputDataError
+    from logitstore.kinds import PAIRS
+
+    _, teacher, _ = models
+    batch, _, _ = teacher_batch(teacher, k=8)
+    store = SimpleNamespace(location=SimpleNamespace(url="t.lstore"), kind=PAIRS, id_of=lambda r: f"pair-{r}")
+    check_batch(batch, store, teacher.config.vocab_size)
+    batch["teacher_ids"][1, 0, 0] = 10_000
+    with pytest.raises(InputDataError) as info:
+        check_batch(batch, store, teacher.config.vocab_size)
+    assert str(info.value) == ("t.lstore: example 'pair-1' holds a teacher token id 10000, outside the model's "
+                               f"vocabulary of {teacher.config.vocab_size}; the store was built for another tokenizer")
