@@ -1,5 +1,7 @@
-"""Training memory of the teacher terms on CPU (issue 20), by benchmarks/memory.py's method: each objective trains
-in its own process, peak memory = that process's maximum resident set size (model load included).
+"""Training memory of the teacher terms on CPU (issue 20), by benchmarks/memory.py's methods: each objective trains
+in its own process; peak memory = that process's maximum resident set size (model load included) after its
+steps, and, for one more step under torch.profiler (memprofile.py), the step's tracked peak: the most bytes of
+tensors allocated during the step alive at once, which the C allocator's reuse and fragmentation do not blur.
 
     python benchmarks/distill_memory.py [--smoke] [--json OUT]
 
@@ -64,6 +66,8 @@ def child(args: dict) -> dict:
 
     import torch
 
+    import memprofile
+
     from logitstore.dpo.distill import top_k_divergence
     from logitstore.dpo.objective import Objective
     from logitstore.dpo.train import TrainConfig, dpo_batch, make_optimizer, setup_policy
@@ -81,8 +85,8 @@ def child(args: dict) -> dict:
     optimizer = make_optimizer(cfg, params)
     batch = synthetic_batch(args["setting"], policy.config.vocab_size)
     times = []
-    for _ in range(args["setting"]["steps"]):
-        start = time.perf_counter()
+
+    def step() -> None:
         if whole:
             logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             scored = batch["completion_mask"][:, 1:].bool()
@@ -94,10 +98,17 @@ def child(args: dict) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args["setting"]["steps"]):
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
-        del loss
-    return {"objective": args["objective"], "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            * 1024, "step_seconds": min(times[1:] or times)}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with memprofile.profiler() as prof:
+        step()
+    tracked = memprofile.peak_breakdown(prof, vocab=policy.config.vocab_size)
+    return {"objective": args["objective"], "peak_rss_bytes": rss, "step_seconds": min(times[1:] or times),
+            "tracked_peak_bytes": tracked["tracked_peak_bytes"], "tracked_pieces": tracked["pieces"]}
 
 
 def main() -> None:
@@ -122,8 +133,8 @@ def main() -> None:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"{name:24s} peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB  step {r['step_seconds']:6.1f} s",
-                  flush=True)
+            print(f"{name:24s} peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB  step's tracked peak "
+                  f"{r['tracked_peak_bytes'] / 2**30:6.2f} GiB  step {r['step_seconds']:6.1f} s", flush=True)
     out = {"setting": s, "results": results}
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
