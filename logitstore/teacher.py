@@ -8,8 +8,9 @@ Pure numpy, one position per row of a ``[N, V]`` logits array:
 - :func:`sample` draws K tokens from the distribution and keeps the distinct ones with their counts (the Sparse
   Logit Sampling estimator: ``counts / K`` is an unbiased estimate of the teacher's probabilities). Draws are a
   function of ``(seed, stream)`` and the logits alone, so a resumed or re-sharded build draws the same tokens.
-- :func:`reconstruct` turns a top-k record back into a full distribution (the tail mass spread evenly over the
-  tokens left out), which is how fidelity is measured (KL(teacher || reconstruction)).
+- :func:`reconstruct` turns a top-k record back into a full distribution: the tail mass spread over the tokens left
+  out in proportion to a prior when one is given (the shard context's, built from :func:`tail_mass`), evenly
+  otherwise. That is how fidelity is measured (KL(teacher || reconstruction)).
 """
 
 from __future__ import annotations
@@ -104,14 +105,43 @@ def sample(logits: np.ndarray, k: int, *, seed: int, stream: int = 0) -> Sampled
     return Sampled(ids, counts, int(k))
 
 
-def reconstruct(record: TopK, vocab: int) -> np.ndarray:
-    """[N, V] float64 log-probs: the K stored values and the tail mass spread evenly over the other V - K tokens,
-    renormalized (a quantized record need not sum to exactly 1)."""
+def tail_mass(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[V] float64: each token's teacher probability summed over the positions where it is not among `ids` ([N, K],
+    the record's tokens). A build adds this up over a shard and passes it to ``topk_codec.vocab_order(...,
+    tail_mass=)``: the prior that :func:`reconstruct` spreads each position's tail by."""
+    p = np.exp(log_softmax(logits))
+    ids = np.asarray(ids, np.int64)
+    if ids.ndim != 2 or ids.shape[0] != p.shape[0]:
+        raise TeacherError(f"ids must be [positions, K] with {p.shape[0]} positions, got shape {tuple(ids.shape)}")
+    np.put_along_axis(p, ids, 0.0, axis=1)
+    return p.sum(axis=0)
+
+
+def _tail_weights(record: TopK, vocab: int, prior: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Log-weights [V] of the tokens the tail is spread over and, per position, the log of their sum over the
+    tokens outside that position's K."""
     n, k = record.ids.shape
+    if prior is None:
+        return np.zeros(vocab), np.full(n, np.log(vocab - k) if k < vocab else -np.inf)
+    w = np.asarray(prior, np.float64)
+    if w.shape != (vocab,) or not (np.isfinite(w) & (w <= 0)).all():
+        raise TeacherError(f"prior must be [V] finite log-weights <= 0, V = {vocab}")
+    weights = np.exp(w)
+    kept = weights[record.ids.astype(np.int64)].sum(axis=1)
+    with np.errstate(divide="ignore"):
+        return w, np.log(np.maximum(weights.sum() - kept, 0.0))
+
+
+def reconstruct(record: TopK, vocab: int, prior: np.ndarray | None = None) -> np.ndarray:
+    """[N, V] float64 log-probs: the K stored values, and the tail mass spread over the other V - K tokens in
+    proportion to `prior` ([V] log-weights, ``ShardContext.log_prior``) or, without one, evenly; renormalized (a
+    quantized record need not sum to exactly 1)."""
+    n, k = record.ids.shape
+    w, log_rest = _tail_weights(record, vocab, prior)
     out = np.empty((n, vocab), np.float64)
     tail = record.tail_logp.astype(np.float64)
-    if k < vocab:
-        out[:] = (tail - np.log(vocab - k))[:, None]
+    with np.errstate(invalid="ignore"):
+        out[:] = np.where(np.isfinite(log_rest)[:, None], (tail - log_rest)[:, None] + w[None, :], -np.inf)
     np.put_along_axis(out, record.ids.astype(np.int64), record.logps.astype(np.float64), axis=1)
     top = out.max(axis=1, keepdims=True)
     return out - top - np.log(np.exp(out - top).sum(axis=1, keepdims=True))
@@ -125,26 +155,26 @@ def kl(teacher_logps: np.ndarray, other_logps: np.ndarray) -> np.ndarray:
     return terms.sum(axis=1)
 
 
-def reconstruction_kl(teacher_logps: np.ndarray, record: TopK) -> np.ndarray:
-    """Per-position KL(teacher || reconstruct(record)) without building the [N, V] reconstruction: the same
-    number as ``kl(teacher_logps, reconstruct(record, V))`` in O(N K) past the teacher's own entropy term."""
+def reconstruction_kl(teacher_logps: np.ndarray, record: TopK, prior: np.ndarray | None = None) -> np.ndarray:
+    """Per-position KL(teacher || reconstruct(record, V, prior)) without building the [N, V] reconstruction: the
+    same number as ``kl(teacher_logps, reconstruct(record, V, prior))`` in O(N (K + V)) and no [N, V] output."""
     n, vocab = teacher_logps.shape
     k = record.ids.shape[1]
+    w, log_rest = _tail_weights(record, vocab, prior)
     p = np.exp(teacher_logps)
     negentropy = np.where(p > 0, p * teacher_logps, 0.0).sum(axis=1)
     ids = record.ids.astype(np.int64)
     values = record.logps.astype(np.float64)
     tail = record.tail_logp.astype(np.float64)
-    spread = tail - np.log(vocab - k) if k < vocab else np.full(n, -np.inf)
-    both = np.concatenate([values, spread[:, None]], axis=1)
+    has_rest = np.isfinite(log_rest) & np.isfinite(tail)
+    # the reconstruction's normalizer: the K values plus the spread tail, whose weights add up to exp(tail)
+    both = np.concatenate([values, np.where(has_rest, tail, -np.inf)[:, None]], axis=1)
     top = both.max(axis=1, keepdims=True)
-    weights = np.exp(both - top)
-    weights[:, -1] *= vocab - k
-    log_z = top[:, 0] + np.log(weights.sum(axis=1))  # the reconstruction's normalizer
+    log_z = top[:, 0] + np.log(np.exp(both - top).sum(axis=1))
     p_k = np.take_along_axis(p, ids, 1)
-    # the teacher's exact mass outside the K, in float64 from its full distribution (a measurement, not a record)
+    # the teacher's exact mass outside the K and its prior-weighted sum, from its full distribution (a measurement)
     rest = np.maximum(1.0 - p_k.sum(axis=1), 0.0) if k < vocab else np.zeros(n)
+    rest_w = p @ w - (p_k * w[ids]).sum(axis=1)
     with np.errstate(invalid="ignore"):
-        rest_term = np.where(rest > 0, rest * (spread - log_z), 0.0)
+        rest_term = np.where(rest > 0, np.where(has_rest, rest * (tail - log_rest - log_z) + rest_w, -np.inf), 0.0)
     return negentropy - (p_k * (values - log_z[:, None])).sum(axis=1) - rest_term
-

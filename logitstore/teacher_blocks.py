@@ -3,17 +3,19 @@
 The positions of one side of a shard (its rows' scored tokens, in row order) are cut into blocks of
 ``block_positions`` positions (the last one shorter); rows may straddle blocks. A block is::
 
-    magic  b"LTB1"
+    magic  b"LTB2"
     kind   uint8       1 = top-k, 2 = sampled
+    codec  uint8       top-k: the preset's code (topk_codec.PRESETS[...].code, 1..6); sampled: 0
     n      uint32      positions in the block
     k      uint32      K
     m      uint8       number of streams (3 for top-k: ids, values, tail; 2 for sampled: counts, ids)
     sizes  m x uint32  each stream's byte length
     the streams, in that order (``logitstore.topk_codec``)
 
-all little-endian. Why blocks: most of the ids' redundancy lies between positions, and a zstd window over ~1,024
-positions catches it (docs/teacher.md measures 38.7 B/token at top-128 against 130 in ragged inner chunks). Reading a
-row decodes the blocks it spans, never more than ``MAX_BLOCK_ENTRIES`` entries each.
+all little-endian (docs/FORMAT.md, "Teacher record blocks", specifies every byte). Why blocks: much of the streams'
+redundancy lies between positions, and a zstd window over ~1,024 positions catches it (docs/teacher.md). Reading a
+row decodes the blocks it spans, never more than ``MAX_BLOCK_ENTRIES`` entries each. The per-shard context
+(``topk_codec.ShardContext``: vocabulary order and prior) is passed as ``order``; a bare order array also works.
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from . import topk_codec as C
 from .errors import FormatError
 from .teacher import Sampled, TopK
 
-MAGIC = b"LTB1"
+MAGIC = b"LTB2"
 KINDS = {1: "top_k", 2: "sampled"}
 STREAMS = {"top_k": ("ids", "values", "tail"), "sampled": ("counts", "ids")}
 BLOCK_POSITIONS = 1024
 MAX_TOP_K = 1 << 16  # K a reader accepts
 MAX_DRAWS = (1 << 16) - 1  # sampled K: counts are uint16
 MAX_BLOCK_ENTRIES = 1 << 22  # positions x K in one block: bounds every decode allocation
-_HEAD = struct.Struct("<4sBIIB")
+_HEAD = struct.Struct("<4sBBIIB")
 
 
 def block_positions(k: int) -> int:
@@ -41,7 +43,17 @@ def block_positions(k: int) -> int:
     return max(1, min(BLOCK_POSITIONS, MAX_BLOCK_ENTRIES // k))
 
 
-def encode_blocks(record: TopK | Sampled, order: np.ndarray, codec: str = "standard",
+def max_block_bytes(kind: str, k: int, positions: int) -> int:
+    """The most bytes a block of `positions` positions of K can take: its header and each stream at zstd's compress
+    bound of the most its values can decode to (top-k values: a top code per position and K offsets)."""
+    from .shards import zstd_bound
+
+    n = positions
+    streams = (9 * n * k, 9 * (n + n * k), 9 * n) if kind == "top_k" else (9 * n * k, 9 * n * k)
+    return _HEAD.size + 4 * len(streams) + sum(zstd_bound(b) for b in streams)
+
+
+def encode_blocks(record: TopK | Sampled, order, codec: str = "standard",
                   positions: int | None = None) -> list[bytes]:
     """The blocks of all positions of `record` (one side of a shard)."""
     kind = "top_k" if isinstance(record, TopK) else "sampled"
@@ -58,22 +70,27 @@ def encode_blocks(record: TopK | Sampled, order: np.ndarray, codec: str = "stand
             part = Sampled(record.ids[lo:hi], record.counts[lo:hi], record.k)
             streams = C.encode_sampled(part, order).streams
         names = STREAMS[kind]
-        head = _HEAD.pack(MAGIC, 1 if kind == "top_k" else 2, hi - lo, k, len(names))
+        code = C.preset(codec).code if kind == "top_k" else 0
+        head = _HEAD.pack(MAGIC, 1 if kind == "top_k" else 2, code, hi - lo, k, len(names))
         sizes = struct.pack(f"<{len(names)}I", *(len(streams[s]) for s in names))
         out.append(head + sizes + b"".join(streams[s] for s in names))
     return out
 
 
-def decode_block(data: bytes, *, kind: str, k: int, positions: int, order: np.ndarray,
+def decode_block(data: bytes, *, kind: str, k: int, positions: int, order,
                  codec: str = "standard") -> TopK | Sampled:
-    """One block, checked against what the store says it holds (kind, K, positions)."""
-    if not 1 <= k <= MAX_TOP_K or positions * k > MAX_BLOCK_ENTRIES:
+    """One block, checked against what the store says it holds (kind, K, positions, codec)."""
+    if not 1 <= k <= (MAX_TOP_K if kind == "top_k" else MAX_DRAWS) or positions * k > MAX_BLOCK_ENTRIES:
         raise FormatError(f"teacher block: K = {k} with {positions} positions is past the reader's limits")
     if len(data) < _HEAD.size:
         raise FormatError("teacher block: shorter than its header")
-    magic, code, n, block_k, m = _HEAD.unpack_from(data)
+    magic, code, codec_code, n, block_k, m = _HEAD.unpack_from(data)
     if magic != MAGIC or KINDS.get(code) != kind:
         raise FormatError(f"teacher block: not a {kind} block")
+    expected = C.preset(codec).code if kind == "top_k" else 0
+    if codec_code != expected:
+        raise FormatError(f"teacher block: codec byte {codec_code}, expected {expected}"
+                          + (f" ({codec})" if kind == "top_k" else ""))
     if n != positions or block_k != k:
         raise FormatError(f"teacher block: holds {n} positions of K = {block_k}, expected {positions} of K = {k}")
     names = STREAMS[kind]
