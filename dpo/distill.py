@@ -14,6 +14,11 @@ A sampled record (Sparse Logit Sampling) holds K draws from the teacher as disti
 KL(empirical || student) over the drawn tokens with the empirical ``counts / K``: its gradient in the student's
 logits, ``softmax(student) - counts / K``, is an unbiased estimate of the forward KL's ``softmax(student) - p``.
 Only the forward KL has such an estimator; other betas are refused.
+
+The trainer's path (:func:`divergences`, :func:`head_divergences`, used by ``dpo/distill_step.py``) computes every
+beta the objective reads from one pass over the logits, renormalizes a top-k record's buckets (a quantized record
+need not sum to 1), and, for a plain linear LM head, holds one [slice, vocab] buffer at a time
+(:class:`_LinearHeadDivergences`).
 """
 
 from __future__ import annotations

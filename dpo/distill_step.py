@@ -34,10 +34,6 @@ class TeacherRecords:
     tail_logp: torch.Tensor | None = None
     counts: torch.Tensor | None = None
 
-    @property
-    def kind(self) -> str:
-        return "sampled" if self.counts is not None else "top_k"
-
     def real(self) -> torch.Tensor:
         """[R, T] bool, the entries that are records, not padding: a top-k position's first log-prob is finite, a
         sampled position's counts add up to K > 0. (A row with an empty prompt has none at t = 0: no position
