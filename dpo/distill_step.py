@@ -116,8 +116,8 @@ def check_teacher(store: Any, objective: Objective) -> Objective:
 
 
 def check_teacher_vocabulary(store: Any, objective: Objective, vocab_size: int) -> None:
-    """A teacher of a larger vocabulary than the model's (the header's ``vocab``) was another tokenizer's: its ids
-    past the model's have no logit to compare with."""
+    """A teacher of a larger vocabulary (the header's ``vocab``) than the model's logits (`vocab_size`) was another
+    tokenizer's: its ids past the model's have no logit to compare with."""
     from logitstore.errors import LogitstoreError
 
     info = store.teacher if objective.needs_teacher else None

@@ -231,15 +231,24 @@ def vocabulary_size(model: Any) -> int:
     return min(embed.num_embeddings, getattr(head, "out_features", embed.num_embeddings))
 
 
+def logits_width(model: Any) -> int:
+    """Next-token logits the model computes (its LM head's rows): what teacher records are compared with."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 def _examples(store: logitstore.Store, rows: torch.Tensor) -> str:
     names = [repr(store.id_of(int(r))) for r in rows[:3]]
     more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
     return f"example{'s' if len(rows) > 1 else ''} {', '.join(names)}{more}"
 
 
-def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_size: int) -> None:
+def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_size: int,
+                logits: int | None = None) -> None:
     """Refuse a batch whose reference values are not finite or whose token ids the model does not have, naming
-    the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch)."""
+    the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch);
+    teacher records are checked against the model's `logits` width (default `vocab_size`)."""
     rows = batch["rows"]
     names = ("ref_chosen_logps", "ref_rejected_logps") if "ref_chosen_logps" in batch else ("ref_logps", "ref_kl_logps")
     sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl
@@ -260,7 +269,7 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
                              f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} token id {token}, outside the "
                              f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
-    misfit = check_teacher_batch(batch, vocab_size)
+    misfit = check_teacher_batch(batch, logits or vocab_size)
     if misfit is not None:
         bad_rows, why = misfit
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
@@ -346,13 +355,14 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
                             ld_alpha=objective.ld_alpha, pin_memory=device.type == "cuda",
                             teacher=objective.needs_teacher)
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
+    width = logits_width(distributed.unwrap(model))
     objective = check_teacher(store, objective)
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for batch in loader:
         n = batch["rows"].numel()
-        check_batch(batch, store, vocab)
+        check_batch(batch, store, vocab, width)
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
@@ -475,9 +485,9 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    vocab = vocabulary_size(model)
+    vocab, width = vocabulary_size(model), logits_width(model)
     if isinstance(objective, Objective):
-        check_teacher_vocabulary(store, objective, vocab)
+        check_teacher_vocabulary(store, objective, width)
     # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
     policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
                                      weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
@@ -544,7 +554,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                 batch = next(batches)
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
-            check_batch(batch, store, vocab)
+            check_batch(batch, store, vocab, width)
             with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
                 if unpaired:
                     loss, metrics = unpaired_batch(policy, batch, cfg, device, objective, running)  # type: ignore[arg-type]
