@@ -18,7 +18,8 @@ import click
 
 from logitstore.dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
 from logitstore.dpo.models import DTYPES
-from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, UNPAIRED_LOSS_TYPES
+from logitstore.dpo.objective import (F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, TEACHER_LOSSES,
+                                      UNPAIRED_LOSS_TYPES)
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 from logitstore.topk_codec import PRESETS as TOPK_PRESETS
@@ -457,8 +458,9 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "(IPO's τ for ipo).")
 @click.option("--loss", default="sigmoid", show_default=True, callback=_loss_types, metavar="TYPE[,TYPE...]",
               help="TRL 1.16's loss type, or several separated by commas, summed with --loss-weights: "
-              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md). On an unpaired store: "
-              f"{', '.join(UNPAIRED_LOSS_TYPES)} (KTO, its APO-zero variant, BCO).")
+              f"{', '.join(LOSS_TYPES)} (papers in docs/api.md). On a store built with --top-k (distill also "
+              f"--sample-k), combinable with those: {', '.join(TEACHER_LOSSES)} (docs/teacher.md). On an unpaired "
+              f"store: {', '.join(UNPAIRED_LOSS_TYPES)} (KTO, its APO-zero variant, BCO).")
 @click.option("--desirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
               "the desirable (label true) examples' losses, as TRL's KTOConfig.")
 @click.option("--undesirable-weight", type=float, default=1.0, show_default=True, help="Unpaired losses: weight of "
@@ -479,6 +481,11 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
               "the policy's length-normalised probability of both completions.")
 @click.option("--discopop-tau", type=float, help="τ of the discopop loss (DiscoPOP, Lu et al. 2024, "
               "arXiv:2406.08414; default 0.05).")
+@click.option("--distill-beta", type=float, help="distill's divergence to the stored teacher, TRL's "
+              "DistillationTrainer beta: 0 forward KL, 1 reverse KL, between the generalized JSD (default 1.0 as "
+              "TRL; 0, the only one it estimates, on a --sample-k store).")
+@click.option("--tdpo-alpha", type=float, help="α of tdpo2, the weight of the sequential KL difference (TDPO, Zeng "
+              "et al. 2024, arXiv:2404.11999; default 0.5).")
 @click.option("--lora/--no-lora", default=True, show_default=True, help="--no-lora trains every weight instead of a "
               "LoRA adapter (not with --quantize); the store replaces the reference model's copy.")
 @click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
@@ -514,7 +521,8 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
 @debug_option
 def train(**kw: Any) -> None:
-    """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store.
+    """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store, or
+    distill it from the teacher records of a store built with --top-k / --sample-k.
 
     \b
     Examples:
@@ -528,6 +536,10 @@ def train(**kw: Any) -> None:
           --loss-weights 0.8,0.2,1.0
       logitstore train --model ./tiny --store per-token.lstore --out run --ld-alpha 0.5
       logitstore train --model ./tiny --store kto.lstore --out run --loss kto --batch-size 8
+      logitstore train --model ./tiny --store top32.lstore --out run --loss distill --distill-beta 0
+      logitstore train --model ./tiny --store top32.lstore --out run --loss sigmoid,distill \\
+          --loss-weights 1,0.5
+      logitstore train --model ./tiny --store top32.lstore --out run --loss tdpo2 --tdpo-alpha 0.5
       torchrun --nproc_per_node 8 --no-python logitstore train --model ./mistral-7b --no-lora \\
           --store hh.lstore --out run --batch-size 64 --save-every 200
     """

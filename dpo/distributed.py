@@ -189,20 +189,22 @@ def _scorer_class() -> type:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any, completion_mask: Any, sum_sq: bool = False) -> Any:
-            t = token_logps(self.model, input_ids, attention_mask, completion_mask, sum_sq=sum_sq)
-            return t.per_token, t.scored, t.log_sum_sq
+        def forward(self, input_ids: Any, attention_mask: Any, completion_mask: Any, sum_sq: bool = False,
+                    teacher: Any = None) -> Any:
+            t = token_logps(self.model, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)
+            return t.per_token, t.scored, t.log_sum_sq, t.divergence
 
     return _Scorer
 
 
-def score(policy: Any, input_ids: Any, attention_mask: Any, completion_mask: Any, *, sum_sq: bool = False) -> Any:
+def score(policy: Any, input_ids: Any, attention_mask: Any, completion_mask: Any, *, sum_sq: bool = False,
+          teacher: Any = None) -> Any:
     """`token_logps` through the wrapped policy where there is one, else on the model itself."""
     from .logps import TokenLogps, token_logps
 
     if is_wrapped(policy):
-        return TokenLogps(*policy(input_ids, attention_mask, completion_mask, sum_sq))
-    return token_logps(policy, input_ids, attention_mask, completion_mask, sum_sq=sum_sq)
+        return TokenLogps(*policy(input_ids, attention_mask, completion_mask, sum_sq, teacher))
+    return token_logps(policy, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)
 
 
 def is_wrapped(policy: Any) -> bool:

@@ -168,23 +168,33 @@ class TokenLogps:
     per_token: torch.Tensor
     scored: torch.Tensor  # bool: positions that score a completion token
     log_sum_sq: torch.Tensor | None = None  # log Σ_v p_v², detached (WPO)
+    divergence: torch.Tensor | None = None  # [2B, T-1, betas]: teacher divergences (dpo.distill_step), zero off
 
 
 def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
-                *, sum_sq: bool = False) -> TokenLogps:
-    """Per-token log-probs of the completion tokens of right-padded sequences (and log Σ p² with `sum_sq`)."""
+                *, sum_sq: bool = False, teacher: Any = None) -> TokenLogps:
+    """Per-token log-probs of the completion tokens of right-padded sequences (and log Σ p² with `sum_sq`; the
+    per-position divergences to `teacher`'s records, a :class:`dpo.distill_step.TeacherRecords`, from the same
+    hidden states)."""
     backbone, head, config = split_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     # With layers spread over devices (build --device-map), the last hidden state and the LM head's output may be
     # on other devices than the inputs; the results go back to the inputs' device. A no-op on one device.
     scored = completion_mask[:, 1:].bool().to(hidden.device)
     labels = input_ids[:, 1:].to(hidden.device)[scored]
-    values, squares = _head_logps(hidden[:, :-1][scored], labels, head, config, sum_sq=sum_sq)
+    rows = hidden[:, :-1][scored]
+    values, squares = _head_logps(rows, labels, head, config, sum_sq=sum_sq)
     per_token = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, values.to(hidden.device))
     if squares is not None:
         squares = hidden.new_zeros(scored.shape, dtype=torch.float32).masked_scatter(scored, squares.to(hidden.device))
         squares = squares.to(input_ids.device)
-    return TokenLogps(per_token.to(input_ids.device), scored.to(input_ids.device), squares)
+    divergence = None
+    if teacher is not None:  # a second pass of the LM head over the same rows, slice by slice as the first
+        per_position = teacher.per_position(rows, scored, head, config)
+        divergence = hidden.new_zeros((*scored.shape, per_position.shape[1]), dtype=torch.float32)
+        divergence = divergence.masked_scatter(scored[..., None], per_position.to(hidden.device))
+        divergence = divergence.to(input_ids.device)
+    return TokenLogps(per_token.to(input_ids.device), scored.to(input_ids.device), squares, divergence)
 
 
 def sequence_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -237,6 +247,16 @@ def pair_logps(tokens: TokenLogps, completion_mask: torch.Tensor, ref_chosen: to
         if tokens.log_sum_sq is None:
             raise ValueError("WPO weighting needs token_logps(..., sum_sq=True)")
         extra["pair_weights"] = wpo_weights(tokens.per_token, tokens.log_sum_sq, tokens.scored)
+    if "distill" in need or "chosen_kl" in need:
+        if tokens.divergence is None:
+            raise ValueError(f"{', '.join(objective.loss_types)} needs token_logps(..., teacher=records)")
+        betas = objective.teacher_betas
+    if "distill" in need:  # TRL's reduction: the mean over every scored completion token of the batch
+        per_position = tokens.divergence[..., betas.index(objective.distill_divergence)]  # type: ignore[index]
+        extra["distill"] = per_position[tokens.scored].mean()
+    if "chosen_kl" in need:  # TDPO: Σ_t KL(π_ref || π) over each completion (zero off it)
+        kl = tokens.divergence[..., betas.index(0.0)].sum(dim=1)  # type: ignore[index]
+        extra["chosen_kl"], extra["rejected_kl"] = kl.chunk(2, dim=0)
     return PairLogps(chosen, rejected, ref_chosen, ref_rejected, **extra)
 
 

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .objective import LOSS_TYPES, PER_TOKEN_LOSSES, Objective, ObjectiveError
+from .distill import tdpo_loss
+from .objective import LOSS_TYPES, PER_TOKEN_LOSSES, TDPO_LOSSES, Objective, ObjectiveError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +31,9 @@ class PairLogps:
     rejected_tokens: torch.Tensor | None = None
     chosen_token_mean: torch.Tensor | None = None  # scalar: mean log-prob over all scored chosen tokens (sft)
     pair_weights: torch.Tensor | None = None  # WPO weights, detached (use_weighting)
+    distill: torch.Tensor | None = None  # scalar: mean teacher divergence over all scored tokens, both sides
+    chosen_kl: torch.Tensor | None = None  # TDPO's sequential KL(π_ref || π) of each completion
+    rejected_kl: torch.Tensor | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,10 @@ def needed_inputs(objective: Objective) -> set[str]:
         need.add("chosen_token_mean")
     if objective.use_weighting:
         need.add("pair_weights")
+    if "distill" in objective.loss_types:
+        need.add("distill")
+    if any(t in TDPO_LOSSES for t in objective.loss_types):
+        need |= {"chosen_kl", "rejected_kl"}
     return need
 
 
@@ -127,6 +135,11 @@ def single_loss(loss_type: str, x: PairLogps, objective: Objective, chosen_score
         return -F.logsigmoid(logits) * (1 - modulation) + torch.exp(-logits) * modulation
     if loss_type == "sft":  # one batch-level value; expanded so that its mean is that value
         return (-x.chosen_token_mean).expand(x.chosen.shape[0])  # type: ignore[operator]
+    if loss_type == "distill":  # one batch-level value, as sft: TRL's per-token mean over the completions
+        return x.distill.expand(x.chosen.shape[0])  # type: ignore[union-attr]
+    if loss_type in TDPO_LOSSES:
+        return tdpo_loss(chosen_ratio, rejected_ratio, x.chosen_kl, x.rejected_kl, beta,  # type: ignore[arg-type]
+                         alpha=objective.alpha_tdpo, variant=loss_type)[0]
     if loss_type == "sigmoid_norm":
         norm_delta = _per_token(chosen_scores, x.chosen_tokens) - _per_token(rejected_scores, x.rejected_tokens)
         return -F.logsigmoid(beta * norm_delta)

@@ -33,6 +33,16 @@ PAPERS = {
     "sigmoid_norm": "DPO on per-token-averaged log-ratios (length-normalised DPO)",
 }
 LOSS_TYPES = tuple(PAPERS)
+# Not TRL DPOTrainer losses: they read the store's teacher records (docs/teacher.md, "Training").
+TEACHER_PAPERS = {
+    "distill": "distillation on the stored teacher distribution, TRL 1.16 DistillationTrainer's forward KL, reverse "
+               "KL or generalized JSD (GKD, Agarwal et al. 2024, arXiv:2306.13649)",
+    "tdpo1": "TDPO1, Zeng et al. 2024, arXiv:2404.11999",
+    "tdpo2": "TDPO2, Zeng et al. 2024, arXiv:2404.11999",
+}
+TDPO_LOSSES = ("tdpo1", "tdpo2")
+TEACHER_LOSSES = tuple(TEACHER_PAPERS)  # distill, tdpo1, tdpo2
+ALL_LOSS_TYPES = LOSS_TYPES + TEACHER_LOSSES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")  # f-DPO, arXiv:2309.16240
 # Only these are built on the chosen-rejected reward difference, where f-DPO's β·log Z(x) term cancels.
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -41,6 +51,8 @@ PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm")  # divide by the completion's token c
 SORTING_LOSSES = ("aot", "aot_unpaired")
 DEFAULT_DISCOPOP_TAU = 0.05
 DEFAULT_F_ALPHA = 0.5
+DEFAULT_DISTILL_BETA = 1.0  # TRL 1.16 DistillationConfig.beta: the reverse KL
+DEFAULT_TDPO_ALPHA = 0.5  # the TDPO authors' default
 
 
 class ObjectiveError(LogitstoreError, ValueError):
@@ -61,6 +73,8 @@ class Objective:
     ld_alpha: float | None = None  # LD-DPO's α, arXiv:2409.06411
     use_weighting: bool = False  # WPO, arXiv:2406.11827
     discopop_tau: float | None = None  # DiscoPOP's τ (default 0.05)
+    distill_beta: float | None = None  # distill's divergence: 0 forward KL, 1 reverse KL, between generalized JSD
+    tdpo_alpha: float | None = None  # TDPO2's α (default 0.5)
 
     def __post_init__(self) -> None:
         types = parse_loss_types(self.loss_types)
@@ -83,15 +97,59 @@ class Objective:
     def alpha_coef(self) -> float:
         return DEFAULT_F_ALPHA if self.f_alpha_coef is None else self.f_alpha_coef
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether a loss reads the store's teacher records (distill, tdpo1, tdpo2)."""
+        return any(t in TEACHER_LOSSES for t in self.loss_types)
+
+    @property
+    def distill_divergence(self) -> float:
+        """distill's beta; TRL's default (1.0, the reverse KL) unless set (:func:`for_teacher` picks 0 for a
+        sampled record, the only divergence it estimates)."""
+        return DEFAULT_DISTILL_BETA if self.distill_beta is None else self.distill_beta
+
+    @property
+    def alpha_tdpo(self) -> float:
+        return DEFAULT_TDPO_ALPHA if self.tdpo_alpha is None else self.tdpo_alpha
+
+    @property
+    def teacher_betas(self) -> tuple[float, ...]:
+        """The per-position divergences the losses read, one beta each: distill's, then TDPO's forward KL
+        (0.0) unless distill already computes it."""
+        betas: list[float] = []
+        if "distill" in self.loss_types:
+            betas.append(self.distill_divergence)
+        if any(t in TDPO_LOSSES for t in self.loss_types) and 0.0 not in betas:
+            betas.append(0.0)
+        return tuple(betas)
+
+
+def for_teacher(objective: Objective, kind: str, url: str) -> Objective:
+    """`objective` checked against a store's teacher record kind ("top_k" or "sampled"), distill's beta resolved:
+    a sampled record estimates only the forward KL's gradient, and TDPO needs the sequential KL's value."""
+    if not objective.needs_teacher:
+        return objective
+    if kind == "sampled":
+        tdpo = [t for t in objective.loss_types if t in TDPO_LOSSES]
+        if tdpo:
+            raise ObjectiveError(f"{tdpo[0]} needs the reference's top-k distribution and {url} holds sampled "
+                                 "teacher records (an estimate of the forward KL's gradient, not of its value); "
+                                 "rebuild with --top-k K")
+        if objective.distill_beta not in (None, 0.0):
+            raise ObjectiveError(f"{url} holds sampled teacher records, which estimate only the forward KL; pass "
+                                 f"--distill-beta 0 (got {objective.distill_beta})")
+        return dataclasses.replace(objective, distill_beta=0.0)
+    return objective
+
 
 def parse_loss_types(value: str | Sequence[str]) -> tuple[str, ...]:
     """``"sigmoid,sft"`` or ``["sigmoid", "sft"]`` as a tuple of known loss types."""
     types = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else tuple(value)
     if not types or any(not t for t in types):
         raise ObjectiveError(f"expected one or more loss types separated by commas, got {value!r}")
-    unknown = [t for t in types if t not in LOSS_TYPES]
+    unknown = [t for t in types if t not in ALL_LOSS_TYPES]
     if unknown:
-        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(LOSS_TYPES)}")
+        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(ALL_LOSS_TYPES)}")
     if len(set(types)) != len(types):
         raise ObjectiveError(f"loss type {next(t for t in types if types.count(t) > 1)!r} is listed twice; give "
                              "it one weight instead")
@@ -110,11 +168,14 @@ def _check(o: Objective) -> None:
         raise ObjectiveError(f"beta must be a positive number, got {o.beta}")
     if o.f_divergence not in F_DIVERGENCES:
         raise ObjectiveError(f"unknown f-divergence {o.f_divergence!r}; choose from {', '.join(F_DIVERGENCES)}")
-    if o.f_divergence != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_LOSSES):
+    pair_types = [t for t in types if t != "distill"]  # distill reads no pair log-ratio
+    if o.f_divergence != "reverse_kl" and not pair_types:
+        raise ObjectiveError("the f-divergence has no effect on distill; it applies to the DPO losses")
+    if o.f_divergence != "reverse_kl" and not set(pair_types) <= set(F_DIVERGENCE_LOSSES):
         # TRL's message and reason (DPOTrainer.__init__)
         raise ObjectiveError(
             f"`f_divergence_type='{o.f_divergence}'` is only supported for the following loss types: "
-            f"{sorted(F_DIVERGENCE_LOSSES)}. You provided {list(types)}. Use the default "
+            f"{sorted(F_DIVERGENCE_LOSSES)}. You provided {pair_types}. Use the default "
             "`f_divergence_type='reverse_kl'` with these losses. The f-DPO reparameterization leaves a β·log Z(x) "
             "term that only cancels in the chosen-rejected reward difference.")
     if o.f_alpha_coef is not None and o.f_divergence != "alpha_divergence":
@@ -125,6 +186,9 @@ def _check(o: Objective) -> None:
         # TRL's message (DPOTrainer.__init__ raises NotImplementedError)
         raise ObjectiveError("WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' because those "
                              "losses sort samples, which would misalign per-pair weights.")
+    if o.use_weighting and "distill" in types:
+        raise ObjectiveError("WPO-style weighting does not apply to the 'distill' loss: it is one mean over the "
+                             "batch's completion tokens, not a per-pair value to weight")
     if o.use_weighting and "sft" in types:
         # TRL 1.16 fails here with a RuntimeError (an in-place product on the expanded batch-level SFT term).
         raise ObjectiveError("WPO-style weighting does not apply to the 'sft' loss: it is one batch-level "
@@ -148,6 +212,21 @@ def _check(o: Objective) -> None:
             raise ObjectiveError("discopop_tau only applies to the discopop loss")
         if not (math.isfinite(o.discopop_tau) and o.discopop_tau > 0):
             raise ObjectiveError(f"discopop_tau must be a positive number, got {o.discopop_tau}")
+    if o.ld_alpha is not None and not pair_types:
+        raise ObjectiveError("ld_alpha has no effect on distill; it applies to the DPO losses")
+    if o.ld_alpha is not None and any(t in TDPO_LOSSES for t in types):
+        raise ObjectiveError("ld_alpha does not apply to TDPO: its sequential KL sums every completion token, "
+                             "so a length-desensitized log-ratio would weigh the two terms differently")
+    if o.distill_beta is not None:
+        if "distill" not in types:
+            raise ObjectiveError("--distill-beta only applies to the distill loss")
+        if not (math.isfinite(o.distill_beta) and 0.0 <= o.distill_beta <= 1.0):
+            raise ObjectiveError(f"--distill-beta must be in [0, 1], got {o.distill_beta}")
+    if o.tdpo_alpha is not None:
+        if "tdpo2" not in types:
+            raise ObjectiveError("--tdpo-alpha only applies to the tdpo2 loss (TDPO1 has no α)")
+        if not (math.isfinite(o.tdpo_alpha) and o.tdpo_alpha >= 0):
+            raise ObjectiveError(f"--tdpo-alpha must be a non-negative number, got {o.tdpo_alpha}")
     if o.ld_alpha is not None and not (math.isfinite(o.ld_alpha) and 0.0 <= o.ld_alpha <= 1.0):
         # TRL documents the range; 1.0 weighs the tail fully (plain DPO), 0.0 drops it.
         raise ObjectiveError(f"ld_alpha must be in [0.0, 1.0], got {o.ld_alpha}")

@@ -16,6 +16,9 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     panels = [("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
+    if rows and "distill/loss" in rows[0]:  # distillation: its term next to the total
+        panels = [("loss", "loss"), ("distill/loss", "distillation term (per token)"), ("rewards/margins",
+                                                                                      "reward margin")]
     if rows and "rewards/accuracies" not in rows[0]:  # an unpaired loss: no pairs to rank
         panels = [("loss", "loss"), ("kl", "KL estimate (KTO's z0)"), ("rewards/chosen", "desirable reward")]
     for ax, (key, title) in zip(axes, panels):

@@ -24,6 +24,8 @@ from logitstore.unpaired_loader import make_unpaired_loader
 
 from . import distributed, sharded_io
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distill_step import (check_teacher, check_teacher_batch, check_teacher_vocabulary, global_token_mean,
+                           teacher_metrics, teacher_records)
 from .logps import exact_4bit, pair_logps
 from .losses import dpo_loss
 from .memory import PeakMeter, is_out_of_memory
@@ -62,6 +64,8 @@ class TrainConfig:
     ld_alpha: float | None = None  # LD-DPO; the reference comes from the store's per-token values
     use_weighting: bool = False  # WPO
     discopop_tau: float | None = None
+    distill_beta: float | None = None  # distill: 0 forward KL, 1 reverse KL (TRL's default), between JSD
+    tdpo_alpha: float | None = None  # TDPO2's α (default 0.5)
     desirable_weight: float = 1.0  # unpaired losses (kto, apo_zero_unpaired, bco), as TRL's KTOConfig
     undesirable_weight: float = 1.0
     lora_r: int = 8
@@ -94,12 +98,15 @@ def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
         cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
         dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
                      "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
-                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau})
+                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau,
+                     # set or not: 0 is a value of these, not their default
+                     "--distill-beta": cfg.distill_beta is not None, "--tdpo-alpha": cfg.tdpo_alpha is not None})
     if unpaired is not None:
         return unpaired
     return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
                      label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
-                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau)
+                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau,
+                     distill_beta=cfg.distill_beta, tdpo_alpha=cfg.tdpo_alpha)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
@@ -225,15 +232,24 @@ def vocabulary_size(model: Any) -> int:
     return min(embed.num_embeddings, getattr(head, "out_features", embed.num_embeddings))
 
 
+def logits_width(model: Any) -> int:
+    """Next-token logits the model computes (its LM head's rows): what teacher records are compared with."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = lm.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 def _examples(store: logitstore.Store, rows: torch.Tensor) -> str:
     names = [repr(store.id_of(int(r))) for r in rows[:3]]
     more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""
     return f"example{'s' if len(rows) > 1 else ''} {', '.join(names)}{more}"
 
 
-def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_size: int) -> None:
+def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_size: int,
+                logits: int | None = None) -> None:
     """Refuse a batch whose reference values are not finite or whose token ids the model does not have, naming
-    the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch)."""
+    the examples (a NaN reference would turn every weight NaN; an id past the vocabulary fails deep in torch);
+    teacher records are checked against the model's `logits` width (default `vocab_size`)."""
     rows = batch["rows"]
     names = ("ref_chosen_logps", "ref_rejected_logps") if "ref_chosen_logps" in batch else ("ref_logps", "ref_kl_logps")
     sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl
@@ -254,6 +270,11 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
                              f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} token id {token}, outside the "
                              f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
+    misfit = check_teacher_batch(batch, logits or vocab_size)
+    if misfit is not None:
+        bad_rows, why = misfit
+        raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
+                             f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} {why}")
 
 
 def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
@@ -262,10 +283,12 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
     ids = batch["input_ids"].to(device, non_blocking=True)  # from pinned memory (make_loader): asynchronous
     attention = batch["attention_mask"].to(device, non_blocking=True)
     completion = batch["completion_mask"].to(device, non_blocking=True)
+    teacher = teacher_records(batch, objective, device)  # None unless distill or TDPO reads the teacher
     with precision(device, cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed.py)
-        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting)
+        tokens = distributed.score(model, ids, attention, completion, sum_sq=objective.use_weighting, teacher=teacher)
     pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                       batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
+    pair = global_token_mean(pair, tokens.scored)  # distill: TRL's mean over all ranks' tokens
     out = dpo_loss(pair, objective)
     metrics = {
         "loss": out.losses.detach().mean(),
@@ -275,6 +298,7 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
         "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
         "logps/chosen": pair.chosen.detach().mean(),
         "logps/rejected": pair.rejected.detach().mean(),
+        **teacher_metrics(pair),
     }
     return out.losses.mean(), metrics
 
@@ -331,15 +355,17 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
     loader, sampler = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
                                   storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
-                                  pin_memory=device.type == "cuda")
+                                  pin_memory=device.type == "cuda", teacher=objective.needs_teacher)
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
+    width = logits_width(distributed.unwrap(model))
+    objective = check_teacher(store, objective)
     loader, counted = distributed.this_ranks_batches(loader, sampler)  # ranks split the batches, then add up
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for i, batch in enumerate(loader):
         n = batch["rows"].numel() if i < counted else 0  # past `counted`: a pass for FSDP2's collectives only
-        check_batch(batch, store, vocab)
+        check_batch(batch, store, vocab, width)
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
             _, metrics = dpo_batch(model, batch, cfg, device, objective)
         for k, v in metrics.items():
@@ -432,6 +458,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         raise IncompleteStoreError(f"{cfg.store} is incomplete ({len(store.missing_shards)} shards missing); "
                                    "finish the build first")
     check_store_matches(store, cfg)
+    if isinstance(objective, Objective):  # distill and TDPO: the store's teacher records, distill's beta for them
+        objective = check_teacher(store, objective)
     check_kind(store, objective, cfg, world)
     distributed.check_same_everywhere("store", store.digest)
     distributed.check_same_everywhere("model", json.dumps(model_fingerprint(
@@ -449,6 +477,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                                   "unpaired store")
         if objective.ld_alpha is not None:
             require_per_token(eval_store)
+        if isinstance(objective, Objective):
+            check_teacher(eval_store, objective)
     checkpoint = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and checkpoint is None:
         raise LogitstoreError(f"--resume: no checkpoint in {out}")
@@ -461,7 +491,9 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     device = torch.device(resolve_device(cfg.device)) if sharded else next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    vocab = vocabulary_size(model)
+    vocab, width = vocabulary_size(model), logits_width(model)
+    if isinstance(objective, Objective):
+        check_teacher_vocabulary(store, objective, width)
     # One process: the model itself. Several: DDP (LoRA) or FSDP2 (every weight) around it, averaging gradients.
     policy = distributed.wrap_policy(model, lora=cfg.lora, dtype=cfg.dtype, device=device,
                                      weights_from=check_model_folder(cfg.model, cfg.revision) if sharded else None)
@@ -480,7 +512,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                                       group_by_length=cfg.group_by_length, rank=rank, world_size=world,
                                       num_workers=cfg.num_workers, storage_options=cfg.storage_options,
                                       ld_alpha=objective.ld_alpha, digest=cfg.expect_digest,
-                                      pin_memory=device.type == "cuda")
+                                      pin_memory=device.type == "cuda",
+                                      teacher=objective.needs_teacher)
     steps_per_epoch = len(sampler) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise LogitstoreError(f"{len(store)} pairs make no full step of batch {cfg.batch_size} x accumulation "
@@ -527,7 +560,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
                 batch = next(batches)
             position += 1  # counted here, not in the sampler: worker processes fetch ahead
             loader_s += time.perf_counter() - t_fetch
-            check_batch(batch, store, vocab)
+            check_batch(batch, store, vocab, width)
             with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
                 if unpaired:
                     loss, metrics = unpaired_batch(policy, batch, cfg, device, objective, running)  # type: ignore[arg-type]

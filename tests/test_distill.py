@@ -181,3 +181,54 @@ def test_head_divergence_in_slices_equals_one_pass(monkeypatch):
     sliced, sliced_grad = value_and_grad(lambda h: head_top_k_divergence(h, head, config, ids, lp, tail, 0.5),
                                          hidden)
     assert (sliced - whole).abs().max() < 1e-6 and (sliced_grad - whole_grad).abs().max() < 1e-7
+
+
+@pytest.mark.parametrize("kind, k", [("top_k", 6), ("top_k", 40), ("sampled", 12)])
+def test_linear_head_divergences_equal_autograd_through_the_logits(monkeypatch, kind, k):
+    """The one-buffer LM-head path (closed-form gradient in the logits) against autograd on whole logits: values,
+    and gradients of the hidden states and the head's weight, for several betas at once, in slices of 7 rows."""
+    from types import SimpleNamespace
+
+    from logitstore.dpo import logps as logps_module
+    from logitstore.dpo.distill import divergences, head_divergences
+
+    g = torch.Generator().manual_seed(5)
+    head = torch.nn.Linear(8, 40, bias=False)
+    hidden = torch.randn(30, 8, generator=g).requires_grad_()
+    teacher = torch.randn(30, 40, generator=g) * 2
+    if kind == "top_k":
+        ids, lp, tail = record(teacher, k)
+        fields, betas = {"logps": lp, "tail_logp": tail}, (0.0, 0.3, 1.0)
+    else:
+        rec = T.sample(teacher.numpy(), k, seed=1)
+        ids, betas = torch.from_numpy(rec.ids).long(), (0.0,)
+        fields = {"counts": torch.from_numpy(rec.counts.astype(np.int64))}
+    weights = torch.tensor([1.0, -0.5, 2.0])[:len(betas)]
+
+    def run(fn):
+        hidden.grad, head.weight.grad = None, None
+        values = fn()
+        (values * weights).sum().backward()
+        return values.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    want = run(lambda: divergences(head(hidden), ids, betas=betas, **fields))
+    monkeypatch.setattr(logps_module, "LOGIT_BYTES", 4 * 40 * 7)
+    got = run(lambda: head_divergences(hidden, head, SimpleNamespace(), ids, betas=betas, **fields))
+    for a, b in zip(got, want):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), float((a - b).abs().max())
+
+
+def test_the_trainers_divergences_renormalize_a_quantized_record():
+    """A record whose values do not sum to 1 (quantized) is a distribution once renormalized: the trainer's
+    divergence of a student to its own rounded record is at least 0, where the raw one can be below."""
+    from logitstore.dpo.distill import divergences
+
+    student, _ = case()
+    ids, logps, tail = record(student.detach(), 8)
+    off = logps - 0.01  # every stored value rounded down: the record sums to e^-0.01 < 1 (tail kept)
+    raw = top_k_divergence(student, ids, off, tail, 0.0).detach()
+    ours = divergences(student, ids, logps=off, tail_logp=tail, betas=(0.0,))[:, 0].detach()
+    assert float(raw.min()) < 0 <= float(ours.min())
+    norm = torch.logsumexp(torch.cat([off, tail[:, None]], 1), 1, keepdim=True)
+    want = top_k_divergence(student, ids, off - norm, tail - norm[:, 0], 0.0).detach()
+    assert (ours - want).abs().max() < 1e-6

@@ -345,7 +345,7 @@ def test_f_divergence_refusal_gives_trls_reason():
      "weight"),
     (dict(loss_types="sigmoid,dpo"), "unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, exo_pair, nca_pair, "
                                      "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
-                                     "sft, sigmoid_norm"),
+                                     "sft, sigmoid_norm, distill, tdpo1, tdpo2"),
     (dict(loss_types="sigmoid,,sft"), "expected one or more loss types separated by commas, got 'sigmoid,,sft'"),
     (dict(loss_types=("sft", "sft")), "loss type 'sft' is listed twice; give it one weight instead"),
     (dict(f_divergence="kl"), "unknown f-divergence 'kl'; choose from reverse_kl, forward_kl, js_divergence, "
@@ -408,10 +408,10 @@ def test_docs_list_every_loss_type_with_its_paper():
     import re
     from pathlib import Path
 
-    from logitstore.dpo.objective import PAPERS
+    from logitstore.dpo.objective import PAPERS, TEACHER_PAPERS
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.M)}
-    for loss_type, paper in PAPERS.items():
+    for loss_type, paper in {**PAPERS, **TEACHER_PAPERS}.items():
         arxiv = re.search(r"arXiv:\d{4}\.\d{5}", paper)
         assert loss_type in table and (arxiv is None or arxiv.group(0) in table[loss_type]), loss_type

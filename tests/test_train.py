@@ -359,7 +359,7 @@ def test_cli_trains_a_weighted_combination_with_ld_alpha(mistral_model, ld_setup
 @pytest.mark.parametrize("args,message", [
     (["--loss", "sigmoid,dpo"], "Invalid value for '--loss': unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, "
                                 "exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
-                                "apo_down, discopop, sft, sigmoid_norm"),
+                                "apo_down, discopop, sft, sigmoid_norm, distill, tdpo1, tdpo2"),
     (["--loss-weights", "1,x"], "Invalid value for '--loss-weights': expected numbers separated by commas, got '1,x'"),
     (["--loss", "sigmoid,sft", "--loss-weights", "1"], "`loss_weights` must have the same length as `loss_type` when "
                                                        "combining multiple losses. Got 1 weights for 2 loss types."),
