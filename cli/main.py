@@ -223,6 +223,9 @@ def _kl_batch(value: int) -> int:
 def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
 
+    The data's columns say the store's kind, as TRL reads them: prompt/chosen/rejected pairs (DPO),
+    prompt/completion/label (KTO, BCO), or prompt/completion without a label (a completion store, for distillation).
+
     Interrupted builds resume: run the same command again. Shards are committed one by one, so Ctrl-C or a crash
     loses at most the shard in progress (see --rows-per-shard).
 
@@ -238,6 +241,7 @@ def build(quiet: bool, **options: Any) -> None:
       logitstore build --model ./llama-70b --device-map auto --max-memory 0=75GiB --max-memory 1=75GiB \\
           --data pairs.jsonl --out pairs.lstore
       logitstore build --model ./tiny --data pairs.jsonl --out distill.lstore --top-k 32 --per-token
+      logitstore build --model ./tiny --data prompt-completion.jsonl --out sft.lstore --top-k 32
       logitstore build --model ./tiny --data pairs.jsonl --out sampled.lstore --sample-k 12 --seed 1
     """
     from logitstore.dpo.reference import BuildConfig, build as run_build, check_teacher
@@ -359,6 +363,10 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
     from logitstore.dpo.unpaired_data import export_records as unpaired_records
 
     opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
+    if opened.kind.name == "completion":
+        raise logitstore.LogitstoreError(f"{opened.location.url} is a completion store: its values feed distillation "
+                                         "(logitstore train --loss distill), not a TRL reference column; nothing "
+                                         "to export")
     records = unpaired_records(data, split) if opened.kind.name == "unpaired" else export_records(data, split)
     result = run_export(opened, records, to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""

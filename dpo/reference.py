@@ -38,6 +38,8 @@ from .teacher_pass import mass_of, new_mass
 from .tokenization import TokenizedPair, tokenize_pair
 from .unpaired_data import UnpairedExample, data_kind, load_unpaired, pair_kl, tokenize_example
 from .unpaired_data import data_digest as unpaired_digest
+from .completion_data import CompletionExample, load_completions, tokenize_completion
+from .completion_data import data_digest as completion_digest
 
 TOKENIZATION = "trl-1.16"
 # How a pair's values follow from its token ids, apart from the model: enters every content key. Change it when
@@ -46,6 +48,8 @@ SCORING = {"scorer": "logitstore completion log-probs", "version": 1}
 # Unpaired stores score prompt + completion and prompt + KL completion by the same rule; their keys hash those three
 # sequences, and the kind keeps them apart from pairs' keys.
 SCORING_UNPAIRED = dict(SCORING, kind="unpaired")
+# Completion stores score prompt + completion alone; their keys hash (prompt, completion, nothing).
+SCORING_COMPLETION = dict(SCORING, kind="completion")
 DEFAULT_KL_BATCH_SIZE = 8  # TRL's default per_device_train_batch_size, whose chunks KTOTrainer pairs within
 
 
@@ -120,7 +124,11 @@ def build_fingerprint(cfg: BuildConfig, examples: list[Any], teacher: dict[str, 
     fp["tokenization"] = {"scheme": TOKENIZATION, "max_length": cfg.max_length,
                           "max_prompt_length": cfg.max_prompt_length, "truncation": "keep_start"}
     unpaired = isinstance(examples[0], UnpairedExample)
-    fp["data"] = {"examples": len(examples), "sha256": unpaired_digest(examples) if unpaired else data_digest(examples)}
+    digest = (unpaired_digest if unpaired else completion_digest if isinstance(examples[0], CompletionExample)
+              else data_digest)
+    fp["data"] = {"examples": len(examples), "sha256": digest(examples)}
+    if isinstance(examples[0], CompletionExample):
+        fp["kind"] = {"name": "completion"}
     if unpaired:  # KL values depend on which completions share a chunk
         fp["kind"] = {"name": "unpaired", "kl_batch_size": cfg.kl_batch_size}
     fp["layout"] = {"rows_per_shard": cfg.rows_per_shard, "per_token": cfg.per_token,
@@ -145,7 +153,7 @@ class Plan:
 
     @property
     def scoring(self) -> dict[str, Any]:
-        return SCORING_UNPAIRED if self.kind is kinds.UNPAIRED else SCORING
+        return {"unpaired": SCORING_UNPAIRED, "completion": SCORING_COMPLETION}.get(self.kind.name, SCORING)
 
     def tokenize(self, cfg: BuildConfig, tokenizer: Any, row: int) -> TokenizedPair:
         if self.tokenized is not None:
@@ -155,8 +163,11 @@ class Plan:
 
 def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
     """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
-    if data_kind(cfg.data, cfg.split) == "unpaired":
+    found = data_kind(cfg.data, cfg.split)
+    if found == "unpaired":
         return plan_unpaired(cfg, tokenizer)
+    if found == "completion":
+        return plan_completion(cfg, tokenizer)
     examples = load_examples(cfg.data, cfg.split)
     keep, skipped, keys, cost, positions = [], [], [], [], []
     for ex in examples:
@@ -211,6 +222,33 @@ def plan_unpaired(cfg: BuildConfig, tokenizer: Any) -> Plan:
     positions = np.array([2 * len(t.prompt_ids) + len(t.chosen_ids) + len(t.rejected_ids) for t in triples],
                          dtype=np.int64)
     return Plan(keep, skipped, keys, cost, positions=positions, kind=kinds.UNPAIRED, tokenized=triples)
+
+
+def plan_completion(cfg: BuildConfig, tokenizer: Any) -> Plan:
+    """Prompt/completion data: tokenize every example as TRL's SFTTrainer does, dropping or refusing the unusable
+    ones. The scorer takes (prompt, completion, completion): the second copy's values are not stored (the pair
+    scorer runs both sides, so a completion store's build costs a pairs store's)."""
+    if cfg.max_prompt_length is not None:
+        raise InputDataError("--max-prompt-length does not apply to prompt/completion data (TRL's SFTTrainer has no "
+                             "such option: prompt + completion is cut at the end)")
+    examples = load_completions(cfg.data, cfg.split)
+    keep, skipped, pairs = [], [], []
+    for ex in examples:
+        try:
+            prompt, completion = tokenize_completion(tokenizer, ex, cfg.max_length)
+        except InputDataError as exc:
+            if not cfg.skip_invalid:
+                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such examples out)") from None
+            skipped.append(Skipped(ex.id, ex.line, str(exc)))
+            continue
+        keep.append(ex)
+        pairs.append(TokenizedPair(prompt, completion, completion))
+    if not keep:
+        raise InputDataError(f"{cfg.data}: every example was invalid; nothing to build")
+    keys = content_keys(*kinds.key_parts(kinds.COMPLETION, [[p.prompt_ids for p in pairs],
+                                                            [p.chosen_ids for p in pairs]]), SCORING_COMPLETION)
+    cost = np.array([len(p.prompt_ids) + len(p.chosen_ids) for p in pairs], dtype=np.int64)
+    return Plan(keep, skipped, keys, cost, positions=2 * cost, kind=kinds.COMPLETION, tokenized=pairs)
 
 
 def assign_shards(shards: list[int], cost: list[int], world: int) -> list[list[int]]:
@@ -299,7 +337,7 @@ def shard_data(pairs: list[TokenizedPair], chosen: list[np.ndarray], rejected: l
         names = dict(zip(kinds.PAIRS.token_fields, kind.token_fields))
         for ours, theirs in zip(kinds.PAIRS.sides, kind.sides):
             names.update({ours.logps: theirs.logps, ours.tokens: theirs.tokens, ours.per_token: theirs.per_token})
-        data = {names[k]: v for k, v in data.items()}
+        data = {names[k]: v for k, v in data.items() if k in names}  # a completion store keeps the first side
     return data
 
 
@@ -360,9 +398,9 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     teacher = check_teacher(cfg)  # before the data is read: nothing is written when records cannot be stored
     tokenizer = load_tokenizer(cfg.model, cfg.revision)
     plan = plan_examples(cfg, tokenizer)
-    if teacher is not None and plan.kind is not kinds.PAIRS:
-        raise InputDataError(f"{cfg.data}: --top-k and --sample-k take teacher records of preference pairs; this "
-                             "data is unpaired (prompt/completion/label)")
+    if teacher is not None and plan.kind is kinds.UNPAIRED:
+        raise InputDataError(f"{cfg.data}: --top-k and --sample-k take teacher records of preference pairs or of "
+                             "prompt/completion data; this data is unpaired (prompt/completion/label)")
     examples, skipped = plan.examples, plan.skipped
     if cfg.rows_per_shard is None:  # sized by the model work in a shard; the same data always gives the same size
         cfg = dataclasses.replace(cfg, rows_per_shard=fmt.build_rows_per_shard(plan.positions))
@@ -449,7 +487,10 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
                                            on_batch=on_batch, teacher=teacher, rows=[rows[p] for p in fresh],
                                            records=records, mass=mass)
             part = shard_data([pairs[p] for p in fresh], chosen, rejected, cfg.per_token, kind)
-            if teacher is not None:  # every row is computed (check_teacher refuses --reuse)
+            if teacher is not None and kind is kinds.COMPLETION:  # the first side's records, under its name
+                part["teacher/completion"] = records["chosen"]
+                mass = {"completion": mass["chosen"]} if mass is not None else None
+            elif teacher is not None:  # every row is computed (check_teacher refuses --reuse)
                 part.update({f"teacher/{side}": records[side] for side in ("chosen", "rejected")})
             parts = [(fresh, part)]
             tokens_by_field = {f: [getattr(p, attr) for p in pairs]
@@ -495,6 +536,9 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
         if wrong:
             problems_first = [f"example {wrong[0]!r}: stored label differs from the data ({len(wrong)} examples)"]
             return problems_first
+    elif kind is kinds.COMPLETION:
+        plan = plan_completion(dataclasses.replace(cfg, skip_invalid=True), tokenizer)
+        tokenized = {ex.id: t for ex, t in zip(plan.examples, plan.tokenized)}  # type: ignore[arg-type]
     else:
         tokenized = {}
         by_id = {ex.id: ex for ex in load_examples(cfg.data, cfg.split)}
@@ -505,6 +549,11 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
     for row in rows.tolist():
         key = store.id_of(row)
         if kind is kinds.UNPAIRED:
+            pair = tokenized[key]
+        elif kind is kinds.COMPLETION:
+            if key not in tokenized:
+                problems.append(f"example {key!r} is not in {cfg.data}")
+                continue
             pair = tokenized[key]
         else:
             ex = by_id.get(key)
@@ -530,6 +579,8 @@ def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None =
     if store.teacher is not None:
         from .teacher_pass import compare_records
 
+        if kind is kinds.COMPLETION:
+            records = {"completion": records["chosen"]}
         problems += compare_records(store, [r for r, _ in pairs], records)
     stored = store.row_values([r for r, _ in pairs])
     for i, (row, _) in enumerate(pairs):

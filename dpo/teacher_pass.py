@@ -156,7 +156,7 @@ def compare_records(store: Any, rows: list[int], records: dict[str, list[Record]
         return np.exp(x / 2) if sqrt else x
 
     problems = []
-    for side in ("chosen", "rejected"):
+    for side in records:  # chosen, rejected; or completion
         stored = store.top_k(side, rows)
         for i, row in enumerate(rows):
             new = records[side][i]

@@ -47,11 +47,15 @@ def is_unpaired(record: Any) -> bool:
 
 
 def data_kind(path: str | Path, split: str | None = None) -> str:
-    """"unpaired" when the first record has `completion` or `label` (TRL's KTO columns), else "pairs"."""
+    """"unpaired" when the first record has a `label` (TRL's KTO columns), "completion" when it has a `completion`
+    and no `label` (TRL's prompt-completion format, dpo/completion_data.py), else "pairs"."""
     path = Path(path)
     if not path.exists():
         raise InputDataError(f"{path}: no such file or folder")
     for _, record in _records(path, split):
+        if isinstance(record, dict) and "completion" in record and "label" not in record \
+                and not any(f in record for f in PAIR_FIELDS):
+            return "completion"
         return "unpaired" if is_unpaired(record) else "pairs"
     raise InputDataError(f"{path}: no records found")
 
@@ -76,6 +80,9 @@ def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedEx
             raise InputDataError(f"{where}: a preference pair (chosen/rejected) in unpaired data (the first "
                                  f"record, line {first}, is unpaired); keep pairs and unpaired examples in "
                                  "separate files")
+        if "label" not in record and out:
+            raise InputDataError(f"{where}: a prompt/completion record without a label in unpaired data (the first "
+                                 f"record, line {out[0].line}, has one); keep kinds in separate files")
         for field in ("prompt", "completion", "label"):
             if record.get(field) is None:
                 extra = (" (TRL's KTOTrainer extracts an implicit prompt only from chosen/rejected pairs)"

@@ -77,7 +77,7 @@ def read_rows(store: Store, rows: Sequence[int] | np.ndarray, *, per_token: bool
         out.update(teacher_rows(store, rows))
     # The stored key must be the hash of the stored ids: matching and merging trust keys, so a forged key stops
     # the copy here rather than lend its values to another pair.
-    keys = content_keys(*(out[f] for f in kind.token_fields), store.scoring)
+    keys = content_keys(*kinds.key_parts(kind, [out[f] for f in kind.token_fields]), store.scoring)
     bad = np.flatnonzero(np.any(keys != store.content_keys(rows), axis=1))
     if bad.size:
         raise FormatError(f"{store.location.url}: the content key of {printable(store.id_of(int(rows[bad[0]])))} "
@@ -362,6 +362,9 @@ def _refuse_unpaired(store: Store, verb: str) -> None:
                              f"would break the KL pairing (each example's KL completion is its neighbour's within "
                              f"batches of {store.kl_batch_size}); build a new store from the {verb}'s data instead "
                              "(--reuse copies every value that is still valid)")
+    if store.kind is kinds.COMPLETION:
+        raise InputDataError(f"cannot {verb} {store.location.url}: it is a completion store, and {verb} handles "
+                             "pairs stores only; build a new store from the data instead")
 
 
 def _same_ids(a: Store, row_a: int, b: Store, row_b: int) -> bool:

@@ -84,7 +84,7 @@ def render(s: dict[str, Any]) -> str:
         f"{s['path']}  (format v{s['format_version']}, {s['kind']}"
         + (f", KL batch size {s['kl_batch_size']}" if s.get("kl_batch_size") else "") + f", {state})",
         f"  examples      {s['examples']:,} in {s['shards']} shards" + (f", {s['skipped']} skipped" if s["skipped"] else ""),
-        f"  size          {human_bytes(s['bytes'])}  ({human_bytes(s['bytes_per_pair'])} per {'example' if s.get('kind') == 'unpaired' else 'pair'}, "
+        f"  size          {human_bytes(s['bytes'])}  ({human_bytes(s['bytes_per_pair'])} per {'pair' if s.get('kind', 'pairs') == 'pairs' else 'example'}, "
         f"{s['bytes_per_token']:.2f} B per token)",
         "  fields        " + ", ".join(f"{k} ({v['dtype']}{', ' + v['codec'] if 'codec' in v else ''})"
                                       for k, v in s["fields"].items()),

@@ -130,8 +130,7 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     if missing:
         raise FormatError(f"header lacks the field {missing[0]}")
     per_token = [ragged.get(name) for name in store_kind.per_token_fields]
-    if any(per_token) and not (all(per_token) and per_token[0].codec == per_token[1].codec  # type: ignore[union-attr]
-                               and per_token[0].scale == per_token[1].scale):  # type: ignore[union-attr]
+    if any(per_token) and not (all(per_token) and len({(p.codec, p.scale) for p in per_token}) == 1):  # type: ignore[union-attr]
         raise FormatError("per-token fields must come as a pair with the same codec")
     if len({(ragged[name].dtype, ragged[name].codec) for name in store_kind.token_fields}) != 1:
         raise FormatError("token id fields must share one dtype and one codec")
@@ -161,7 +160,9 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     _check_skipped(header["skipped"])
     _check_content_key(header.get("content_key"))
     _check_provenance(header.get("provenance"), n)
-    unknown = sorted(set(header) - HEADER_KEYS - FINAL_KEYS - (KIND_KEYS if store_kind is kinds.UNPAIRED else set()))
+    unknown = sorted(set(header) - HEADER_KEYS - FINAL_KEYS - (KIND_KEYS if store_kind is kinds.UNPAIRED
+                                                               else {"kind"} if store_kind is not kinds.PAIRS
+                                                               else set()))
     if unknown:
         raise FormatError(f"unknown header key {_short(unknown[0])} (format version {store_kind.format_version} has "
                           "no such key)")

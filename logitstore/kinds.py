@@ -4,7 +4,10 @@ A **pairs** store (format version 2, no `kind` key: the format as it was) holds 
 **unpaired** store (format version 3, `"kind": "unpaired"`) holds thumbs-up / thumbs-down examples for KTO and BCO:
 one completion per example with its boolean label, and the example's mismatched KL completion, paired as TRL
 1.16's KTOTrainer pairs them (header `kl_pairing`). A reader that knows only version 2 refuses an unpaired store on
-its version number before reading anything else (docs/FORMAT.md, "Unpaired stores").
+its version number before reading anything else (docs/FORMAT.md, "Unpaired stores"). A **completion** store
+(format version 4, `"kind": "completion"`) holds plain prompt/completion examples (TRL's prompt-completion format,
+as its SFT and distillation trainers take it): one scored side, "completion", for distillation without pairs; a
+reader that knows versions 2 and 3 only refuses it on its version number (docs/FORMAT.md, "Completion stores").
 
 Every module that depends on field names takes them from a :class:`Kind`, so the layout of each kind is written
 down once, here.
@@ -14,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import numpy as np
 
 from .errors import FormatError
 
@@ -36,12 +41,12 @@ class Kind:
     name: str
     format_version: int
     row_fields: dict[str, tuple[str, Any]]  # per-row arrays: name -> (dtype, fill value)
-    token_fields: tuple[str, str, str]  # prompt ids, then the two scored completions' ids (the content key's order)
-    sides: tuple[Side, Side]
+    token_fields: tuple[str, ...]  # prompt ids, then each scored completion's ids (the content key's order)
+    sides: tuple[Side, ...]  # two for pairs and unpaired stores, one for completion stores
 
     @property
-    def per_token_fields(self) -> tuple[str, str]:
-        return (self.sides[0].per_token, self.sides[1].per_token)
+    def per_token_fields(self) -> tuple[str, ...]:
+        return tuple(side.per_token for side in self.sides)
 
     @property
     def unit(self) -> str:
@@ -76,17 +81,37 @@ UNPAIRED = Kind(
            Side("kl_logps", "kl_tokens", "kl_completion_ids", "kl_token_logps")),
 )
 
-KINDS = {PAIRS.name: PAIRS, UNPAIRED.name: UNPAIRED}
-VERSIONS = {PAIRS.format_version: PAIRS, UNPAIRED.format_version: UNPAIRED}
+COMPLETION = Kind(
+    name="completion", format_version=4,
+    row_fields={
+        "completion_logps": ("float32", float("nan")),
+        "completion_tokens": ("int32", -1),
+    },
+    token_fields=("prompt_ids", "completion_ids"),
+    sides=(Side("completion_logps", "completion_tokens", "completion_ids", "completion_token_logps"),),
+)
+
+KINDS = {PAIRS.name: PAIRS, UNPAIRED.name: UNPAIRED, COMPLETION.name: COMPLETION}
+VERSIONS = {PAIRS.format_version: PAIRS, UNPAIRED.format_version: UNPAIRED, COMPLETION.format_version: COMPLETION}
+
+
+def key_parts(kind: Kind, token_ids: list[Any]) -> list[Any]:
+    """The (prompt, first, second) id sequences a content key hashes, from a kind's token fields in order: a
+    completion store's second sequence is empty for every row (its keys differ from pairs' by the scoring too)."""
+    parts = list(token_ids)
+    if len(parts) == 2:
+        parts.append([np.zeros(0, dtype=np.int64)] * len(parts[0]))
+    return parts
 
 
 def kind_of(header: dict[str, Any]) -> Kind:
-    """The kind a header declares: version 2 without `kind` is pairs, version 3 with `kind: "unpaired"` is unpaired;
-    anything else is refused."""
+    """The kind a header declares: version 2 without `kind` is pairs, version 3 with `kind: "unpaired"` is unpaired,
+    version 4 with `kind: "completion"` is completion; anything else is refused."""
     version = header.get("format_version")
     kind = VERSIONS.get(version) if type(version) is int else None
     if kind is None:
-        known = " and ".join(f"{v} ({k.name})" for v, k in VERSIONS.items())
+        names = [f"{v} ({k.name})" for v, k in VERSIONS.items()]
+        known = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         raise FormatError(f"format version {version!r}; this logitstore reads versions {known}")
     declared = header.get("kind")
     if kind is PAIRS and "kind" in header:

@@ -64,7 +64,7 @@ class PairDataset:
         """Prompt + longer completion, per row: what padding depends on."""
         spans = [self.store.offsets(f) for f in self.store.kind.token_fields]
         lens = [o[:, 1] - o[:, 0] for o in spans]
-        return lens[0] + np.maximum(lens[1], lens[2])
+        return lens[0] + np.max(lens[1:], axis=0)  # one completion in a completion store
 
     def __getitems__(self, rows: Sequence[int]) -> dict[str, Any]:
         s = self.store

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from . import format as fmt
+from . import kinds
 from .content_key import content_keys
 from .errors import LogitstoreError, StoreNotFoundError, printable
 
@@ -232,7 +233,7 @@ def _check_content_keys(store: Any, rows: np.ndarray, report: VerifyReport) -> N
     except LogitstoreError as exc:
         report.problems.append(str(exc))
         return
-    bad = np.any(stored != content_keys(*ids, store.scoring), axis=1)
+    bad = np.any(stored != content_keys(*kinds.key_parts(store.kind, ids), store.scoring), axis=1)
     if bad.any():
         report.problems.append(f"{fmt.CONTENT_KEY} disagrees with the stored token ids for {int(bad.sum())} "
                                f"examples (first: {store.id_of(int(rows[np.flatnonzero(bad)[0]]))})")
@@ -285,7 +286,8 @@ def _check_teacher_values(store: Any, side: str, s: Any, rows: np.ndarray, repor
     preset = PRESETS[store.teacher["codec"]]
     spec = store.fields[s.per_token]
     sqrt = preset.domain == "sqrt"
-    tol = preset.step / 2 + 1e-3 + (abs(spec.scale or 0) / 2 if spec.codec == "fixed" else 0.0)
+    # fixed point: each single value is within |scale| (error feedback bounds prefix sums, docs/FORMAT.md)
+    tol = preset.step / 2 + 1e-3 + (abs(spec.scale or 0) if spec.codec == "fixed" else 0.0)
     records = store.top_k(side, rows)
     values = store.ragged(s.per_token, rows)
     tokens = store.ragged(s.ids, rows)

@@ -139,7 +139,7 @@ class StoreWriter:
                 raise ValueError(f"{name}: expected {n} values for shard {shard}, got shape {values.shape}")
             self._group[name][span.start:span.stop] = values
         self._group[fmt.CONTENT_KEY][span.start:span.stop] = content_keys(
-            *(rows[f] for f in self.kind.token_fields), self.scoring)
+            *kinds.key_parts(self.kind, [rows[f] for f in self.kind.token_fields]), self.scoring)
         clipped = 0
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
@@ -326,7 +326,7 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     header: dict[str, Any] = {
         "format_version": store_kind.format_version,
         **({"kind": store_kind.name, "kl_pairing": kinds.kl_pairing(kl_batch_size)}  # type: ignore[arg-type]
-           if store_kind is kinds.UNPAIRED else {}),
+           if store_kind is kinds.UNPAIRED else {"kind": store_kind.name} if store_kind is not kinds.PAIRS else {}),
         **geometry.header(),
         "id_bytes": sum(len(b) for b in encoded),
         "fields": fields,

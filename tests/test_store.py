@@ -279,7 +279,7 @@ def test_an_unknown_format_version_is_refused(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["attributes"]["logitstore"]["format_version"] = 99
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(logitstore.FormatError, match=r"has format version 99; this logitstore reads versions 2 \(pairs\) and 3 \(unpaired\)"):
+    with pytest.raises(logitstore.FormatError, match=r"has format version 99; this logitstore reads versions 2 \(pairs\), 3 \(unpaired\) and 4 \(completion\)"):
         logitstore.open(tmp_path / "s")
 
 

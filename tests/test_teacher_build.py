@@ -224,8 +224,8 @@ def test_unpaired_data_is_refused_in_one_line(byte_model, tmp_path, capsys):
     data = write_jsonl(tmp_path / "u.jsonl", rows)
     code, _, err = run_main(capsys, "build", "--model", str(byte_model), "--data", str(data), "--out",
                             str(tmp_path / "s"), "--top-k", "4", "--quiet")
-    assert (code, err) == (1, f"Error: {data}: --top-k and --sample-k take teacher records of preference pairs; this "
-                              "data is unpaired (prompt/completion/label)\n")
+    assert (code, err) == (1, f"Error: {data}: --top-k and --sample-k take teacher records of preference pairs or of "
+                              "prompt/completion data; this data is unpaired (prompt/completion/label)\n")
     assert not (tmp_path / "s").exists()
 
 
