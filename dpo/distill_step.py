@@ -85,6 +85,37 @@ def global_token_mean(pair: Any, scored: torch.Tensor) -> Any:
     return dataclasses.replace(pair, distill=pair.distill * local / share.clamp(min=1.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class CompletionTerms:
+    """A completion batch's distill term (no pairs, so no TDPO sequential KL): what :func:`global_token_mean` and
+    :func:`teacher_metrics` take in place of a pair's terms."""
+
+    distill: torch.Tensor
+    chosen_kl: None = None
+
+
+def completion_terms(tokens: Any, objective: Objective) -> CompletionTerms:
+    """distill on a completion store's rows: TRL's DistillationTrainer reduction, the mean of each scored
+    position's divergence (distill's beta) over every scored completion token of the batch, as for pairs."""
+    if tokens.divergence is None:
+        raise ValueError("distill needs token_logps(..., teacher=records)")
+    per_position = tokens.divergence[..., objective.teacher_betas.index(objective.distill_divergence)]
+    return CompletionTerms(per_position[tokens.scored].mean())
+
+
+def completion_refusal(store: Any, objective: Any) -> str | None:
+    """Why `objective` cannot train on a completion store (one line), or None: it holds one completion per example
+    and no pairs, so only distill reads it."""
+    if store.kind.name != "completion":
+        return None
+    others = [t for t in getattr(objective, "loss_types", (getattr(objective, "loss_type", "?"),)) if t != "distill"]
+    if not others:
+        return None
+    return (f"{store.location.url} is a completion store (prompt/completion data, no pairs or labels): it trains "
+            f"--loss distill alone; {', '.join(others)} need{'s' if len(others) == 1 else ''} a preference-pair or "
+            "unpaired store")
+
+
 def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:
     """What the teacher terms add to a step's record: distill's loss, TDPO's sequential KL of each side."""
     out = {}
@@ -108,7 +139,10 @@ def check_teacher(store: Any, objective: Objective) -> Objective:
         return objective
     url = store.location.url
     names = ", ".join(t for t in objective.loss_types if t in TEACHER_LOSSES)
-    if store.kind.name != "pairs":
+    refusal = completion_refusal(store, objective)
+    if refusal is not None:
+        raise LogitstoreError(refusal)
+    if store.kind.name == "unpaired":
         raise LogitstoreError(f"--loss {names} trains on a preference-pair store's teacher records; {url} is an "
                               f"{store.kind.name} store (KTO, BCO)")
     require_teacher(store)  # the loader's one line for a store without records
@@ -126,6 +160,12 @@ def check_teacher_vocabulary(store: Any, objective: Objective, vocab_size: int) 
                               f"model's vocabulary of {vocab_size}; the store was built for another tokenizer")
 
 
+def per_example(per_row: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] bool of examples from a batch's [R] bool of rows: a pair's two rows (chosen rows, then rejected rows)
+    count for it; a completion batch has one row per example."""
+    return per_row if per_row.numel() == n else per_row[:n] | per_row[n:]
+
+
 def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tuple[torch.Tensor, str] | None:
     """The rows (of ``batch["rows"]``, a bool mask) whose teacher records do not fit the batch, and why: ids
     outside the model's vocabulary, log-probs that are NaN or above 0, or another number of positions than the row
@@ -138,20 +178,20 @@ def check_teacher_batch(batch: dict[str, torch.Tensor], vocab_size: int) -> tupl
     outside = ((ids < 0) | (ids >= vocab_size)).flatten(1).any(dim=1)
     if outside.any():
         token = int(ids[(ids < 0) | (ids >= vocab_size)][0])
-        return outside[:n] | outside[n:], (f"a teacher token id {token}, outside the model's vocabulary of "
+        return per_example(outside, n), (f"a teacher token id {token}, outside the model's vocabulary of "
                                            f"{vocab_size}; the store was built for another tokenizer")
     if records.logps is not None:  # a log-probability is at most 0; padding is -inf
         values = torch.cat([records.logps.flatten(1), batch["teacher_tail_logp"].flatten(1)], dim=1)
         wrong = torch.isnan(values) | (values > 0)
         if wrong.any():
             per_row = wrong.any(dim=1)
-            return per_row[:n] | per_row[n:], (f"a teacher log-prob of {float(values[wrong][0])}, which is no "
+            return per_example(per_row, n), (f"a teacher log-prob of {float(values[wrong][0])}, which is no "
                                                "log-probability; the store is damaged")
     scored = batch["completion_mask"][:, 1:].sum(dim=1)
     entries = records.real().sum(dim=1)
     differ = entries != scored
     if differ.any():
         i = int(differ.nonzero()[0, 0])
-        return differ[:n] | differ[n:], (f"teacher records for {int(entries[i])} positions of a completion that "
+        return per_example(differ, n), (f"teacher records for {int(entries[i])} positions of a completion that "
                                          f"scores {int(scored[i])} tokens; the store is damaged")
     return None

@@ -21,9 +21,11 @@ from logitstore.errors import FingerprintMismatchError, IncompleteStoreError, In
 from logitstore.ld_dpo import require_per_token
 from logitstore.loader import Prefetcher, make_loader
 from logitstore.unpaired_loader import make_unpaired_loader
+from logitstore.completion_loader import make_completion_loader
 
 from . import distributed, sharded_io
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distill_step import completion_refusal, completion_terms, per_example
 from .distill_step import (check_teacher, check_teacher_batch, check_teacher_vocabulary, global_token_mean,
                            teacher_metrics, teacher_records)
 from .logps import exact_4bit, pair_logps
@@ -138,6 +140,11 @@ def check_kind(store: logitstore.Store, objective: Objective | UnpairedObjective
     """The store's kind must fit the loss, and a KL loss must train in the chunks the store paired KL completions
     within (TRL's per-device batches)."""
     url = store.location.url
+    refusal = completion_refusal(store, objective)
+    if refusal is not None:
+        raise LogitstoreError(refusal)
+    if store.kind.name == "completion":
+        return
     if isinstance(objective, UnpairedObjective):
         if store.kind.name != "unpaired":
             raise LogitstoreError(f"--loss {objective.loss_type} trains on an unpaired store; {url} holds preference "
@@ -252,20 +259,20 @@ def check_batch(batch: dict[str, torch.Tensor], store: logitstore.Store, vocab_s
     teacher records are checked against the model's `logits` width (default `vocab_size`)."""
     rows = batch["rows"]
     names = ("ref_chosen_logps", "ref_rejected_logps") if "ref_chosen_logps" in batch else ("ref_logps", "ref_kl_logps")
-    sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl
-    refs = torch.stack([batch[names[0]], batch[names[1]]], dim=1)
+    sides = [side.logps.rsplit("_", 1)[0] for side in store.kind.sides]  # chosen/rejected, completion/kl, completion
+    refs = torch.stack([batch[name] for name in names if name in batch], dim=1)
     bad = ~torch.isfinite(refs).all(dim=1)
     if bad.any():
         first = refs[bad][0]
+        values = ", ".join(f"{side} {float(v)}" for side, v in zip(sides, first))
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad])} "
                              f"{'have' if int(bad.sum()) > 1 else 'has'} a non-finite reference log-prob "
-                             f"({sides[0]} {float(first[0])}, {sides[1]} {float(first[1])}); the store cannot be "
-                             "trained on")
+                             f"({values}); the store cannot be trained on")
     ids = batch["input_ids"]
     outside = (ids < 0) | (ids >= vocab_size)
     if outside.any():
         per_row = outside.any(dim=1)
-        bad_rows = per_row[:len(rows)] | per_row[len(rows):]  # chosen rows, then rejected rows
+        bad_rows = per_example(per_row, len(rows))  # chosen rows, then rejected rows (completion: one row each)
         token = int(ids[outside][0])
         raise InputDataError(f"{store.location.url}: {_examples(store, rows[bad_rows])} "
                              f"{'hold' if int(bad_rows.sum()) > 1 else 'holds'} token id {token}, outside the "
@@ -301,6 +308,22 @@ def dpo_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, devi
         **teacher_metrics(pair),
     }
     return out.losses.mean(), metrics
+
+
+def completion_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
+                     objective: Objective) -> tuple[torch.Tensor, dict]:
+    """distill on one batch of a completion store: one row per example, the mean divergence over its scored
+    completion tokens (dpo/distill_step.py), as TRL's DistillationTrainer reduces it."""
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    attention = batch["attention_mask"].to(device, non_blocking=True)
+    completion = batch["completion_mask"].to(device, non_blocking=True)
+    teacher = teacher_records(batch, objective, device)
+    with precision(device, cfg.dtype):
+        tokens = distributed.score(model, ids, attention, completion, teacher=teacher)
+    terms = global_token_mean(completion_terms(tokens, objective), tokens.scored)  # TRL's mean over all ranks
+    metrics = {"loss": terms.distill.detach(), "logps": tokens.per_token.detach().sum(dim=1).mean(),
+               **teacher_metrics(terms)}
+    return terms.distill, metrics
 
 
 def unpaired_batch(model: Any, batch: dict[str, torch.Tensor], cfg: TrainConfig, device: Any,
@@ -353,9 +376,15 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
     objective = objective_of(cfg)
     if isinstance(objective, UnpairedObjective):
         return _evaluate_unpaired(model, path, cfg, device, objective, running)
-    loader, sampler = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
-                                  storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
-                                  pin_memory=device.type == "cuda", teacher=objective.needs_teacher)
+    completion_store = logitstore.open(path, storage_options=cfg.storage_options).kind.name == "completion"
+    if completion_store:  # distill alone (check_teacher refuses the rest)
+        loader, sampler = make_completion_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
+                                                 storage_options=cfg.storage_options,
+                                                 pin_memory=device.type == "cuda", teacher=True)
+    else:
+        loader, sampler = make_loader(path, cfg.batch_size, shuffle=False, drop_last=False,
+                                      storage_options=cfg.storage_options, ld_alpha=objective.ld_alpha,
+                                      pin_memory=device.type == "cuda", teacher=objective.needs_teacher)
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     width = logits_width(distributed.unwrap(model))
     objective = check_teacher(store, objective)
@@ -367,7 +396,7 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
         n = batch["rows"].numel() if i < counted else 0  # past `counted`: a pass for FSDP2's collectives only
         check_batch(batch, store, vocab, width)
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
-            _, metrics = dpo_batch(model, batch, cfg, device, objective)
+            _, metrics = (completion_batch if completion_store else dpo_batch)(model, batch, cfg, device, objective)
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
@@ -466,12 +495,15 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         cfg.model, adapter=cfg.adapter, dtype=cfg.dtype, quantize=cfg.quantize, revision=cfg.revision,
         adapter_revision=cfg.adapter_revision, device=cfg.device), sort_keys=True))
     unpaired = isinstance(objective, UnpairedObjective)
+    completions = store.kind.name == "completion"  # distill without pairs (check_kind refused every other loss)
     running = RunningMean() if unpaired and objective.loss_type == "bco" else None  # BCO's δ: saved with the run
     if objective.ld_alpha is not None:
         require_per_token(store)
     if cfg.eval_store:
         eval_store = logitstore.open(cfg.eval_store, storage_options=cfg.storage_options)
         check_store_matches(eval_store, cfg)
+        if completion_refusal(eval_store, objective) is not None:
+            raise LogitstoreError(completion_refusal(eval_store, objective))
         if unpaired and eval_store.kind.name != "unpaired":
             raise LogitstoreError(f"{cfg.eval_store} holds preference pairs; evaluate {objective.loss_type} on an "
                                   "unpaired store")
@@ -507,6 +539,11 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
             cfg.store, cfg.batch_size, seed=cfg.seed, shuffle=not objective.uses_kl, rank=rank,  # type: ignore[union-attr]
             world_size=world, num_workers=cfg.num_workers, storage_options=cfg.storage_options,
             digest=cfg.expect_digest, pin_memory=device.type == "cuda")
+    elif completions:
+        loader, sampler = make_completion_loader(
+            cfg.store, cfg.batch_size, seed=cfg.seed, group_by_length=cfg.group_by_length, rank=rank,
+            world_size=world, num_workers=cfg.num_workers, storage_options=cfg.storage_options,
+            digest=cfg.expect_digest, pin_memory=device.type == "cuda", teacher=True)
     else:
         loader, sampler = make_loader(cfg.store, cfg.batch_size, seed=cfg.seed,
                                       group_by_length=cfg.group_by_length, rank=rank, world_size=world,
@@ -564,6 +601,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
             with distributed.accumulating(policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
                 if unpaired:
                     loss, metrics = unpaired_batch(policy, batch, cfg, device, objective, running)  # type: ignore[arg-type]
+                elif completions:
+                    loss, metrics = completion_batch(policy, batch, cfg, device, objective)  # type: ignore[arg-type]
                 else:
                     loss, metrics = dpo_batch(policy, batch, cfg, device, objective)  # type: ignore[arg-type]
                 if not torch.isfinite(loss):  # stop before it reaches the weights
@@ -605,7 +644,8 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
             history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}"}
-                                                         if "rewards/accuracies" in record else {"kl": f"{record['kl']:.3f}"}))
+                                                         if "rewards/accuracies" in record
+                                                         else {"kl": f"{record['kl']:.3f}"} if "kl" in record else {}))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # every rank: collective
             save_checkpoint(out / f"checkpoint-{step}", model=model, optimizer=optimizer,
                             sharded_policy=policy if sharded else None, rank=rank,
