@@ -114,3 +114,34 @@ def test_other_losses_are_refused_in_one_line(byte_model, teacher_store, tmp_pat
     assert text.startswith(f"{store} is a completion store (prompt/completion data, no pairs or labels): it trains "
                            "--loss distill alone; ") and message in text and "\n" not in text
     assert not (tmp_path / "x").exists()
+
+
+def test_distill_on_a_sampled_completion_store_is_the_sparse_logit_sampling_estimator(byte_model, teacher_store,
+                                                                                      tmp_path):
+    """--sample-k 12: the step-0 loss is the mean KL(empirical || policy) of the stored draws, computed directly."""
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from logitstore.cli.main import cli
+    from logitstore.dpo.distill import sampled_divergence
+
+    teacher_dir, _ = teacher_store
+    data = write_jsonl(tmp_path / "d.jsonl", rows(N))
+    result = CliRunner().invoke(cli, ["build", "--model", str(teacher_dir), "--data", str(data), "--out",
+                                      str(tmp_path / "s"), "--max-length", "128", "--sample-k", "12", "--quiet"])
+    assert result.exit_code == 0, result.output
+    first = run(byte_model, tmp_path / "s", tmp_path / "d", loss="distill")["history"][0]  # beta 0 for draws
+    store = logitstore.open(tmp_path / "s")
+    picked = first_batch_rows(tmp_path / "s", N // 2)
+    records = store.top_k("completion", np.array(picked))
+    policy = AutoModelForCausalLM.from_pretrained(str(byte_model), dtype=torch.float32).eval()
+    values = []
+    for i, row in enumerate(picked):
+        prompt, completion = (store.ragged(f, [row])[0].astype(np.int64) for f in ("prompt_ids", "completion_ids"))
+        with torch.no_grad():
+            logits = policy(input_ids=torch.from_numpy(np.concatenate([prompt, completion]))[None]).logits[0]
+        assert records["counts"][i].sum(axis=1).tolist() == [12] * len(completion)
+        values.append(sampled_divergence(logits[len(prompt) - 1:-1], torch.from_numpy(records["ids"][i]).long(),
+                                         torch.from_numpy(records["counts"][i].astype(np.int64))))
+    want = float(torch.cat(values).mean())
+    assert abs(first["loss"] - want) < 1e-5 * max(1.0, want), (first["loss"], want)
