@@ -57,6 +57,37 @@ def test_a_reader_of_versions_2_and_3_refuses_a_completion_store(tmp_path, monke
         logitstore.open(tmp_path / "s")
 
 
+def write_completion(path: Path) -> None:
+    writer = logitstore.create(path, ["a", "b"], fingerprint={"model": "m"}, vocab_size=50, max_length=8,
+                               kind="completion", per_token=True)
+    writer.write_shard(0, {"prompt_ids": [np.array([1, 2]), np.array([1])], "completion_ids": [np.array([3, 4]),
+                                                                                               np.array([5])],
+                           "completion_logps": [-1.5, -0.5], "completion_tokens": [2, 1],
+                           "completion_token_logps": [np.array([-1.0, -0.5]), np.array([-0.5])]})
+    writer.finalize()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda h: h.pop("kind"), r"format version 4 without the kind 'completion' it requires \(got None\)"),
+    (lambda h: h.update(kind="pairs"), r"format version 4 without the kind 'completion' it requires"),
+    (lambda h: h.update(format_version=3), r"format version 3 without the kind 'unpaired' it requires"),
+    (lambda h: h.update(kl_pairing={"rule": "rotate-within-batches", "batch_size": 2}),
+     "header kl_pairing belongs to unpaired stores only"),
+    (lambda h: h["fields"].update(rejected_ids=h["fields"]["completion_ids"]),
+     "unknown field 'rejected_ids' in the header of a completion store"),
+])
+def test_hostile_headers_are_refused(tmp_path, change, message):
+    import forge
+
+    write_completion(tmp_path / "c")
+    assert logitstore.open(tmp_path / "c").ragged("completion_token_logps", [0])[0].tolist() == [-1.0, -0.5]
+    h = forge.header(tmp_path / "c")
+    change(h)
+    forge.write_header(tmp_path / "c", h)
+    with pytest.raises(FormatError, match=message):
+        logitstore.open(tmp_path / "c")
+
+
 @pytest.fixture(scope="module")
 def completion_store(byte_model, tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("completion")
@@ -228,3 +259,18 @@ def test_loader_refuses_other_kinds_and_stores_without_records(tmp_path):
         make_completion_loader(str(tmp_path / "c"), 1, teacher=True)
     batch = next(iter(make_completion_loader(str(tmp_path / "c"), 1, pin_memory=False)[0]))
     assert batch["input_ids"].tolist() == [[1, 3]] and batch["completion_mask"].tolist() == [[0, 1]]
+
+
+def test_reuse_between_completion_builds_copies_unchanged_examples(completion_store, byte_model, tmp_path):
+    path, _ = completion_store
+    rows = completion_rows(6)
+    rows[2]["completion"] = " Something else entirely."
+    data = write_jsonl(tmp_path / "d2.jsonl", rows)
+    result = run_cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s2"),
+                     "--max-length", "96", "--per-token", "--reuse", str(path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "6 examples (1 computed, 5 reused)" in result.stdout
+    old, new = logitstore.open(path), logitstore.open(tmp_path / "s2")
+    same = [f"c{i}" for i in range(6) if i != 2]
+    assert np.array_equal(old.get(same)["completion_logps"], new.get(same)["completion_logps"])
+    assert logitstore.verify(tmp_path / "s2").ok
