@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from logitstore import teacher_blocks as TB
 from logitstore import teacher_store as TS
 from logitstore import topk_codec as C
 
-from forge import header, recommit, refusal, write_header
+from forge import header, recommit, refusal, store, write_header  # noqa: F401 (store: a copy of this pristine)
 from test_teacher_store import VOCAB, _logits, build
 
 KEY = "teacher/chosen/c/1"
@@ -36,13 +35,6 @@ def pristine(tmp_path_factory) -> Path:
     """23 rows in 3 shards of 8, top-6 records of a 50-token teacher, exact values."""
     path = tmp_path_factory.mktemp("pristine") / "s"
     build(path, TS.entry("top_k", 6, VOCAB, codec="exact"))
-    return path
-
-
-@pytest.fixture
-def store(pristine, tmp_path) -> Path:
-    path = tmp_path / "s"
-    shutil.copytree(pristine, path)
     return path
 
 
