@@ -43,6 +43,7 @@ def edited_setting(quick, tmp_path_factory):
             "changed": sum(1 for a, b in zip(rows, edited) if a != b)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["full rebuild", "build --reuse"])
 def test_rebuild_after_a_10_percent_change(benchmark, edited_setting, variant):
     s = edited_setting

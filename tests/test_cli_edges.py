@@ -169,6 +169,7 @@ def test_train_names_the_plot_last(byte_model, tmp_path, capsys):
     assert (tmp_path / "run" / "metrics.png").is_file()
 
 
+@pytest.mark.slow
 def test_train_prints_no_gradient_checkpointing_deprecation(byte_model, tmp_path):
     import subprocess
     import sys

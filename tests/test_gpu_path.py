@@ -200,6 +200,7 @@ def test_no_lora_with_4bit_is_refused_before_anything_is_written(byte_model, med
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_quiet_prints_only_the_final_line(byte_model, medical, tmp_path):
     """Without --quiet this prints transformers' weight-loading bar, a FutureWarning and bitsandbytes' CPU notice."""
     out = _cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "run"),

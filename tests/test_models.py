@@ -109,6 +109,7 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
                           env={**os.environ, "TQDM_DISABLE": "1", **env})
 
 
+@pytest.mark.slow
 def test_build_train_and_verify_take_a_hub_name_offline(hub_home, byte_model, tmp_path):
     import logitstore
 

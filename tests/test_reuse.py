@@ -175,6 +175,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           env={**os.environ, **ENV, **(env or {})})
 
 
+@pytest.mark.slow
 def test_stores_of_another_model_or_precision_are_refused(mistral_model, byte_model, datasets):
     folder = datasets["folder"]
     data = str(datasets["base"])
@@ -213,6 +214,7 @@ def build_args(model: Path, data: Path, out: Path) -> list[str]:
             "--rows-per-shard", "4", "--batch-size", "2", "--per-token", "--quiet"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["after-commit:2", "before-commit:4"])
 def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, datasets, cli_old, tmp_path, fault):
     old, whole, whole_out = cli_old
@@ -237,6 +239,7 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
     assert info["provenance"]["sources"][0]["path"] == str(old)
 
 
+@pytest.mark.slow
 def test_two_rank_reuse_build_splits_only_the_pairs_to_compute(mistral_model, datasets, cli_old, tmp_path):
     old, whole, _ = cli_old
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",

@@ -337,6 +337,7 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     assert max(ratios) <= 0.70
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("records", [["--sample-k", "4", "--seed", "3"], ["--top-k", "8"]])
 def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path, records):
     """Sampled records are drawn from (seed, row, side) and a shard's prior is its rows' tail mass summed in integer
