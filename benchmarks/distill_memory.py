@@ -3,7 +3,7 @@ in its own process; peak memory = that process's maximum resident set size (mode
 steps, and, for one more step under torch.profiler (memprofile.py), the step's tracked peak: the most bytes of
 tensors allocated during the step alive at once, which the C allocator's reuse and fragmentation do not blur.
 
-    python benchmarks/distill_memory.py [--smoke] [--json OUT]
+    python benchmarks/distill_memory.py [--smoke] [--json OUT] [--objective NAME ...]
 
 The setting is memory.py's: a Mistral-architecture model of 12 layers x 512 (the real 32k vocabulary, float32),
 LoRA r=8 on every linear layer, batch 4 pairs of 512 tokens (a 64-token prompt, 448-token completions), AdamW,
@@ -116,8 +116,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="a small model and 2 steps")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--work", help="folder for the model (default: a temporary one)")
+    parser.add_argument("--objective", action="append",
+                        help="one of OBJECTIVES to run (repeat for more; default: all)")
     a = parser.parse_args()
     s = SMOKE if a.smoke else SETTING
+    names = a.objective or list(OBJECTIVES)
+    unknown = [n for n in names if n not in OBJECTIVES]
+    if unknown:
+        parser.error(f"unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         model = work / f"model-{s['size']}"
@@ -125,7 +131,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), s["size"]],
                            check=True)
         results = []
-        for name in OBJECTIVES:
+        for name in names:
             done = subprocess.run([sys.executable, __file__, "--child", json.dumps(
                 {"objective": name, "model": str(model), "setting": s})], capture_output=True, text=True,
                 check=False)
