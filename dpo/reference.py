@@ -161,6 +161,26 @@ class Plan:
         return tokenize_pair(tokenizer, self.examples[row], cfg.max_length, cfg.max_prompt_length)
 
 
+def tokenize_each(cfg: BuildConfig, examples: list[Any], tokenize: Callable[[Any], Any], noun: str,
+                  ) -> tuple[list[Any], list[Skipped], list[Any]]:
+    """`tokenize` applied to every example: the examples kept, the ones skipped (with `skip_invalid`) and what
+    `tokenize` returned for each kept one. The first bad one stops the build unless `skip_invalid`; none left stops
+    it too."""
+    keep, skipped, tokenized = [], [], []
+    for ex in examples:
+        try:
+            tokenized.append(tokenize(ex))
+        except InputDataError as exc:
+            if not cfg.skip_invalid:
+                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such {noun} out)") from None
+            skipped.append(Skipped(ex.id, ex.line, str(exc)))
+            continue
+        keep.append(ex)
+    if not keep:
+        raise InputDataError(f"{cfg.data}: every {noun[:-1]} was invalid; nothing to build")
+    return keep, skipped, tokenized
+
+
 def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
     """Load and tokenize every record once: the first bad one stops the build unless `skip_invalid`."""
     found = data_kind(cfg.data, cfg.split)
@@ -168,23 +188,15 @@ def plan_examples(cfg: BuildConfig, tokenizer: Any) -> Plan:
         return plan_unpaired(cfg, tokenizer)
     if found == "completion":
         return plan_completion(cfg, tokenizer)
-    examples = load_examples(cfg.data, cfg.split)
-    keep, skipped, keys, cost, positions = [], [], [], [], []
-    for ex in examples:
-        try:
-            pair = tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
-        except InputDataError as exc:
-            if not cfg.skip_invalid:
-                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such "
-                                     "pairs out)") from None
-            skipped.append(Skipped(ex.id, ex.line, str(exc)))
-            continue
-        keep.append(ex)
-        keys.append(content_keys([pair.prompt_ids], [pair.chosen_ids], [pair.rejected_ids], SCORING)[0])
-        cost.append(len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids)))
-        positions.append(2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids))
-    if not keep:
-        raise InputDataError(f"{cfg.data}: every pair was invalid; nothing to build")
+
+    def summary(ex: Any) -> tuple[np.ndarray, int, int]:  # not the token ids: a pair is tokenized again when scored
+        pair = tokenize_pair(tokenizer, ex, cfg.max_length, cfg.max_prompt_length)
+        p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+        key = content_keys([pair.prompt_ids], [pair.chosen_ids], [pair.rejected_ids], SCORING)[0]
+        return key, p + max(c, r), 2 * p + c + r
+
+    keep, skipped, summaries = tokenize_each(cfg, load_examples(cfg.data, cfg.split), summary, "pairs")
+    keys, cost, positions = zip(*summaries)
     return Plan(keep, skipped, np.array(keys, dtype=np.uint8), np.array(cost, dtype=np.int64),
                 np.array(positions, dtype=np.int64))
 
@@ -198,19 +210,8 @@ def plan_unpaired(cfg: BuildConfig, tokenizer: Any) -> Plan:
     if cfg.max_prompt_length is not None:
         raise InputDataError("--max-prompt-length does not apply to unpaired data (TRL's KTOTrainer has no such "
                              "option: prompt + completion is cut at the end)")
-    examples = load_unpaired(cfg.data, cfg.split)
-    keep, skipped, tokenized = [], [], []
-    for ex in examples:
-        try:
-            tokenized.append(tokenize_example(tokenizer, ex, cfg.max_length))
-        except InputDataError as exc:
-            if not cfg.skip_invalid:
-                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such examples out)") from None
-            skipped.append(Skipped(ex.id, ex.line, str(exc)))
-            continue
-        keep.append(ex)
-    if not keep:
-        raise InputDataError(f"{cfg.data}: every example was invalid; nothing to build")
+    keep, skipped, tokenized = tokenize_each(cfg, load_unpaired(cfg.data, cfg.split),
+                                             lambda ex: tokenize_example(tokenizer, ex, cfg.max_length), "examples")
     if len(keep) < cfg.kl_batch_size:
         raise InputDataError(f"{cfg.data}: {len(keep)} examples are fewer than one KL batch of {cfg.kl_batch_size} "
                              "(--kl-batch-size); use a smaller --kl-batch-size, and train with that batch size")
@@ -231,20 +232,10 @@ def plan_completion(cfg: BuildConfig, tokenizer: Any) -> Plan:
     if cfg.max_prompt_length is not None:
         raise InputDataError("--max-prompt-length does not apply to prompt/completion data (TRL's SFTTrainer has no "
                              "such option: prompt + completion is cut at the end)")
-    examples = load_completions(cfg.data, cfg.split)
-    keep, skipped, pairs = [], [], []
-    for ex in examples:
-        try:
-            prompt, completion = tokenize_completion(tokenizer, ex, cfg.max_length)
-        except InputDataError as exc:
-            if not cfg.skip_invalid:
-                raise InputDataError(f"{cfg.data}: {exc} (use --skip-invalid to leave such examples out)") from None
-            skipped.append(Skipped(ex.id, ex.line, str(exc)))
-            continue
-        keep.append(ex)
-        pairs.append(TokenizedPair(prompt, completion, completion))
-    if not keep:
-        raise InputDataError(f"{cfg.data}: every example was invalid; nothing to build")
+    keep, skipped, tokenized = tokenize_each(cfg, load_completions(cfg.data, cfg.split),
+                                             lambda ex: tokenize_completion(tokenizer, ex, cfg.max_length),
+                                             "examples")
+    pairs = [TokenizedPair(prompt, completion, completion) for prompt, completion in tokenized]
     keys = content_keys(*kinds.key_parts(kinds.COMPLETION, [[p.prompt_ids for p in pairs],
                                                             [p.chosen_ids for p in pairs]]), SCORING_COMPLETION)
     cost = np.array([len(p.prompt_ids) + len(p.chosen_ids) for p in pairs], dtype=np.int64)
