@@ -388,16 +388,27 @@ def evaluate(model: Any, path: str, cfg: TrainConfig, device: Any, running: Runn
     store, vocab = loader.dataset.store, vocabulary_size(distributed.unwrap(model))  # the loader's own open store
     width = logits_width(distributed.unwrap(model))
     objective = check_teacher(store, objective)
-    loader, counted = distributed.this_ranks_batches(loader, sampler)  # ranks split the batches, then add up
+    step = completion_batch if completion_store else dpo_batch
+
+    def metrics(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_batch(batch, store, vocab, width)
+        return step(model, batch, cfg, device, objective)[1]
+
+    return _evaluated(model, *distributed.this_ranks_batches(loader, sampler), metrics)
+
+
+def _evaluated(model: Any, loader: Any, counted: int, metrics: Callable[[dict], dict[str, torch.Tensor]],
+               ) -> dict[str, float]:
+    """Each metric's mean over the examples of every rank's first `counted` batches (ranks split the batches, then
+    add up); the batches past `counted` run only to keep FSDP2's collectives matched across ranks."""
     model.eval()
     totals: dict[str, float] = {}
     count = 0
     for i, batch in enumerate(loader):
-        n = batch["rows"].numel() if i < counted else 0  # past `counted`: a pass for FSDP2's collectives only
-        check_batch(batch, store, vocab, width)
+        n = batch["rows"].numel() if i < counted else 0
         with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
-            _, metrics = (completion_batch if completion_store else dpo_batch)(model, batch, cfg, device, objective)
-        for k, v in metrics.items():
+            values = metrics(batch)
+        for k, v in values.items():
             totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
         count += n
     totals, count = distributed.sum_over_ranks(totals, count)
@@ -412,20 +423,9 @@ def _evaluate_unpaired(model: Any, path: str, cfg: TrainConfig, device: Any, obj
     chunk = store.kl_batch_size or cfg.batch_size
     loader, sampler = make_unpaired_loader(path, chunk if objective.uses_kl else cfg.batch_size, drop_last=False,
                                            storage_options=cfg.storage_options, pin_memory=device.type == "cuda")
-    loader, counted = distributed.this_ranks_batches(loader, sampler)  # whole KL chunks: each rank its own
-    model.eval()
-    totals: dict[str, float] = {}
-    count = 0
-    for i, batch in enumerate(loader):
-        n = batch["rows"].numel() if i < counted else 0
-        with torch.no_grad(), exact_4bit(distributed.unwrap(model)):
-            _, metrics = unpaired_batch(model, batch, cfg, device, objective, running or RunningMean(), False)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + (float(v) * n if n else 0.0)
-        count += n
-    totals, count = distributed.sum_over_ranks(totals, count)
-    model.train()
-    return {f"eval/{k.replace('/', '_') if k != 'loss' else k}": v / count for k, v in totals.items()}
+    running = running or RunningMean()
+    return _evaluated(model, *distributed.this_ranks_batches(loader, sampler),  # whole KL chunks: each rank its own
+                      lambda batch: unpaired_batch(model, batch, cfg, device, objective, running, False)[1])
 
 
 class NonFiniteLossError(LogitstoreError, ArithmeticError):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import InputDataError
-from .loader import PairBatchSampler, PairDataset, pad_teacher
+from .loader import PairBatchSampler, PairDataset, pad_teacher, torch_loader
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +63,6 @@ def make_completion_loader(path: str, batch_size: int, *, seed: int = 0, shuffle
                            teacher: bool = False) -> tuple[Any, PairBatchSampler]:
     """A DataLoader over the completion store at `path` and its sampler; `teacher` adds the store's teacher records
     (a store without them is refused in one line), as :func:`logitstore.loader.make_loader` does for pairs."""
-    import torch
-
     dataset = PairDataset(path, storage_options=storage_options, digest=digest, teacher=teacher)
     if dataset.store.kind.name != "completion":
         raise InputDataError(f"{dataset.store.location.url} is a {dataset.store.kind.name} store; this loader reads "
@@ -72,10 +70,5 @@ def make_completion_loader(path: str, batch_size: int, *, seed: int = 0, shuffle
     sampler = PairBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                                lengths=dataset.lengths() if group_by_length else None,
                                group_size=50 if group_by_length else 0, rank=rank, world_size=world_size)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(collate_completion, pad_token_id=dataset.pad_token_id),
-        prefetch_factor=prefetch if num_workers else None,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False,
-        multiprocessing_context="spawn" if num_workers else None,
-        generator=torch.Generator().manual_seed(seed)), sampler
+    return torch_loader(dataset, sampler, functools.partial(collate_completion, pad_token_id=dataset.pad_token_id),
+                        seed=seed, num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory), sampler

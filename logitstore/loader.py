@@ -282,8 +282,6 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
     ``teacher_logps``, ``teacher_tail_logp`` of a top-k store, ``teacher_ids``, ``teacher_counts`` of a sampled one);
     a store without them is refused in one line.
     """
-    import torch
-
     fields = PER_TOKEN_FIELDS if ld_alpha is not None else ()
     dataset = PairDataset(path, storage_options=storage_options, fields=fields, digest=digest, teacher=teacher)
     if ld_alpha is not None:
@@ -293,13 +291,23 @@ def make_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: bool = Tr
                                lengths=lengths, group_size=50 if group_by_length else 0, rank=rank,
                                world_size=world_size)
     pad = dataset.pad_token_id
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(collate, pad_token_id=pad, ld_alpha=ld_alpha),
+    loader = torch_loader(dataset, sampler, functools.partial(collate, pad_token_id=pad, ld_alpha=ld_alpha),
+                          seed=seed, num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory)
+    return loader, sampler
+
+
+def torch_loader(dataset: PairDataset, sampler: Any, collate_fn: Any, *, seed: int, num_workers: int, prefetch: int,
+                 pin_memory: bool | None) -> Any:
+    """torch's DataLoader over `dataset` in the batches of `sampler`, as every loader of this package sets it up:
+    `num_workers` spawned worker processes `prefetch` batches ahead (none: batches made in this process), page-locked
+    batches when CUDA is there unless `pin_memory` says otherwise."""
+    import torch
+
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
         prefetch_factor=prefetch if num_workers else None,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False,
         multiprocessing_context="spawn" if num_workers else None,
         # Its own generator: creating an iterator must not draw from the global RNG (dropout), or a resumed run
         # would see other dropout masks than an uninterrupted one.
         generator=torch.Generator().manual_seed(seed))
-    return loader, sampler

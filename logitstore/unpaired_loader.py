@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .loader import PairBatchSampler, PairDataset, pad_pairs
+from .loader import PairBatchSampler, PairDataset, pad_pairs, torch_loader
 
 if TYPE_CHECKING:
     import torch
@@ -53,15 +53,8 @@ def make_unpaired_loader(path: str, batch_size: int, *, seed: int = 0, shuffle: 
                          prefetch: int = 2, storage_options: dict[str, Any] | None = None,
                          digest: str | None = None, pin_memory: bool | None = None) -> tuple[Any, ChunkBatchSampler]:
     """A DataLoader over the unpaired store at `path` and its sampler; see the module's docstring for the order."""
-    import torch
-
     dataset = PairDataset(path, storage_options=storage_options, digest=digest)
     sampler = ChunkBatchSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle, drop_last=drop_last,
                                 rank=rank, world_size=world_size)
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers,
-        collate_fn=functools.partial(collate_unpaired, pad_token_id=dataset.pad_token_id),
-        prefetch_factor=prefetch if num_workers else None,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, persistent_workers=False,
-        multiprocessing_context="spawn" if num_workers else None,
-        generator=torch.Generator().manual_seed(seed)), sampler
+    return torch_loader(dataset, sampler, functools.partial(collate_unpaired, pad_token_id=dataset.pad_token_id),
+                        seed=seed, num_workers=num_workers, prefetch=prefetch, pin_memory=pin_memory), sampler
