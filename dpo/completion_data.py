@@ -23,7 +23,7 @@ import numpy as np
 
 from logitstore.errors import InputDataError
 
-from .preference_data import Text, _check_text, _records, record_id, rows_digest
+from .preference_data import Text, _check_text, check_style, json_objects, record_id, rows_digest
 from .unpaired_data import tokenize_example
 
 
@@ -47,10 +47,7 @@ def load_completions(path: str | Path, split: str | None = None) -> list[Complet
     out: list[CompletionExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()
-    for line, record in _records(path, split):
-        where = f"{path}:{line}"
-        if not isinstance(record, dict):
-            raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for line, record, where in json_objects(path, split):
         first = out[0].line if out else line
         if "chosen" in record or "rejected" in record:
             raise InputDataError(f"{where}: a preference pair (chosen/rejected) in prompt/completion data (the "
@@ -63,12 +60,7 @@ def load_completions(path: str | Path, split: str | None = None) -> list[Complet
                 raise InputDataError(f"{where}: missing field {field!r}")
         prompt = _check_text(record["prompt"], "prompt", where)
         completion = _check_text(record["completion"], "completion", where)
-        conversational = isinstance(completion, list)
-        if isinstance(prompt, list) != conversational:
-            raise InputDataError(f"{where}: mixes plain strings and message lists")
-        kinds.add(conversational)
-        if len(kinds) > 1:
-            raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
+        check_style(kinds, where, prompt, completion)
         example_id = record_id(record, where, seen, line, lambda: content_id(prompt, completion))
         out.append(CompletionExample(example_id, prompt, completion, line))
     if not out:

@@ -116,6 +116,26 @@ def record_id(record: dict[str, Any], where: str, seen: dict[str, int], line: in
     return example_id
 
 
+def json_objects(path: Path, split: str | None) -> Iterator[tuple[int, dict[str, Any], str]]:
+    """(line, record, "path:line") for every record of `path`; a record that is not a JSON object is an error."""
+    for line, record in _records(path, split):
+        where = f"{path}:{line}"
+        if not isinstance(record, dict):
+            raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield line, record, where
+
+
+def check_style(kinds: set[bool], where: str, *texts: Text | None) -> None:
+    """One record's texts (None: absent) are all plain strings or all message lists, and so is every record seen
+    before it (`kinds` collects what they were)."""
+    styles = {isinstance(text, list) for text in texts if text is not None}
+    if len(styles) > 1:
+        raise InputDataError(f"{where}: mixes plain strings and message lists")
+    kinds |= styles
+    if len(kinds) > 1:
+        raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
+
+
 def load_examples(path: str | Path, split: str | None = None) -> list[PreferenceExample]:
     """Every record of `path` as a :class:`PreferenceExample`, or one :class:`InputDataError` for the first bad one."""
     path = Path(path)
@@ -124,10 +144,7 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
     out: list[PreferenceExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()
-    for line, record in _records(path, split):
-        where = f"{path}:{line}"
-        if not isinstance(record, dict):
-            raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for line, record, where in json_objects(path, split):
         if "completion" in record or "label" in record:
             raise InputDataError(f"{where}: an unpaired record (completion/label) in preference-pair data (the "
                                  f"first record, line {out[0].line if out else line}, is a pair); keep pairs and "
@@ -138,13 +155,7 @@ def load_examples(path: str | Path, split: str | None = None) -> list[Preference
         chosen = _check_text(record["chosen"], "chosen", where)
         rejected = _check_text(record["rejected"], "rejected", where)
         prompt = _check_text(record["prompt"], "prompt", where) if record.get("prompt") is not None else None
-        conversational = isinstance(chosen, list)
-        if isinstance(rejected, list) != conversational or (prompt is not None
-                                                             and isinstance(prompt, list) != conversational):
-            raise InputDataError(f"{where}: mixes plain strings and message lists")
-        kinds.add(conversational)
-        if len(kinds) > 1:
-            raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
+        check_style(kinds, where, chosen, rejected, prompt)
         example_id = record_id(record, where, seen, line, lambda: content_id(prompt, chosen, rejected))
         out.append(PreferenceExample(example_id, prompt, chosen, rejected, line))
     if not out:

@@ -26,7 +26,8 @@ import numpy as np
 from logitstore.errors import InputDataError
 from logitstore.kinds import kl_rows
 
-from .preference_data import Text, _check_text, _records, record_id, rows_digest
+from .preference_data import (Text, _check_text, _records, check_style, json_objects, record_id,
+                              rows_digest)
 from .tokenization import TokenizedPair, _ids, common_prefix_length
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -71,10 +72,7 @@ def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedEx
     out: list[UnpairedExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()
-    for line, record in _records(path, split):
-        where = f"{path}:{line}"
-        if not isinstance(record, dict):
-            raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for line, record, where in json_objects(path, split):
         if any(f in record for f in PAIR_FIELDS):
             first = out[0].line if out else line
             raise InputDataError(f"{where}: a preference pair (chosen/rejected) in unpaired data (the first "
@@ -94,12 +92,7 @@ def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedEx
                                  f"{json.dumps(label)[:40]}")
         prompt = _check_text(record["prompt"], "prompt", where)
         completion = _check_text(record["completion"], "completion", where)
-        conversational = isinstance(completion, list)
-        if isinstance(prompt, list) != conversational:
-            raise InputDataError(f"{where}: mixes plain strings and message lists")
-        kinds.add(conversational)
-        if len(kinds) > 1:
-            raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
+        check_style(kinds, where, prompt, completion)
         example_id = record_id(record, where, seen, line, lambda: content_id(prompt, completion, label))
         out.append(UnpairedExample(example_id, prompt, completion, label, line))
     if not out:
