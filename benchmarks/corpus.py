@@ -105,10 +105,10 @@ def bigram_logps(train: list[np.ndarray], sequences: list[tuple[np.ndarray, np.n
 
 @functools.lru_cache(maxsize=4)
 def load_corpus(limit: int = 1500, max_length: int = 1024) -> Corpus:
-    from logitstore.dpo.preference_data import PreferenceExample, content_id
+    from logitstore.dpo.inputs.pairs import PreferenceExample, content_id
     from transformers import LlamaTokenizer
 
-    from logitstore.dpo.tokenization import tokenize_pair
+    from logitstore.dpo.inputs.tokenization import tokenize_pair
 
     source, rows = raw_pairs(limit)
     tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())

@@ -8,7 +8,7 @@ tensors allocated during the step alive at once, which the C allocator's reuse a
 The setting is memory.py's: a Mistral-architecture model of 12 layers x 512 (the real 32k vocabulary, float32),
 LoRA r=8 on every linear layer, batch 4 pairs of 512 tokens (a 64-token prompt, 448-token completions), AdamW,
 3 steps. The teacher records are synthetic top-128 records in the loader's layout (ids, sorted log-probs, tail),
-as `dpo.train.dpo_batch` reads them: the training step's memory does not depend on their values.
+as the pairs task's step (`dpo/kinds/pairs.py`) reads them: the training step's memory does not depend on their values.
 
 Objectives: sigmoid (no teacher), distill, sigmoid+distill, tdpo2; and two other ways to compute distill's
 divergence, to show what the trainer's way saves: "autograd slices", the same slices under autograd, each
@@ -68,9 +68,11 @@ def child(args: dict) -> dict:
 
     import memprofile
 
-    from logitstore.dpo.distill import top_k_divergence
-    from logitstore.dpo.objective import Objective
-    from logitstore.dpo.train import TrainConfig, dpo_batch, make_optimizer, setup_policy
+    from logitstore.dpo.objectives.distill import top_k_divergence
+    from logitstore.dpo.objectives.objective import Objective
+    from logitstore.dpo.kinds.pairs import KIND as PAIRS
+    from logitstore.dpo.training import TrainConfig
+    from logitstore.dpo.training.policy import make_optimizer, setup_policy
 
     spec = dict(OBJECTIVES[args["objective"]])
     mode = spec.pop("mode", None)
@@ -94,7 +96,7 @@ def child(args: dict) -> dict:
             loss = top_k_divergence(logits[scored], batch["teacher_ids"][real], batch["teacher_logps"][real],
                                     batch["teacher_tail_logp"][real], 0.0).mean()
         else:
-            loss, _ = dpo_batch(policy, batch, cfg, torch.device("cpu"), objective)
+            loss, _ = PAIRS.task(cfg, objective).step(policy, batch, torch.device("cpu"))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -105,14 +105,16 @@ def stage_reference(a: dict) -> dict:
     """Reference-pass throughput of one precision: model load, one warm-up batch, then every pair timed."""
     import torch
 
-    from logitstore.dpo.models import load_model, load_tokenizer, precision
-    from logitstore.dpo.reference import BuildConfig, build, plan_examples, score_pairs
+    from logitstore.dpo.model.loading import load_model, load_tokenizer, precision
+    from logitstore.dpo.kinds import PAIRS
+    from logitstore.dpo.reference import BuildConfig, build
+    from logitstore.dpo.reference.scoring import score_rows
 
     cfg = BuildConfig(model=a["model"], data=a["data"], out=a["out"], dtype=a["dtype"], quantize=a["quantize"],
                       max_length=a["max_length"], batch_size=a["batch_size"], batch_tokens=a["batch_tokens"])
     tokenizer = load_tokenizer(cfg.model)
-    examples = plan_examples(cfg, tokenizer).examples
-    from logitstore.dpo.tokenization import tokenize_pair
+    examples = PAIRS.plan(cfg, tokenizer).examples
+    from logitstore.dpo.inputs.tokenization import tokenize_pair
 
     pairs = [tokenize_pair(tokenizer, ex, cfg.max_length) for ex in examples]
     t = time.perf_counter()
@@ -125,16 +127,16 @@ def stage_reference(a: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    kw = dict(pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
+    kw = dict(sides=2, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
     with torch.no_grad(), precision(device, cfg.dtype):
-        score_pairs(model, pairs[:cfg.batch_size], share_prompt=True, **kw)  # warm-up: kernels, allocator
+        score_rows(model, pairs[:cfg.batch_size], share_prompt=True, **kw)  # warm-up: kernels, allocator
         sync()
         t = time.perf_counter()
-        chosen, rejected = score_pairs(model, pairs, share_prompt=True, **kw)
+        (chosen, rejected), _ = score_rows(model, pairs, share_prompt=True, **kw)
         sync()
         seconds = time.perf_counter() - t
         t = time.perf_counter()
-        chosen_full, rejected_full = score_pairs(model, pairs, share_prompt=False, **kw)
+        (chosen_full, rejected_full), _ = score_rows(model, pairs, share_prompt=False, **kw)
         sync()
         seconds_full = time.perf_counter() - t
     # How far the prompt-sharing path (KV cache) lands from one pass over prompt+completion: the noise floor of
@@ -190,7 +192,7 @@ def stage_train(a: dict) -> dict:
     """logitstore train: the policy alone in memory, the reference from the store."""
     import torch
 
-    from logitstore.dpo.memory import OutOfMemoryError
+    from logitstore.dpo.training.memory import OutOfMemoryError
 
     _cap_memory(a)
     recorder = _SnapshotRecorder(a.get("snapshot"))
@@ -209,7 +211,7 @@ def stage_train(a: dict) -> dict:
 
 
 def _run_logitstore_train(a: dict) -> dict:
-    from logitstore.dpo.train import TrainConfig, train
+    from logitstore.dpo.training import TrainConfig, train
 
     return train(TrainConfig(model=a["model"], store=a["store"], out=a["out"], max_steps=a["steps"],
                                batch_size=a["batch_size"], lr=1e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
@@ -227,7 +229,7 @@ def stage_trl_train(a: dict) -> dict:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     cuda = torch.cuda.is_available()
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a["dtype"]]
@@ -519,7 +521,7 @@ def render(results: dict) -> str:
         "ran in its own process; memory is PyTorch's peak for that process (allocated / reserved by its caching "
         "allocator) and the device memory in use at its end (CUDA context included).",
         "",
-        "**Reference pass** (`score_pairs`: batches of up to 8 pairs / 16,384 tokens; one pass over prompt+completion, "
+        "**Reference pass** (`score_rows`: batches of up to 8 pairs / 16,384 tokens; one pass over prompt+completion, "
         "the default, and with prompt sharing through the KV cache; model FLOPs count only unpadded positions and "
         "the LM head at scored ones; MFU against the GPU's dense bf16 peak):",
         "",

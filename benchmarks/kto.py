@@ -39,7 +39,7 @@ def unpaired_rows(pairs: int, model: str, max_length: int) -> list[dict]:
     from corpus import raw_pairs
     from workloads import valid_rows
 
-    from logitstore.dpo.tokenization import extract_prompt
+    from logitstore.dpo.inputs.tokenization import extract_prompt
 
     _, rows = raw_pairs(pairs)
     rows = valid_rows(rows, model, max_length)
@@ -86,7 +86,7 @@ def trl_precompute(args: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import KTOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     t = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
@@ -97,7 +97,7 @@ def trl_precompute(args: dict) -> dict:
 
 
 def train(args: dict) -> dict:
-    from logitstore.dpo.train import TrainConfig, train as run
+    from logitstore.dpo.training import TrainConfig, train as run
 
     result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
                              batch_size=BATCH, loss="kto", log_every=1, lr=1e-4, plot=False, lora_r=16,
@@ -115,7 +115,7 @@ def trl_train(args: dict) -> dict:
     from trl import KTOTrainer
     from workloads import step_timer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     times: list[float] = []
 

@@ -146,7 +146,7 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
               "- **logits / log-softmax**: logitstore runs the LM head only at positions that score a completion "
               "token, in slices of at most 64 MiB of float32 logits; at the peak one slice's logits and logsumexp's "
               "temporary are live, and the backward recomputes a slice's logits and turns them into their own "
-              "gradient in place (`_LinearHeadLogps` in dpo/logps.py). Before, autograd through a checkpointed "
+              "gradient in place (`_LinearHeadLogps` in dpo/model/head.py). Before, autograd through a checkpointed "
               "256 MiB slice held five [2,097 x 32,000] float32 tensors at the start of the backward (the logits, "
               "their difference from log Z, its exponential, its product with the incoming gradient and gather's "
               "zero-filled gradient). TRL 1.16 computes log-probs with its chunked log-prob function, whose CPU "

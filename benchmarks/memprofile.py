@@ -127,7 +127,7 @@ def _frame_piece(frames: list[dict]) -> str:
 
     files = [f.get("filename", "") for f in frames]
     names = [f.get("name", "") for f in frames]
-    if any(n in ("_head_logps",) or "HeadLogps" in n for n in names) or any("chunked_logprob" in f for f in files):
+    if any(n in ("head_logps",) or "HeadLogps" in n for n in names) or any("chunked_logprob" in f for f in files):
         return "logits / log-softmax"
     if any(f.endswith("losses.py") for f in files):
         return "loss"

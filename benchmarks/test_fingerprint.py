@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from logitstore.dpo.models import folder_identity
+from logitstore.dpo.model.loading import folder_identity
 
 
 @pytest.fixture(scope="module")

@@ -140,7 +140,7 @@ def run(pairs: int = 60, codecs=CODECS, teacher_kind: str = "bigram", lm_steps: 
     from logitstore import teacher as T
     from logitstore import teacher_blocks as B
     from logitstore import topk_codec as C
-    from logitstore.dpo.distill import full_divergence, sampled_divergence, top_k_divergence
+    from logitstore.dpo.objectives.distill import full_divergence, sampled_divergence, top_k_divergence
 
     corpus = load_corpus(1500)
     fit = [np.concatenate([p, c]) for p, c in zip(corpus.prompt, corpus.chosen)]

@@ -57,9 +57,9 @@ def peak_rss_bytes() -> int:
 
 def valid_rows(rows: list[dict], model: str, max_length: int) -> list[dict]:
     """Pairs a build accepts (TRL silently drops the others; a build refuses them)."""
-    from logitstore.dpo.preference_data import PreferenceExample
-    from logitstore.dpo.models import load_tokenizer
-    from logitstore.dpo.tokenization import tokenize_pair
+    from logitstore.dpo.inputs.pairs import PreferenceExample
+    from logitstore.dpo.model.loading import load_tokenizer
+    from logitstore.dpo.inputs.tokenization import tokenize_pair
     from logitstore.errors import InputDataError
 
     tok = load_tokenizer(model)
@@ -76,9 +76,9 @@ def valid_rows(rows: list[dict], model: str, max_length: int) -> list[dict]:
 
 def input_tokens(rows: list[dict], model: str, max_length: int) -> int:
     """Tokens a one-pass scorer feeds the model: prompt+chosen and prompt+rejected, after truncation."""
-    from logitstore.dpo.preference_data import PreferenceExample
-    from logitstore.dpo.models import load_tokenizer
-    from logitstore.dpo.tokenization import tokenize_pair
+    from logitstore.dpo.inputs.pairs import PreferenceExample
+    from logitstore.dpo.model.loading import load_tokenizer
+    from logitstore.dpo.inputs.tokenization import tokenize_pair
 
     tok = load_tokenizer(model)
     total = 0
@@ -108,7 +108,7 @@ def trl_precompute(args: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     t = time.perf_counter()
     rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
@@ -123,7 +123,7 @@ def trl_precompute(args: dict) -> dict:
 
 
 def train(args: dict) -> dict:
-    from logitstore.dpo.train import TrainConfig, train as run
+    from logitstore.dpo.training import TrainConfig, train as run
 
     result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
                              batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
@@ -158,7 +158,7 @@ def trl_train(args: dict) -> dict:
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     rows = [json.loads(line) for line in Path(args["data"]).read_text().splitlines()]
     times: list[float] = []
@@ -190,25 +190,27 @@ def _held(params: list, optimizer: Any, model: Any) -> dict:
 
 def profile_train(args: dict) -> dict:
     """`train`'s first step under torch.profiler's memory records (benchmarks/memprofile.py)."""
-    import logitstore.dpo.logps as logps
-    import logitstore.dpo.train as trainer
+    import logitstore.dpo.model.scoring as scoring
+    import logitstore.dpo.objectives.pair_losses as losses
+    import logitstore.dpo.training.loop as trainer
+    from logitstore.dpo.kinds.pairs import PairsTask
     from memprofile import labelled, peak_breakdown, profiler, tensor_bytes
 
     prof, seen = profiler(), {}
-    make, forward = trainer.make_optimizer, trainer.dpo_batch
+    make, forward = trainer.make_optimizer, PairsTask.step
 
     def make_and_start(cfg, params):
         seen["params"], seen["optimizer"] = params, make(cfg, params)
         prof.start()
         return seen["optimizer"]
 
-    def dpo_batch(model, batch, *a, **k):
+    def step(task, model, batch, *a, **k):
         seen["model"], seen["batch"] = model, tensor_bytes(batch)
-        return labelled("forward", forward)(model, batch, *a, **k)
+        return labelled("forward", forward)(task, model, batch, *a, **k)
 
-    trainer.make_optimizer, trainer.dpo_batch = make_and_start, dpo_batch
-    logps._head_logps = labelled("logits", logps._head_logps)
-    trainer.dpo_loss = labelled("loss", trainer.dpo_loss)
+    trainer.make_optimizer, PairsTask.step = make_and_start, step
+    scoring.head_logps = labelled("logits", scoring.head_logps)
+    losses.dpo_loss = labelled("loss", losses.dpo_loss)
     trainer.train(trainer.TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=1,
                                       batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
                                       lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16)),
@@ -229,7 +231,7 @@ def profile_trl_train(args: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from memprofile import labelled, labelled_context, peak_breakdown, profiler, tensor_bytes
 
     prof, seen = profiler(), {}

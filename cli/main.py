@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from logitstore.dpo.choices import OPTIMIZERS, QUANTIZATIONS, SCHEDULES
-from logitstore.dpo.models import DTYPES
-from logitstore.dpo.objective import (F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, TEACHER_LOSSES,
+from logitstore.dpo.model.loading import DTYPES
+from logitstore.dpo.objectives.objective import (F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, TEACHER_LOSSES,
                                       UNPAIRED_LOSS_TYPES)
 from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
@@ -79,9 +79,7 @@ def _quiet(quiet: bool) -> Iterator[None]:
 
 
 def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from logitstore.dpo.objective import ObjectiveError, parse_loss_types
-
-    from logitstore.dpo.objective import UNPAIRED_LOSS_TYPES
+    from logitstore.dpo.objectives.objective import UNPAIRED_LOSS_TYPES, ObjectiveError, parse_loss_types
 
     if any(t.strip() in UNPAIRED_LOSS_TYPES for t in value.split(",")):
         return value.strip()  # checked with the other options by objective_of
@@ -359,15 +357,10 @@ def export(store: str, to: str, data: str, split: str | None, out: str, expect_d
     import logitstore
     from logitstore.export import export as run_export
 
-    from logitstore.dpo.preference_data import export_records
-    from logitstore.dpo.unpaired_data import export_records as unpaired_records
+    from logitstore.dpo import kinds
 
     opened = logitstore.open(store, storage_options=storage_options, digest=expect_digest)
-    if opened.kind.name == "completion":
-        raise logitstore.LogitstoreError(f"{opened.location.url} is a completion store: its values feed distillation "
-                                         "(logitstore train --loss distill), not a TRL reference column; nothing "
-                                         "to export")
-    records = unpaired_records(data, split) if opened.kind.name == "unpaired" else export_records(data, split)
+    records = kinds.of_store(opened).export_records(opened, data, split)
     result = run_export(opened, records, to, out)
     left = f" ({result['left_out']} data rows not in the store left out)" if result["left_out"] else ""
     click.echo(f"Wrote {result['rows']} rows to {result['out']}{left}.")
@@ -551,8 +544,8 @@ def train(**kw: Any) -> None:
       torchrun --nproc_per_node 8 --no-python logitstore train --model ./mistral-7b --no-lora \\
           --store hh.lstore --out run --batch-size 64 --save-every 200
     """
-    from logitstore.dpo.objective import ObjectiveError
-    from logitstore.dpo.train import TrainConfig, objective_of, train as run_train
+    from logitstore.dpo.objectives.objective import ObjectiveError, objective_of
+    from logitstore.dpo.training import TrainConfig, train as run_train
 
     quiet = kw.pop("quiet")
     cfg = TrainConfig(**kw)

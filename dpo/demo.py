@@ -84,7 +84,7 @@ def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: 
     # ByT5 appends </s> itself and warns when the text (TRL-style) already ends with it; the ids are right.
     warnings.filterwarnings("ignore", message="This sequence already has </s>")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from .train import TrainConfig, train
+    from .training import TrainConfig, train
 
     out = Path(out)
     replacing = _earlier_demo(out)

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.dpo.preference_data import load_examples
-from logitstore.dpo.models import load_tokenizer
+from logitstore.dpo.inputs.pairs import load_examples
+from logitstore.dpo.model.loading import load_tokenizer
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.tokenization import tokenize_pair
+from logitstore.dpo.inputs.tokenization import tokenize_pair
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -69,7 +69,7 @@ def test_sums_equal_trl_precompute(mistral_model, parity_rows, tmp_path, batched
 def test_tokenization_matches_trl_for_conversational_and_standard_data(mistral_model):
     from trl.data_utils import extract_prompt as trl_extract
 
-    from logitstore.dpo.tokenization import extract_prompt
+    from logitstore.dpo.inputs.tokenization import extract_prompt
 
     for row in implicit_rows(6):
         assert extract_prompt(row["chosen"], row["rejected"]) == tuple(trl_extract(row).values())
@@ -296,8 +296,8 @@ def test_datasets_folder_with_splits(mistral_model, tmp_path):
 def test_shared_prompt_path_matches_one_pass_where_it_is_taken(mistral_model):
     import torch
 
-    from logitstore.dpo.logps import padded_positions, pair_logps_full, pair_logps_shared
-    from logitstore.dpo.models import load_model
+    from logitstore.dpo.model.scoring import padded_positions, pair_logps_full, pair_logps_shared
+    from logitstore.dpo.model.loading import load_model
 
     model = load_model(mistral_model)
     model.eval()

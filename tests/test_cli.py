@@ -52,7 +52,7 @@ def test_command_options_are_the_config_fields(command, internal):
     import dataclasses
 
     from logitstore.dpo.reference import BuildConfig
-    from logitstore.dpo.train import TrainConfig
+    from logitstore.dpo.training import TrainConfig
 
     config = {"build": BuildConfig, "train": TrainConfig}[command]
     fields = {f.name for f in dataclasses.fields(config)}
@@ -138,7 +138,7 @@ def test_trl_adapter_gives_ln2_at_step_zero_without_a_reference_pass(built, mist
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from logitstore.integrations.trl import StoreDPOTrainer
 
     folder, data = built

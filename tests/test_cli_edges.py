@@ -80,8 +80,8 @@ def test_ctrl_c_says_how_to_resume(monkeypatch, capsys, tmp_path, command, line)
         raise KeyboardInterrupt
 
     monkeypatch.setattr("logitstore.dpo.reference.build", interrupted)
-    monkeypatch.setattr("logitstore.dpo.train.train", interrupted)
-    monkeypatch.setattr("logitstore.dpo.train.objective_of", lambda cfg: None)
+    monkeypatch.setattr("logitstore.dpo.training.train", interrupted)
+    monkeypatch.setattr("logitstore.dpo.objectives.objective.objective_of", lambda cfg: None)
     args = {"build": ["--data", str(tmp_path / "d.jsonl")], "train": ["--store", str(tmp_path / "s")]}[command]
     code, _, err = run_main(capsys, command, "--model", "m", "--out", str(tmp_path / "o"), *args)
     assert code == 130 and err.strip() == line

@@ -133,7 +133,7 @@ def test_tokenization_equals_trl_sft_trainer(completion_store, byte_model, tmp_p
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     rows = completion_rows(6)
     args = SFTConfig(output_dir=str(tmp_path / "trl"), max_length=96, report_to=[], use_cpu=True, bf16=False,

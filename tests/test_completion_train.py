@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import logitstore
-from logitstore.dpo.train import TrainConfig, train
+from logitstore.dpo.training import TrainConfig, train
 
 from sample_data import HUMAN_TURNS, write_jsonl
 
@@ -57,7 +57,7 @@ def direct_full_logit_distill(policy_dir, teacher_dir, store_path, rows: list[in
     teacher's full logits (no stored record involved)."""
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.distill import full_divergence
+    from logitstore.dpo.objectives.distill import full_divergence
 
     policy, teacher = (AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
                        for d in (policy_dir, teacher_dir))
@@ -123,7 +123,7 @@ def test_distill_on_a_sampled_completion_store_is_the_sparse_logit_sampling_esti
     from transformers import AutoModelForCausalLM
 
     from logitstore.cli.main import cli
-    from logitstore.dpo.distill import sampled_divergence
+    from logitstore.dpo.objectives.distill import sampled_divergence
 
     teacher_dir, _ = teacher_store
     data = write_jsonl(tmp_path / "d.jsonl", rows(N))

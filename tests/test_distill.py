@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from logitstore import teacher as T
-from logitstore.dpo.distill import full_divergence, sampled_divergence, top_k_divergence
+from logitstore.dpo.objectives.distill import full_divergence, sampled_divergence, top_k_divergence
 
 BETAS = [0.0, 0.3, 0.5, 1.0]
 
@@ -127,7 +127,7 @@ def reference_tdpo(policy_logits, ref_logits, labels, mask, beta, alpha, tdpo2):
 
 @pytest.mark.parametrize("variant", ["tdpo1", "tdpo2"])
 def test_tdpo_with_the_whole_reference_distribution_equals_the_full_logit_loss(variant):
-    from logitstore.dpo.distill import sequence_kl, tdpo_loss
+    from logitstore.dpo.objectives.distill import sequence_kl, tdpo_loss
 
     g = torch.Generator().manual_seed(7)
     b, t, v = 4, 5, 16  # two pairs: rows chosen, rejected, chosen, rejected
@@ -156,7 +156,7 @@ def test_tdpo_with_the_whole_reference_distribution_equals_the_full_logit_loss(v
 
 
 def test_tdpo_refuses_an_unknown_variant():
-    from logitstore.dpo.distill import tdpo_loss
+    from logitstore.dpo.objectives.distill import tdpo_loss
 
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="^unknown TDPO variant 'tdpo3'; choose from tdpo1, tdpo2$"):
@@ -166,8 +166,8 @@ def test_tdpo_refuses_an_unknown_variant():
 def test_head_divergence_in_slices_equals_one_pass(monkeypatch):
     from types import SimpleNamespace
 
-    from logitstore.dpo import logps as logps_module
-    from logitstore.dpo.distill import head_top_k_divergence
+    from logitstore.dpo.model import head as logps_module
+    from logitstore.dpo.model.head import head_top_k_divergence
 
     g = torch.Generator().manual_seed(3)
     head = torch.nn.Linear(8, 40, bias=False)
@@ -189,8 +189,9 @@ def test_linear_head_divergences_equal_autograd_through_the_logits(monkeypatch, 
     and gradients of the hidden states and the head's weight, for several betas at once, in slices of 7 rows."""
     from types import SimpleNamespace
 
-    from logitstore.dpo import logps as logps_module
-    from logitstore.dpo.distill import divergences, head_divergences
+    from logitstore.dpo.model import head as logps_module
+    from logitstore.dpo.model.head import head_divergences
+    from logitstore.dpo.objectives.distill import divergences
 
     g = torch.Generator().manual_seed(5)
     head = torch.nn.Linear(8, 40, bias=False)
@@ -221,7 +222,7 @@ def test_linear_head_divergences_equal_autograd_through_the_logits(monkeypatch, 
 def test_the_trainers_divergences_renormalize_a_quantized_record():
     """A record whose values do not sum to 1 (quantized) is a distribution once renormalized: the trainer's
     divergence of a student to its own rounded record is at least 0, where the raw one can be below."""
-    from logitstore.dpo.distill import divergences
+    from logitstore.dpo.objectives.distill import divergences
 
     student, _ = case()
     ids, logps, tail = record(student.detach(), 8)

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from logitstore.cli.main import cli
-from logitstore.dpo.distill_step import check_teacher, check_teacher_vocabulary
-from logitstore.dpo.objective import Objective
+from logitstore.dpo.kinds.teacher import check_teacher, check_teacher_vocabulary
+from logitstore.dpo.objectives.objective import Objective
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.errors import LogitstoreError
 from sample_data import implicit_rows, write_jsonl

@@ -23,7 +23,7 @@ import logitstore
 from logitstore import teacher as T
 from logitstore import teacher_store as TS
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.train import TrainConfig, train
+from logitstore.dpo.training import TrainConfig, train
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -79,7 +79,7 @@ def direct_distill(model_path, store_path, rows, beta: float) -> float:
     logits and the store's decoded top-k records (K buckets plus the tail, renormalized), position by position."""
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.distill import top_k_divergence
+    from logitstore.dpo.objectives.distill import top_k_divergence
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
     store = logitstore.open(store_path)

@@ -1,4 +1,4 @@
-"""The trainer's distillation and TDPO terms (dpo/distill_step.py through dpo.train.dpo_batch) on batches shaped as
+"""The trainer's distillation and TDPO terms (dpo/kinds/teacher.py through the pairs task's step, dpo/kinds/pairs.py) on batches shaped as
 the loader gives them, from a tiny teacher's logits: with K = V, loss and gradient w.r.t. every policy parameter
 equal the exact full-logit computation (TRL 1.16's DistillationTrainer loss; TDPO's definition); combinations add
 up; the sampled estimator; slices; refusals."""
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from logitstore import teacher as T
-from logitstore.dpo.objective import Objective, ObjectiveError, for_teacher
-from logitstore.dpo.train import TrainConfig, dpo_batch
+from logitstore.dpo.objectives.objective import Objective, ObjectiveError, for_teacher
+from logitstore.dpo.kinds.pairs import KIND as PAIRS
+from logitstore.dpo.training import TrainConfig
 from logitstore.loader import pad_pairs, pad_teacher
 
 
@@ -64,10 +65,10 @@ def teacher_batch(teacher, k: int | None = None, sample_k: int | None = None, se
 
 
 def ours(policy, batch, objective, model_path):
-    """dpo_batch's loss and the gradient of every policy parameter, flattened."""
+    """The pairs task's step: its loss and the gradient of every policy parameter, flattened."""
     cfg = TrainConfig(model=model_path, store="-", out="-", dtype="float32")
     policy.zero_grad(set_to_none=True)
-    loss, metrics = dpo_batch(policy, batch, cfg, torch.device("cpu"), objective)
+    loss, metrics = PAIRS.task(cfg, objective).step(policy, batch, torch.device("cpu"))
     loss.backward()
     return loss.detach(), flat_grad(policy), metrics
 
@@ -170,7 +171,7 @@ def test_distill_below_vocabulary_size_is_below_the_full_loss(models):
 
 
 def test_sampled_distill_is_the_estimator_on_full_logits(models):
-    from logitstore.dpo.distill import sampled_divergence
+    from logitstore.dpo.objectives.distill import sampled_divergence
 
     policy, teacher, path = models
     batch, _, scored = teacher_batch(teacher, sample_k=12)
@@ -186,7 +187,7 @@ def test_sampled_distill_is_the_estimator_on_full_logits(models):
 
 
 def test_slices_equal_one_pass(models, monkeypatch):
-    from logitstore.dpo import logps as logps_module
+    from logitstore.dpo.model import head as logps_module
 
     policy, teacher, path = models
     batch, _, _ = teacher_batch(teacher, k=32)
@@ -237,7 +238,7 @@ def test_sampled_records_refusals(objective, message):
 
 
 def test_batch_checks_name_the_misfit(models):
-    from logitstore.dpo.distill_step import check_teacher_batch
+    from logitstore.dpo.kinds.teacher import check_teacher_batch
 
     _, teacher, _ = models
     batch, _, _ = teacher_batch(teacher, k=8)
@@ -259,7 +260,7 @@ def test_batch_checks_name_the_misfit(models):
 def test_check_batch_names_the_examples_whose_records_misfit(models):
     from types import SimpleNamespace
 
-    from logitstore.dpo.train import check_batch
+    from logitstore.dpo.training.checks import check_batch
     from logitstore.errors import InputDataError
     from logitstore.kinds import PAIRS
 

@@ -99,7 +99,7 @@ def test_snapshot_breakdown_replays_the_trace_to_its_peak():
         import memprofile
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    head = [{"filename": "/x/dpo/logps.py", "line": 1, "name": "_head_logps"}]
+    head = [{"filename": "/x/dpo/model/head.py", "line": 1, "name": "head_logps"}]
     layer = [{"filename": "/x/transformers/models/mistral/modeling_mistral.py", "line": 1, "name": "forward"}]
     grad = [{"filename": "/x/torch/autograd/__init__.py", "line": 1, "name": "backward"}]
     trace = [{"action": "alloc", "addr": 1, "size": 100, "frames": layer},

@@ -17,7 +17,10 @@ import torch
 
 import logitstore
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.train import TrainConfig, dpo_batch, objective_of, setup_policy, train
+from logitstore.dpo.kinds.pairs import KIND as PAIRS
+from logitstore.dpo.objectives.objective import objective_of
+from logitstore.dpo.training import TrainConfig, train
+from logitstore.dpo.training.policy import setup_policy
 from logitstore.loader import make_loader
 
 from sample_data import write_jsonl
@@ -59,7 +62,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(byte_model, me
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
         torch.manual_seed(1)  # the same dropout masks, which checkpointing replays when it recomputes
-        loss, _ = dpo_batch(model, batch, cfg, torch.device("cpu"), objective_of(cfg))
+        loss, _ = PAIRS.task(cfg, objective_of(cfg)).step(model, batch, torch.device("cpu"))
         loss.backward()
         results.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (checkpointed, checkpointed_grads) = results
@@ -93,7 +96,7 @@ def test_bfloat16_starts_at_ln2_within_the_noise_floor_and_learns(byte_model, tm
 
 
 def test_the_precision_context_autocasts_in_the_model_dtype():
-    from logitstore.dpo.models import precision
+    from logitstore.dpo.model.loading import precision
 
     weight = torch.randn(4, 4)
     with precision(torch.device("cpu"), "bfloat16"):
@@ -105,7 +108,7 @@ def test_the_precision_context_autocasts_in_the_model_dtype():
 def test_paged_adamw_8bit_runs_on_cpu_with_8bit_state(byte_model, medical, tmp_path):
     """bitsandbytes 0.50 runs it on a CPU, unpaged (paging is a CUDA feature), with uint8 moments."""
     pytest.importorskip("bitsandbytes")
-    from logitstore.dpo.train import make_optimizer
+    from logitstore.dpo.training.policy import make_optimizer
 
     cfg = TrainConfig(model=str(byte_model), store=str(medical), out="unused", optimizer="paged_adamw_8bit", lr=1e-2)
     big = torch.nn.Parameter(torch.randn(64, 128))
@@ -122,13 +125,13 @@ def test_paged_adamw_8bit_runs_on_cpu_with_8bit_state(byte_model, medical, tmp_p
 
 
 def test_batches_are_pinned_only_for_a_gpu(byte_model, medical, tmp_path, monkeypatch):
-    from logitstore.dpo import train as dpo_train
+    import logitstore.loader
 
     assert make_loader(str(medical), 4, pin_memory=True)[0].pin_memory is True
     assert make_loader(str(medical), 4, pin_memory=False)[0].pin_memory is False
     seen = []
-    real = dpo_train.make_loader
-    monkeypatch.setattr(dpo_train, "make_loader", lambda *a, **k: seen.append(k["pin_memory"]) or real(*a, **k))
+    real = logitstore.loader.make_loader
+    monkeypatch.setattr(logitstore.loader, "make_loader", lambda *a, **k: seen.append(k["pin_memory"]) or real(*a, **k))
     run(byte_model, medical, tmp_path / "run", max_steps=1, batch_size=4, eval_store=str(medical))
     assert seen == [False, False]  # training and evaluation loaders, on this CPU
 
@@ -138,7 +141,7 @@ def test_batches_are_pinned_only_for_a_gpu(byte_model, medical, tmp_path, monkey
 def test_no_lora_trains_every_weight_from_ln2_and_saves_a_model_folder(byte_model, medical, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     result = run(byte_model, medical, tmp_path / "run", max_steps=8, batch_size=8, lr=1e-3, log_every=1, lora=False)
     losses = [h["loss"] for h in result["history"]]

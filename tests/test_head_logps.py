@@ -1,4 +1,4 @@
-"""The LM head's log-probs under autograd (dpo/logps.py): the sliced custom backward against autograd through the
+"""The LM head's log-probs under autograd (dpo/model/head.py): the sliced custom backward against autograd through the
 plain formula log_softmax(h W^T)[label], values and gradients, for hidden states and for a trainable head."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import types
 import pytest
 import torch
 
-from logitstore.dpo import logps
+from logitstore.dpo.model import head as logps
 
 CONFIG = types.SimpleNamespace()  # no softcap, no logit scale
 
@@ -30,7 +30,7 @@ def test_sliced_head_matches_autograd_formula(monkeypatch, slice_rows, train_hea
     labels = torch.randint(0, vocab, (rows,))
     upstream = torch.randn(rows, dtype=torch.float64)
 
-    values, squares = logps._head_logps(hidden, labels, head, CONFIG)
+    values, squares = logps.head_logps(hidden, labels, head, CONFIG)
     assert squares is None and values.grad_fn is not None
     assert type(values.grad_fn).__name__ == "_LinearHeadLogpsBackward"  # the sliced path, not the generic one
     grads = torch.autograd.grad((values * upstream).sum(), [hidden] + ([head.weight] if train_head else []))
@@ -50,9 +50,9 @@ def test_sliced_head_values_equal_the_no_grad_path():
     head = torch.nn.Linear(32, 300, bias=False)
     hidden = torch.randn(40, 32, requires_grad=True)
     labels = torch.randint(0, 300, (40,))
-    with_grad, _ = logps._head_logps(hidden, labels, head, CONFIG)
+    with_grad, _ = logps.head_logps(hidden, labels, head, CONFIG)
     with torch.no_grad():
-        without, _ = logps._head_logps(hidden, labels, head, CONFIG)
+        without, _ = logps.head_logps(hidden, labels, head, CONFIG)
     assert torch.equal(with_grad.detach(), without)
 
 
@@ -61,7 +61,7 @@ def test_sliced_head_in_bfloat16_matches_autograd_through_a_float32_cast():
     head = torch.nn.Linear(32, 300, bias=False).bfloat16()
     hidden = torch.randn(20, 32, dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, 300, (20,))
-    values, _ = logps._head_logps(hidden, labels, head, CONFIG)
+    values, _ = logps.head_logps(hidden, labels, head, CONFIG)
     (grad,) = torch.autograd.grad(values.sum(), hidden)
     want = reference(hidden, head.weight, labels)
     (want_grad,) = torch.autograd.grad(want.sum(), hidden)
@@ -75,7 +75,7 @@ def test_other_heads_keep_the_generic_path():
     head = torch.nn.Linear(8, 20, bias=False)
     hidden = torch.randn(5, 8, requires_grad=True)
     labels = torch.randint(0, 20, (5,))
-    values, _ = logps._head_logps(hidden, labels, head, types.SimpleNamespace(final_logit_softcapping=30.0))
+    values, _ = logps.head_logps(hidden, labels, head, types.SimpleNamespace(final_logit_softcapping=30.0))
     assert type(values.grad_fn).__name__ != "_LinearHeadLogpsBackward"
     logits = torch.tanh(hidden @ head.weight.T / 30.0) * 30.0
     want = torch.log_softmax(logits, -1).gather(1, labels[:, None]).squeeze(1)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from logitstore.dpo.logps import TokenLogps, ld_weighted_sums, pair_logps, token_logps
-from logitstore.dpo.losses import PairLogps, dpo_loss
-from logitstore.dpo.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError
+from logitstore.dpo.model.scoring import TokenLogps, token_logps
+from logitstore.dpo.objectives.pair_inputs import ld_weighted_sums, pair_logps
+from logitstore.dpo.objectives.pair_losses import PairLogps, dpo_loss
+from logitstore.dpo.objectives.objective import F_DIVERGENCE_LOSSES, F_DIVERGENCES, LOSS_TYPES, Objective, ObjectiveError
 from logitstore.ld_dpo import ld_reference
 
 TOLERANCE = 1e-6
@@ -204,7 +205,7 @@ def test_wpo_weighting_of_hinge_is_trls_forward_with_a_working_backward():
     assert close(got, expected) <= TOLERANCE
     _, plain_grad = trl_loss_and_grad(Objective(loss_types=("hinge",), beta=0.5), completion, policy, ref, sum_sq,
                                       live_reference=False)
-    from logitstore.dpo.logps import wpo_weights
+    from logitstore.dpo.objectives.pair_inputs import wpo_weights
 
     weights = wpo_weights(policy, sum_sq, scored).repeat(2)[:, None]
     assert close(grad, plain_grad * weights) <= TOLERANCE
@@ -408,7 +409,7 @@ def test_docs_list_every_loss_type_with_its_paper():
     import re
     from pathlib import Path
 
-    from logitstore.dpo.objective import PAPERS, TEACHER_PAPERS
+    from logitstore.dpo.objectives.objective import PAPERS, TEACHER_PAPERS
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "api.md").read_text()
     table = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", doc, re.M)}

@@ -1,5 +1,5 @@
 """A user sees their margin: each logged step's peak memory in metrics.jsonl, the run's peak in the final line, and
-running out of memory on a step as one line naming the peak and what lowers it (dpo/memory.py)."""
+running out of memory on a step as one line naming the peak and what lowers it (dpo/training/memory.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from logitstore.dpo import memory
+from logitstore.dpo.training import memory
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.train import TrainConfig, train
+from logitstore.dpo.training import TrainConfig, train
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -69,18 +69,18 @@ def test_each_logged_step_records_its_peak(byte_model, store, tmp_path):
 
 def test_out_of_memory_on_a_step_is_one_line(byte_model, store, tmp_path, monkeypatch, capsys):
     """The allocator failing in step 2's forward pass: one line on stderr, exit 1, no traceback."""
-    import logitstore.dpo.train as trainer
     from logitstore.cli.main import main
+    from logitstore.dpo.kinds.pairs import PairsTask
 
-    real, calls = trainer.dpo_batch, []
+    real, calls = PairsTask.step, []
 
-    def failing(*args, **kwargs):
+    def failing(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
             torch.empty(2**62, dtype=torch.uint8)
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "dpo_batch", failing)
+    monkeypatch.setattr(PairsTask, "step", failing)
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--model", str(byte_model), "--store", str(store), "--out", str(tmp_path / "run"),
               "--max-steps", "3", "--batch-size", "4", "--quiet"])
@@ -101,7 +101,7 @@ def test_dropout_is_off_by_default_as_in_trl(byte_model, store):
     """TRL's DPOTrainer sets p = 0 in every dropout module (disable_dropout=True); so does training here, unless
     --keep-dropout: then LoRA's dropout runs, and the forward keeps a dropped copy and a mask for each adapted
     layer's input."""
-    from logitstore.dpo.train import setup_policy
+    from logitstore.dpo.training.policy import setup_policy
 
     saved: dict[bool, set[int]] = {}
     for disable in (True, False):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from logitstore.dpo import models
-from logitstore.dpo.models import ModelError, checkpoint_dtype, model_fingerprint, resolve_dtype, resolve_model
+from logitstore.dpo.model import loading as models
+from logitstore.dpo.model.loading import ModelError, checkpoint_dtype, model_fingerprint, resolve_dtype, resolve_model
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -203,7 +203,7 @@ def test_a_bfloat16_checkpoint_loads_in_float32_on_cpu(byte_model, tmp_path):
 def test_eager_attention_scores_as_sdpa(mistral_model):
     import torch
 
-    from logitstore.dpo.logps import pair_logps_full
+    from logitstore.dpo.model.scoring import pair_logps_full
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 32000, (n,), generator=g) for n in (12, 7)]

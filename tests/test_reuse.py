@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.dpo.preference_data import load_examples
-from logitstore.dpo.models import load_tokenizer
+from logitstore.dpo.inputs.pairs import load_examples
+from logitstore.dpo.model.loading import load_tokenizer
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.tokenization import tokenize_pair
+from logitstore.dpo.inputs.tokenization import tokenize_pair
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -72,18 +72,26 @@ def config(model: Path, data: Path, out: Path, **kw) -> BuildConfig:
 
 def record_scored(monkeypatch) -> list[tuple[int, ...]]:
     """Every pair the model scores, as prompt + chosen + rejected ids."""
-    from logitstore.dpo import logps
+    from logitstore.dpo.model import scoring
 
     seen: list[tuple[int, ...]] = []
-    for name in ("pair_logps_full", "pair_logps_shared"):
-        original = getattr(logps, name)
 
-        def spy(model, prompts, chosen, rejected, pad_id, _original=original):
-            seen.extend(tuple(p.tolist()) + (-1,) + tuple(c.tolist()) + (-1,) + tuple(r.tolist())
-                        for p, c, r in zip(prompts, chosen, rejected))
-            return _original(model, prompts, chosen, rejected, pad_id)
+    def note(prompts, chosen, rejected):
+        seen.extend(tuple(p.tolist()) + (-1,) + tuple(c.tolist()) + (-1,) + tuple(r.tolist())
+                    for p, c, r in zip(prompts, chosen, rejected))
 
-        monkeypatch.setattr(logps, name, spy)
+    full, shared = scoring.sides_logps, scoring.pair_logps_shared
+
+    def spy_full(model, prompts, sides, pad_id):
+        note(prompts, *sides)
+        return full(model, prompts, sides, pad_id)
+
+    def spy_shared(model, prompts, chosen, rejected, pad_id):
+        note(prompts, chosen, rejected)
+        return shared(model, prompts, chosen, rejected, pad_id)
+
+    monkeypatch.setattr(scoring, "sides_logps", spy_full)
+    monkeypatch.setattr(scoring, "pair_logps_shared", spy_shared)
     return seen
 
 

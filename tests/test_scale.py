@@ -102,10 +102,18 @@ def evaluated_alone(model: Path, eval_store: Path, **cfg) -> dict[str, float]:
     """The evaluation of one process (this one) of the weights a distributed run saved."""
     import torch
 
-    from logitstore.dpo.train import TrainConfig, evaluate, setup_policy
+    import logitstore
+    from logitstore.dpo import kinds
+    from logitstore.dpo.objectives.objective import objective_of
+    from logitstore.dpo.training import TrainConfig
+    from logitstore.dpo.training.evaluate import evaluate
+    from logitstore.dpo.training.policy import setup_policy
 
     config = TrainConfig(model=str(model), store=str(eval_store), out="unused", batch_size=4, dtype="float32", device="cpu", **cfg)
-    return evaluate(setup_policy(config), str(eval_store), config, torch.device("cpu"))
+    store = logitstore.open(eval_store)
+    kind = kinds.of_store(store)
+    task = kind.task(config, kind.accept(store, objective_of(config), config, 1, evaluation=True))
+    return evaluate(setup_policy(config), str(eval_store), task, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +179,7 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
 
 
 def test_evaluation_batches_are_shared_round_robin_with_as_many_passes_on_every_rank():
-    from logitstore.dpo.distributed import eval_share
+    from logitstore.dpo.distributed.group import eval_share
 
     assert eval_share(5, 0, 2) == ([0, 2, 4], 3)
     assert eval_share(5, 1, 2) == ([1, 3], 3)  # and one pass that does not count

@@ -13,7 +13,7 @@ import torch
 
 import logitstore
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.train import TrainConfig, train
+from logitstore.dpo.training import TrainConfig, train
 
 from sample_data import implicit_rows, write_jsonl
 
@@ -162,7 +162,7 @@ def trl_live_step(model_dir, adapter_dir, rows, tmp_path, **dpo_config) -> tuple
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
@@ -232,7 +232,7 @@ def test_ld_reference_from_fixed_point_values_is_within_the_codec_bound(mistral_
 def write_store(path, model_dir, n: int = 12, *, per_token: bool = False, mutate=None):
     """A store of random pairs for `model_dir`'s fingerprint, written with logitstore.create; `mutate(rows)` spoils
     it first."""
-    from logitstore.dpo.models import model_fingerprint
+    from logitstore.dpo.model.loading import model_fingerprint
 
     rng = np.random.default_rng(0)
     rows = []

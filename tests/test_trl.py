@@ -40,7 +40,7 @@ def store_trainer(store, model_dir, rows, args):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from logitstore.integrations.trl import StoreDPOTrainer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -54,7 +54,7 @@ def trl_live_reference(model_dir, rows, args) -> tuple[np.ndarray, np.ndarray]:
     from transformers import AutoModelForCausalLM
     from trl import DPOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     args.precompute_ref_log_probs = False

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from logitstore.dpo.unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
+from logitstore.dpo.objectives.unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
 
 
 def trl_kto(loss_type: str, beta: float, desirable: float, undesirable: float):

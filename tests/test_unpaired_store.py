@@ -170,7 +170,7 @@ def trl_kto_dataset(model_dir: Path, rows: list[dict], tmp_path: Path, *, max_le
     from transformers import AutoModelForCausalLM
     from trl import KTOConfig, KTOTrainer
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype="float32")
     args = KTOConfig(output_dir=str(tmp_path / "trl"), precompute_ref_log_probs=True, max_length=max_length,
@@ -301,7 +301,7 @@ def test_a_non_finite_kl_value_is_found_by_verify_and_refused_by_training(tmp_pa
     import numcodecs
     import torch
 
-    from logitstore.dpo.train import check_batch
+    from logitstore.dpo.training.checks import check_batch
     from logitstore.unpaired_loader import make_unpaired_loader
 
     write_unpaired(tmp_path / "u")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import logitstore
 from logitstore.cli.main import cli
 from logitstore.dpo.reference import BuildConfig, build
-from logitstore.dpo.train import TrainConfig, train
+from logitstore.dpo.training import TrainConfig, train
 from logitstore.errors import LogitstoreError
 from sample_data import implicit_rows, write_jsonl
 from test_unpaired_store import unpaired_rows

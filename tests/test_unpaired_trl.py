@@ -66,7 +66,7 @@ def test_store_kto_trainer_equals_trl_precompute_and_trains(built, mistral_model
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from logitstore.integrations.trl import StoreKTOTrainer
 
     folder, rows, _ = built
@@ -87,7 +87,7 @@ def test_store_kto_trainer_refuses_another_batch_size_and_another_order(built, m
     import datasets
     from transformers import AutoModelForCausalLM
 
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from logitstore.integrations.trl import StoreKTOTrainer
 
     folder, rows, _ = built

@@ -1,11 +1,7 @@
-"""The trainer's teacher terms: a batch's stored teacher records, aligned with the positions the policy scores.
-
-The loader pads the records per row and completion token, in :func:`logitstore.loader.pad_pairs`' row layout:
-entry ``[i, t]`` is the teacher's distribution over row i's t-th scored completion token. The policy's token loop
-(:func:`dpo.logps.token_logps`) gathers the hidden states that predict those same tokens, row by row in order, so
-the records' real entries, taken row-major, line up with them one to one. :meth:`TeacherRecords.per_position`
-runs the LM head over those hidden states slice by slice (:func:`dpo.distill.head_divergences`), never holding
-[batch, sequence, vocab] logits, and returns each position's divergence for every beta the objective reads.
+"""What the kinds that train on teacher records share (a pairs store built with --top-k or --sample-k, and a
+completion store): a batch's records on the device, the store's and the batch's checks, distillation's global
+token mean and the teacher metrics of a step. The records' alignment with the scored positions is
+:mod:`dpo.model.teacher_records`'.
 """
 
 from __future__ import annotations
@@ -15,47 +11,8 @@ from typing import Any
 
 import torch
 
-from .distill import head_divergences
-from .objective import Objective
-
-TOP_K_KEYS = ("teacher_ids", "teacher_logps", "teacher_tail_logp")
-SAMPLED_KEYS = ("teacher_ids", "teacher_counts")
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherRecords:
-    """One batch's teacher records as the loader pads them: ``ids`` [R, T, K]; a top-k record's ``logps``
-    [R, T, K] (-inf padding) and ``tail_logp`` [R, T], or a sampled record's ``counts`` [R, T, K] (0 padding).
-    ``betas``: the divergences to compute at each position (:attr:`Objective.teacher_betas`)."""
-
-    ids: torch.Tensor
-    betas: tuple[float, ...]
-    logps: torch.Tensor | None = None
-    tail_logp: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-
-    def real(self) -> torch.Tensor:
-        """[R, T] bool, the entries that are records, not padding: a top-k position's first log-prob is finite, a
-        sampled position's counts add up to K > 0. (A row with an empty prompt has none at t = 0: no position
-        predicts its first token.)"""
-        if self.counts is not None:
-            return self.counts.sum(dim=-1) > 0
-        return torch.isfinite(self.logps[..., 0])  # type: ignore[index]
-
-    def per_position(self, hidden: torch.Tensor, scored: torch.Tensor, head: Any, config: Any) -> torch.Tensor:
-        """[M, len(betas)] divergences at the scored positions: `hidden` [M, H] are the hidden states that predict
-        the scored tokens of `scored` [R, S] (bool), row-major, as :func:`dpo.logps.token_logps` gathers them; the
-        records' real entries, row-major, are the same tokens in the same order."""
-        real = self.real()
-        if not torch.equal(real.sum(dim=1), scored.sum(dim=1).to(real.device)):
-            raise ValueError("the teacher records do not cover the batch's scored tokens one to one")
-        device = hidden.device
-
-        def flat(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x[real].to(device)
-
-        return head_divergences(hidden, head, config, flat(self.ids), logps=flat(self.logps),  # type: ignore[arg-type]
-                                tail_logp=flat(self.tail_logp), counts=flat(self.counts), betas=self.betas)
+from ..model.teacher_records import SAMPLED_KEYS, TOP_K_KEYS, TeacherRecords
+from ..objectives.objective import Objective
 
 
 def teacher_records(batch: dict[str, torch.Tensor], objective: Objective, device: Any) -> TeacherRecords | None:
@@ -76,7 +33,7 @@ def global_token_mean(pair: Any, scored: torch.Tensor) -> Any:
     """`pair` with distill's per-token mean taken over every rank's scored tokens, as TRL's DistillationTrainer
     divides by the token count of all processes: each rank's sum over the count's per-rank share, which DDP's and
     FSDP2's gradient averaging then turns into the global mean. The same pair in one process."""
-    from . import distributed
+    from ..distributed import group as distributed
 
     if pair.distill is None or not distributed.is_distributed():
         return pair
@@ -103,19 +60,6 @@ def completion_terms(tokens: Any, objective: Objective) -> CompletionTerms:
     return CompletionTerms(per_position[tokens.scored].mean())
 
 
-def completion_refusal(store: Any, objective: Any) -> str | None:
-    """Why `objective` cannot train on a completion store (one line), or None: it holds one completion per example
-    and no pairs, so only distill reads it."""
-    if store.kind.name != "completion":
-        return None
-    others = [t for t in getattr(objective, "loss_types", (getattr(objective, "loss_type", "?"),)) if t != "distill"]
-    if not others:
-        return None
-    return (f"{store.location.url} is a completion store (prompt/completion data, no pairs or labels): it trains "
-            f"--loss distill alone; {', '.join(others)} need{'s' if len(others) == 1 else ''} a preference-pair or "
-            "unpaired store")
-
-
 def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:
     """What the teacher terms add to a step's record: distill's loss, TDPO's sequential KL of each side."""
     out = {}
@@ -127,29 +71,20 @@ def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def check_teacher(store: Any, objective: Objective) -> Objective:
-    """Refuse a store whose records cannot serve `objective`, in one line; return it with distill's beta resolved
-    for the store's record kind (:func:`dpo.objective.for_teacher`)."""
-    from logitstore.errors import LogitstoreError
+def check_teacher(store: Any, objective: Any) -> Any:
+    """Refuse a store without teacher records when `objective` reads them, in one line; return it with distill's
+    beta resolved for the store's record kind (:func:`dpo.objectives.objective.for_teacher`)."""
     from logitstore.loader import require_teacher
 
-    from .objective import TEACHER_LOSSES, for_teacher
+    from ..objectives.objective import for_teacher
 
     if not objective.needs_teacher:
         return objective
-    url = store.location.url
-    names = ", ".join(t for t in objective.loss_types if t in TEACHER_LOSSES)
-    refusal = completion_refusal(store, objective)
-    if refusal is not None:
-        raise LogitstoreError(refusal)
-    if store.kind.name == "unpaired":
-        raise LogitstoreError(f"--loss {names} trains on a preference-pair store's teacher records; {url} is an "
-                              f"{store.kind.name} store (KTO, BCO)")
     require_teacher(store)  # the loader's one line for a store without records
-    return for_teacher(objective, str(store.teacher["kind"]), url)
+    return for_teacher(objective, str(store.teacher["kind"]), store.location.url)
 
 
-def check_teacher_vocabulary(store: Any, objective: Objective, vocab_size: int) -> None:
+def check_teacher_vocabulary(store: Any, objective: Any, vocab_size: int) -> None:
     """A teacher of a larger vocabulary (the header's ``vocab``) than the model's logits (`vocab_size`) was another
     tokenizer's: its ids past the model's have no logit to compare with."""
     from logitstore.errors import LogitstoreError

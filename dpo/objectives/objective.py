@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 from logitstore.errors import LogitstoreError
 
@@ -268,6 +269,7 @@ class UnpairedObjective:
 
     ld_alpha = None  # what the training loop asks every objective
     use_weighting = False
+    needs_teacher = False
 
 
 def unpaired_objective(loss: str | Sequence[str], *, beta: float, desirable_weight: float, undesirable_weight: float,
@@ -287,3 +289,21 @@ def unpaired_objective(loss: str | Sequence[str], *, beta: float, desirable_weig
         if value not in (None, False, 0.0, "reverse_kl"):
             raise ObjectiveError(f"{name} does not apply to {types[0]} (a DPO option)")
     return UnpairedObjective(types[0], beta, desirable_weight, undesirable_weight)
+
+
+def objective_of(cfg: Any) -> Objective | UnpairedObjective:
+    """The objective a :class:`dpo.config.TrainConfig` asks for: a DPO objective (refusing what TRL 1.16 refuses,
+    and options without effect), or an unpaired one (kto, apo_zero_unpaired, bco) for an unpaired store."""
+    unpaired = unpaired_objective(
+        cfg.loss, beta=cfg.beta, desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        dpo_options={"--loss-weights": cfg.loss_weights, "--label-smoothing": cfg.label_smoothing,
+                     "--f-divergence": cfg.f_divergence, "--f-alpha": cfg.f_alpha_coef, "--ld-alpha": cfg.ld_alpha,
+                     "--use-weighting": cfg.use_weighting, "--discopop-tau": cfg.discopop_tau,
+                     # set or not: 0 is a value of these, not their default
+                     "--distill-beta": cfg.distill_beta is not None, "--tdpo-alpha": cfg.tdpo_alpha is not None})
+    if unpaired is not None:
+        return unpaired
+    return Objective(loss_types=cfg.loss, loss_weights=cfg.loss_weights, beta=cfg.beta,
+                     label_smoothing=cfg.label_smoothing, f_divergence=cfg.f_divergence, f_alpha_coef=cfg.f_alpha_coef,
+                     ld_alpha=cfg.ld_alpha, use_weighting=cfg.use_weighting, discopop_tau=cfg.discopop_tau,
+                     distill_beta=cfg.distill_beta, tdpo_alpha=cfg.tdpo_alpha)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .distributed import DistributedSetupError, unwrap
+from .group import DistributedSetupError, unwrap
 
 
 def empty_model(folder: Any, *, dtype: str, attn_implementation: str) -> Any:

@@ -20,7 +20,8 @@ import numpy as np
 
 from logitstore.errors import InputDataError
 
-from .preference_data import PreferenceExample, Text
+from .pairs import PreferenceExample
+from .records import Text
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,17 +1,15 @@
 """Training on several processes with torch's own engines (launched by torchrun or accelerate, WORLD_SIZE > 1):
-the process group, what the ranks exchange, the checks of a launch, and the policy as the trainer sees it.
+the process group, what the ranks exchange, and the checks of a launch. Everything here is a no-op in one process.
 
 - Full fine-tuning (`--no-lora`): FSDP2, so each rank keeps 1/world of the weights, gradients and optimizer state
-  (the units and the CPU gradient reduction: dpo/fsdp2.py; the weights read and saved shard by shard:
-  dpo/sharded_io.py).
+  (the units and the CPU gradient reduction: :mod:`dpo.distributed.fsdp2`; the weights read and saved shard by
+  shard: :mod:`dpo.distributed.sharded_io`).
 - LoRA: DistributedDataParallel. The trainable adapter is small, DDP is the simplest engine that averages its
   gradients, and the frozen base model is whole on every rank: it must fit one device (not wired for adapters:
   QLoRA's 4-bit bitsandbytes weights cannot be sharded by FSDP2; docs/scaling.md, "Adapters past one device").
 - Evaluation: each rank evaluates whole batches in turn and the ranks add up their sums.
 
-The trainer scores batches through :class:`Scorer`, one module whose forward is `token_logps`, so both engines see
-every forward pass (they hook the module that is called; `token_logps` calls the backbone and the LM head
-separately). Everything here is a no-op in one process.
+The policy as the engines wrap it: :mod:`dpo.distributed.policy`.
 """
 
 from __future__ import annotations
@@ -177,36 +175,6 @@ def check_same_everywhere(what: str, value: str) -> None:
                                     f"differs from rank 0's; every rank must train from the same files")
 
 
-def _scorer_class() -> type:
-    import torch
-
-    from .logps import token_logps
-
-    class _Scorer(torch.nn.Module):
-        """The policy as one module whose forward is `token_logps` (what DDP and FSDP2 hook)."""
-
-        def __init__(self, model: Any):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids: Any, attention_mask: Any, completion_mask: Any, sum_sq: bool = False,
-                    teacher: Any = None) -> Any:
-            t = token_logps(self.model, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)
-            return t.per_token, t.scored, t.log_sum_sq, t.divergence
-
-    return _Scorer
-
-
-def score(policy: Any, input_ids: Any, attention_mask: Any, completion_mask: Any, *, sum_sq: bool = False,
-          teacher: Any = None) -> Any:
-    """`token_logps` through the wrapped policy where there is one, else on the model itself."""
-    from .logps import TokenLogps, token_logps
-
-    if is_wrapped(policy):
-        return TokenLogps(*policy(input_ids, attention_mask, completion_mask, sum_sq, teacher))
-    return token_logps(policy, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)
-
-
 def is_wrapped(policy: Any) -> bool:
     return getattr(policy, "_logitstore_engine", None) is not None
 
@@ -221,56 +189,5 @@ def unwrap(policy: Any) -> Any:
         return policy
     scorer = policy.module if hasattr(policy, "module") else policy
     return scorer.model
-
-
-def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from: Any = None) -> Any:
-    """In a distributed run, the policy wrapped for its engine (FSDP2 for every weight, DDP for an adapter); in one
-    process, the model itself. For DDP `model` is on `device`. For FSDP2 it is on the CPU, or with `weights_from`
-    (a model folder) on the meta device from :func:`sharded_io.empty_model`, and each rank then reads only its
-    shards."""
-    import torch
-
-    if not is_distributed():
-        return model
-    scorer = _scorer_class()(model)
-    if lora:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device] if device.type == "cuda" else None
-        # Buffers (rotary tables) are computed identically on every rank: no broadcast before each forward, which
-        # would make every forward a collective (evaluation's included).
-        wrapped = DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
-        wrapped._logitstore_engine = "ddp"
-        return wrapped
-    from . import fsdp2, sharded_io
-
-    fsdp2.shard(scorer, model, dtype=dtype, device=device)
-    if weights_from is not None:
-        buffers = {name: b.clone() for name, b in scorer.named_buffers()}  # computed on the CPU, not meta
-        scorer.to_empty(device=device)
-        with torch.no_grad():
-            for name, b in scorer.named_buffers():
-                b.copy_(buffers[name])
-        scorer._logitstore_engine = "fsdp2"
-        sharded_io.load_shards(scorer, weights_from)
-    scorer.to(device)  # only this rank's shards reach the device
-    scorer._logitstore_engine = "fsdp2"
-    return scorer
-
-
-def accumulating(policy: Any, last: bool) -> Any:
-    """Context for one micro-batch's forward and backward: under DDP, no all-reduce but on the step's last
-    micro-batch (gradients accumulate locally, then one all-reduce averages their sums). FSDP2 reduce-scatters
-    every micro-batch: skipping it would keep a whole unsharded gradient on every rank."""
-    import contextlib
-
-    if not last and getattr(policy, "_logitstore_engine", None) == "ddp":
-        return policy.no_sync()
-    return contextlib.nullcontext()
-
-
-def grad_norm_value(norm: Any) -> float:
-    """clip_grad_norm_'s total norm as a float (a DTensor over FSDP2's sharded gradients)."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 

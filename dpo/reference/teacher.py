@@ -3,8 +3,8 @@ top-k or sampled record (logitstore/teacher.py) while the per-token values are c
 
 What a build checks before any model work (:func:`teacher_entry`): one of --top-k / --sample-k, K that the
 vocabulary and the codec can hold, and a data kind and options that records can be taken with. The scoring itself
-(:func:`pair_logps_teacher`) runs one forward pass per batch like ``pair_logps_full``: the per-token values come from
-the same ``_head_logps`` call (so they equal a build without records bit for bit), and the records from the LM
+(:func:`sides_logps_teacher`) runs one forward pass per batch like ``sides_logps``: the per-token values come from
+the same ``head_logps`` call (so they equal a build without records bit for bit), and the records from the LM
 head's logits recomputed in chunks of whole rows, at most ``LOGIT_BYTES`` of logits at a time where a row fits.
 """
 
@@ -19,7 +19,6 @@ from logitstore import teacher as T
 from logitstore import teacher_blocks as TB
 from logitstore import teacher_store as TS
 from logitstore.errors import LogitstoreError
-from logitstore.loader import pad_pairs
 
 Record = T.TopK | T.Sampled
 
@@ -28,7 +27,7 @@ def model_vocab(model: str, revision: str | None = None) -> int:
     """The width of the model's logits, from its config (before any weights load)."""
     from transformers import AutoConfig
 
-    from .models import model_source
+    from ..model.loading import model_source
 
     config = AutoConfig.from_pretrained(str(model_source(model, revision).path))
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -69,11 +68,11 @@ def empty_record(entry: dict[str, Any]) -> Record:
 MASS_SCALE = 2.0 ** 32  # tail mass is added up in integer units of 2^-32: the same sum in any order of rows
 
 
-def new_mass(entry: dict[str, Any]) -> dict[str, np.ndarray] | None:
+def new_mass(entry: dict[str, Any], sides: list[str]) -> dict[str, np.ndarray] | None:
     """A shard's tail-mass accumulators, one per side (top-k records only: sampled contexts have no prior)."""
     if entry["kind"] != "top_k":
         return None
-    return {side: np.zeros(entry["vocab"], np.int64) for side in ("chosen", "rejected")}
+    return {side: np.zeros(entry["vocab"], np.int64) for side in sides}
 
 
 def mass_of(mass: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
@@ -83,39 +82,41 @@ def mass_of(mass: dict[str, np.ndarray] | None) -> dict[str, np.ndarray] | None:
     return {f"teacher/{side}": m.astype(np.float64) / MASS_SCALE for side, m in mass.items()}
 
 
-def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], rejected: list[Any], pad_id: int, *,
-                       entry: dict[str, Any], rows: list[int], mass: dict[str, np.ndarray] | None = None,
-                       ) -> tuple[list[Any], list[Any], list[Record], list[Record]]:
-    """`pair_logps_full`'s per-token values of chosen and rejected, and each side's teacher record per pair
-    (`rows`: the pairs' store rows, for the sampled records' streams). With `mass` (:func:`new_mass`), each
-    top-k row's tail mass (``teacher.tail_mass``) is added to its side's accumulator: the shard's prior."""
+def sides_logps_teacher(model: Any, prompts: list[Any], sides: list[list[Any]], pad_id: int, *,
+                        entry: dict[str, Any], rows: list[int], mass: list[np.ndarray] | None = None,
+                        ) -> tuple[list[list[Any]], list[list[Record]]]:
+    """`sides_logps`' per-token values of each side, and each side's teacher record per row (`rows`: the
+    examples' store rows, for the sampled records' streams). With `mass` (one accumulator per side,
+    :func:`new_mass`), each top-k row's tail mass (``teacher.tail_mass``) is added to its side's: the shard's
+    prior."""
     import torch
 
-    from .logps import LOGIT_BYTES, _head_logps, exact_4bit, head_logits, split_lm
-    from .models import input_device
+    from ..model.head import LOGIT_BYTES, head_logits, head_logps, split_lm
+    from ..model.loading import input_device
+    from ..model.scoring import exact_4bit, pad_sides
 
     device = input_device(model)
-    batch = pad_pairs(prompts, chosen, rejected, pad_id)
+    batch = pad_sides(prompts, sides, pad_id)
     ids, attn, comp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "completion_mask"))
     backbone, head, config = split_lm(model)
     vocab = head.weight.shape[0]
     if vocab != entry["vocab"]:
         raise LogitstoreError(f"the model's LM head has {vocab} outputs, its config says {entry['vocab']} tokens")
     record = recorder(entry)
-    n = len(prompts)
+    n, total = len(prompts), len(sides) * len(prompts)
     with torch.no_grad(), exact_4bit(model):
         hidden = backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
         scored = comp[:, 1:].bool().to(hidden.device)
         h = hidden[:, :-1][scored]
-        values, _ = _head_logps(h, ids[:, 1:].to(hidden.device)[scored], head, config)
+        values, _ = head_logps(h, ids[:, 1:].to(hidden.device)[scored], head, config)
         counts = scored.sum(dim=1).tolist()
         logits_of = head_logits(head, config)
         budget = max(1, LOGIT_BYTES // (4 * vocab))  # positions of float32 logits per chunk
         records: list[Record] = []
         start, i = 0, 0
-        while i < 2 * n:  # chunks of whole rows: a sampled row's draws are one call on all its positions
+        while i < total:  # chunks of whole rows: a sampled row's draws are one call on all its positions
             j, size = i + 1, counts[i]
-            while j < 2 * n and size + counts[j] <= budget:
+            while j < total and size + counts[j] <= budget:
                 size += counts[j]
                 j += 1
             logits = logits_of(h[start:start + size]).detach().float().cpu().numpy() if size else None
@@ -124,16 +125,16 @@ def pair_logps_teacher(model: Any, prompts: list[Any], chosen: list[Any], reject
                 if counts[r]:
                     row_logits = logits[offset:offset + counts[r]]
                     records.append(record(row_logits, stream(rows[r % n], r // n)))
-                    if mass is not None:
-                        acc = mass["chosen" if r < n else "rejected"]  # added up in place
-                        acc += np.rint(T.tail_mass(row_logits, records[-1].ids) * MASS_SCALE).astype(np.int64)
+                    if mass is not None:  # added up in place
+                        mass[r // n] += np.rint(T.tail_mass(row_logits, records[-1].ids) * MASS_SCALE).astype(np.int64)
                 else:
                     records.append(empty_record(entry))
                 offset += counts[r]
             start += size
             i = j
     pieces = torch.split(values.detach().cpu(), counts)
-    return list(pieces[:n]), list(pieces[n:]), records[:n], records[n:]
+    return ([list(pieces[k * n:(k + 1) * n]) for k in range(len(sides))],
+            [records[k * n:(k + 1) * n] for k in range(len(sides))])
 
 
 def compare_records(store: Any, rows: list[int], records: dict[str, list[Record]]) -> list[str]:

@@ -23,8 +23,8 @@ import numpy as np
 
 from logitstore.errors import InputDataError
 
-from .preference_data import Text, _check_text, check_style, json_objects, record_id, rows_digest
-from .unpaired_data import tokenize_example
+from .records import Text, check_style, check_text, json_objects, record_id, rows_digest
+from .unpaired import tokenize_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +58,8 @@ def load_completions(path: str | Path, split: str | None = None) -> list[Complet
         for field in ("prompt", "completion"):
             if record.get(field) is None:
                 raise InputDataError(f"{where}: missing field {field!r}")
-        prompt = _check_text(record["prompt"], "prompt", where)
-        completion = _check_text(record["completion"], "completion", where)
+        prompt = check_text(record["prompt"], "prompt", where)
+        completion = check_text(record["completion"], "completion", where)
         check_style(kinds, where, prompt, completion)
         example_id = record_id(record, where, seen, line, lambda: content_id(prompt, completion))
         out.append(CompletionExample(example_id, prompt, completion, line))

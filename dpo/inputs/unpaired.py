@@ -26,8 +26,7 @@ import numpy as np
 from logitstore.errors import InputDataError
 from logitstore.kinds import kl_rows
 
-from .preference_data import (Text, _check_text, _records, check_style, json_objects, record_id,
-                              rows_digest)
+from .records import Text, check_style, check_text, json_objects, read_records, record_id, rows_digest
 from .tokenization import TokenizedPair, _ids, common_prefix_length
 
 PAIR_FIELDS = ("chosen", "rejected")
@@ -45,20 +44,6 @@ class UnpairedExample:
 
 def is_unpaired(record: Any) -> bool:
     return isinstance(record, dict) and any(f in record for f in UNPAIRED_FIELDS)
-
-
-def data_kind(path: str | Path, split: str | None = None) -> str:
-    """"unpaired" when the first record has a `label` (TRL's KTO columns), "completion" when it has a `completion`
-    and no `label` (TRL's prompt-completion format, dpo/completion_data.py), else "pairs"."""
-    path = Path(path)
-    if not path.exists():
-        raise InputDataError(f"{path}: no such file or folder")
-    for _, record in _records(path, split):
-        if isinstance(record, dict) and "completion" in record and "label" not in record \
-                and not any(f in record for f in PAIR_FIELDS):
-            return "completion"
-        return "unpaired" if is_unpaired(record) else "pairs"
-    raise InputDataError(f"{path}: no records found")
 
 
 def content_id(prompt: Text, completion: Text, label: bool) -> str:
@@ -90,8 +75,8 @@ def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedEx
         if type(label) is not bool:
             raise InputDataError(f"{where}: field 'label' must be true or false, got {type(label).__name__} "
                                  f"{json.dumps(label)[:40]}")
-        prompt = _check_text(record["prompt"], "prompt", where)
-        completion = _check_text(record["completion"], "completion", where)
+        prompt = check_text(record["prompt"], "prompt", where)
+        completion = check_text(record["completion"], "completion", where)
         check_style(kinds, where, prompt, completion)
         example_id = record_id(record, where, seen, line, lambda: content_id(prompt, completion, label))
         out.append(UnpairedExample(example_id, prompt, completion, label, line))

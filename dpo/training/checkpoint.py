@@ -77,7 +77,7 @@ def save_checkpoint(folder: str | os.PathLike[str], *, model: Any, optimizer: to
     """Write a checkpoint. In a distributed run every rank calls this (it is collective): rank 0 writes the
     adapter or model and the optimizer state, or with `sharded_policy` (FSDP2) every rank writes its shards; every
     rank writes its RNG state; rank 0 then renames the finished folder into place."""
-    from . import distributed
+    from ..distributed import group as distributed
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".partial")

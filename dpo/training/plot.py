@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 
-def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
+def plot_metrics(metrics: str | Path, png: str | Path, panels: list[tuple[str, str]]) -> Path:
+    """One panel per (metric, title) of `panels` (the store kind's task says which), train and eval curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -14,14 +15,6 @@ def plot_metrics(metrics: str | Path, png: str | Path) -> Path:
 
     rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
     steps = [r["step"] for r in rows]
-    panels = [("loss", "DPO loss"), ("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")]
-    if rows and "distill/loss" in rows[0]:  # distillation: its term next to the total
-        panels = [("loss", "loss"), ("distill/loss", "distillation term (per token)"), ("rewards/margins",
-                                                                                      "reward margin")]
-    if rows and "rewards/accuracies" not in rows[0] and "kl" in rows[0]:  # an unpaired loss: no pairs to rank
-        panels = [("loss", "loss"), ("kl", "KL estimate (KTO's z0)"), ("rewards/chosen", "desirable reward")]
-    if rows and "rewards/accuracies" not in rows[0] and "kl" not in rows[0]:  # distill on a completion store
-        panels = [("loss", "distillation loss (per token)"), ("logps", "completion log-prob")]
     fig, axes = plt.subplots(1, len(panels), figsize=(13 * len(panels) / 3, 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         ax.plot(steps, [r[key] for r in rows], marker="o", ms=3, label="train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .distributed import DistributedSetupError
+from .group import DistributedSetupError
 
 
 def shard(scorer: Any, model: Any, *, dtype: str, device: Any) -> None:

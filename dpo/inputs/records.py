@@ -1,8 +1,8 @@
-"""Reading preference data in the formats TRL accepts, with one clear error per bad record.
+"""Reading data records in the formats TRL accepts, with one clear error per bad record: what every kind's data
+reader (:mod:`.pairs`, :mod:`.unpaired`, :mod:`.completions`) shares.
 
-Formats: standard (`prompt`, `chosen`, `rejected` strings), conversational (lists of `{role, content}` messages)
-and implicit prompt (only `chosen`/`rejected`; their shared prefix is the prompt). Sources: JSONL (optionally
-gzipped), Parquet, or a folder written by `datasets.save_to_disk`.
+Sources: JSONL (optionally gzipped), Parquet, or a folder written by `datasets.save_to_disk`. Texts are plain
+strings (standard) or lists of `{role, content}` messages (conversational), never both in one file.
 """
 
 from __future__ import annotations
@@ -20,15 +20,6 @@ from logitstore.errors import InputDataError
 Text = str | list[dict[str, Any]]
 
 
-@dataclasses.dataclass(frozen=True)
-class PreferenceExample:
-    id: str
-    prompt: Text | None  # None: implicit prompt, extracted at tokenization like TRL
-    chosen: Text
-    rejected: Text
-    line: int  # 1-based line (JSONL) or row (Parquet, datasets) number, for messages
-
-
 @dataclasses.dataclass
 class Skipped:
     id: str
@@ -39,7 +30,7 @@ class Skipped:
         return dataclasses.asdict(self)
 
 
-def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
+def read_records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
     name = path.name.lower()
     if path.is_dir():
         import datasets  # the `data` extra; the command line names it when it is missing
@@ -82,7 +73,7 @@ def _records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
         raise InputDataError(f"{path}: unknown data format (use .jsonl, .jsonl.gz, .parquet or a datasets folder)")
 
 
-def _check_text(value: Any, field: str, where: str) -> Text:
+def check_text(value: Any, field: str, where: str) -> Text:
     if isinstance(value, str):
         return value
     if isinstance(value, list) and all(
@@ -92,12 +83,6 @@ def _check_text(value: Any, field: str, where: str) -> Text:
     kind = type(value).__name__
     raise InputDataError(f"{where}: field {field!r} must be a string or a list of {{role, content}} messages, "
                          f"got {kind}")
-
-
-def content_id(prompt: Text | None, chosen: Text, rejected: Text) -> str:
-    """A stable ID for a pair without one: a hash of its content."""
-    blob = json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
 def record_id(record: dict[str, Any], where: str, seen: dict[str, int], line: int,
@@ -118,7 +103,7 @@ def record_id(record: dict[str, Any], where: str, seen: dict[str, int], line: in
 
 def json_objects(path: Path, split: str | None) -> Iterator[tuple[int, dict[str, Any], str]]:
     """(line, record, "path:line") for every record of `path`; a record that is not a JSON object is an error."""
-    for line, record in _records(path, split):
+    for line, record in read_records(path, split):
         where = f"{path}:{line}"
         if not isinstance(record, dict):
             raise InputDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -136,46 +121,6 @@ def check_style(kinds: set[bool], where: str, *texts: Text | None) -> None:
         raise InputDataError(f"{where}: the data mixes conversational and plain-text records")
 
 
-def load_examples(path: str | Path, split: str | None = None) -> list[PreferenceExample]:
-    """Every record of `path` as a :class:`PreferenceExample`, or one :class:`InputDataError` for the first bad one."""
-    path = Path(path)
-    if not path.exists():
-        raise InputDataError(f"{path}: no such file or folder")
-    out: list[PreferenceExample] = []
-    seen: dict[str, int] = {}
-    kinds: set[bool] = set()
-    for line, record, where in json_objects(path, split):
-        if "completion" in record or "label" in record:
-            raise InputDataError(f"{where}: an unpaired record (completion/label) in preference-pair data (the "
-                                 f"first record, line {out[0].line if out else line}, is a pair); keep pairs and "
-                                 "unpaired examples in separate files")
-        for field in ("chosen", "rejected"):
-            if field not in record or record[field] is None:
-                raise InputDataError(f"{where}: missing field {field!r}")
-        chosen = _check_text(record["chosen"], "chosen", where)
-        rejected = _check_text(record["rejected"], "rejected", where)
-        prompt = _check_text(record["prompt"], "prompt", where) if record.get("prompt") is not None else None
-        check_style(kinds, where, chosen, rejected, prompt)
-        example_id = record_id(record, where, seen, line, lambda: content_id(prompt, chosen, rejected))
-        out.append(PreferenceExample(example_id, prompt, chosen, rejected, line))
-    if not out:
-        raise InputDataError(f"{path}: no preference pairs found")
-    return out
-
-
-def export_records(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """The pairs of `path` as the records an export writes: ``id``, ``prompt`` (when the data has one),
-    ``chosen``, ``rejected``."""
-    records = []
-    for ex in load_examples(path, split):
-        record: dict[str, Any] = {"id": ex.id}
-        if ex.prompt is not None:
-            record["prompt"] = ex.prompt
-        record.update(chosen=ex.chosen, rejected=ex.rejected)
-        records.append(record)
-    return records
-
-
 def rows_digest(rows: Iterable[list[Any]]) -> str:
     """SHA-256 over rows of JSON values, one compact JSON line each, in order."""
     h = hashlib.sha256()
@@ -185,6 +130,11 @@ def rows_digest(rows: Iterable[list[Any]]) -> str:
     return h.hexdigest()
 
 
-def data_digest(examples: list[PreferenceExample]) -> str:
-    """SHA-256 over the examples' IDs and content, in order: the data part of a store's fingerprint."""
-    return rows_digest([ex.id, ex.prompt, ex.chosen, ex.rejected] for ex in examples)
+def first_record(path: str | Path, split: str | None = None) -> Any:
+    """The first record of `path` (its columns say the data's kind, as TRL reads them)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputDataError(f"{path}: no such file or folder")
+    for _, record in read_records(path, split):
+        return record
+    raise InputDataError(f"{path}: no records found")
