@@ -31,7 +31,7 @@ def make_trainer(model: str, store: str, data: str, out: str, *, steps: int = 3,
     args = StoreDistillationConfig(output_dir=out, max_length=max_length, beta=beta, nll_weight=nll_weight,
                                    max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr,
                                    logging_steps=1, report_to=[], save_strategy="no",
-                                   use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False,
+                                   use_cpu=not torch.cuda.is_available(), bf16=False, activation_checkpointing=False,
                                    seed=0, data_seed=0, dataloader_drop_last=True)
     peft_config = None
     if lora:

@@ -72,7 +72,7 @@ def config(out, **kw):
 
     kw = {"max_length": 128, "per_device_train_batch_size": N, "max_steps": 1, **kw}
     return StoreDistillationConfig(output_dir=str(out), bf16=False, use_cpu=True, logging_steps=1, report_to=[],
-                                   save_strategy="no", gradient_checkpointing=False, disable_tqdm=True, **kw)
+                                   save_strategy="no", activation_checkpointing=False, disable_tqdm=True, **kw)
 
 
 def trainer(store, student, args, data=None, model=None):
@@ -144,7 +144,7 @@ def live_teacher_loss(student_dir, teacher_dir, store_path, beta: float, out) ->
                               for d in (student_dir, teacher_dir))
     live = DistillationTrainer(model=student, teacher_model=teacher_model, processing_class=load_tokenizer(student_dir),
                                args=DistillationConfig(output_dir=str(out), beta=beta, bf16=False, use_cpu=True,
-                                                       report_to=[], gradient_checkpointing=False),
+                                                       report_to=[], activation_checkpointing=False),
                                train_dataset=datasets.Dataset.from_list(rows()))
     store = logitstore.open(store_path)
     total, count = 0.0, 0
@@ -178,7 +178,7 @@ def test_nll_weight_adds_sfttrainers_own_loss(byte_model, topk_store, tmp_path):
                      processing_class=load_tokenizer(byte_model), train_dataset=datasets.Dataset.from_list(rows()),
                      args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=128, per_device_train_batch_size=N,
                                     max_steps=1, bf16=False, use_cpu=True, logging_steps=1, report_to=[],
-                                    save_strategy="no", gradient_checkpointing=False, disable_tqdm=True))
+                                    save_strategy="no", activation_checkpointing=False, disable_tqdm=True))
     nll = first_step(sft)["loss"]
     print(f"|nll - SFTTrainer's loss| = {abs(first['nll'] - nll):.2e}")
     assert abs(first["nll"] - nll) < 1e-5
@@ -271,6 +271,23 @@ def test_examples_the_store_does_not_hold_are_refused(byte_model, topk_store, tm
     assert refusal(topk_store, byte_model, config(tmp_path / "trl"), data=data) == (
         f"{topk_store}: 8 unknown example IDs: 'ex-0', 'ex-1', 'ex-2', 'ex-3', 'ex-4' and 3 more; the dataset's 'id' "
         "column (without one, the hash of each prompt and completion) must name the store's examples")
+
+
+def test_datasets_that_cannot_be_checked_up_front_are_refused(byte_model, topk_store, tmp_path):
+    from logitstore.dpo.models import load_tokenizer
+    from logitstore.integrations.trl import StoreDistillationTrainer
+
+    for dataset, message in (
+            (datasets.Dataset.from_list(rows()).to_iterable_dataset(),
+             "StoreDistillationTrainer needs a datasets.Dataset as train_dataset (every example is checked against "
+             "the store before training); got IterableDataset"),
+            (datasets.Dataset.from_list([{"text": "Hi there"}]),
+             "the train_dataset needs an 'id' column holding the store's example IDs, or 'prompt' and 'completion' "
+             "columns to derive them from")):
+        with pytest.raises(logitstore.LogitstoreError) as info:
+            StoreDistillationTrainer(store=str(topk_store), model=str(byte_model), args=config(tmp_path),
+                                     processing_class=load_tokenizer(byte_model), train_dataset=dataset)
+        assert str(info.value) == message
 
 
 def test_config_checks_beta_and_nll_weight(tmp_path):

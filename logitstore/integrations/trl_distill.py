@@ -124,9 +124,9 @@ def _message_text(value: Any) -> Any:
     return value
 
 
-def with_ids(dataset: Any, name: str) -> Any:
+def with_ids(dataset: Any, name: str, store: Store) -> Any:
     """`dataset` with an ``id`` column of strings: its own IDs, and for a row without one the ID ``logitstore
-    build`` gives it (a hash of its prompt and completion)."""
+    build`` gives it (a hash of its prompt and completion); every one must be the store's."""
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
@@ -142,6 +142,7 @@ def with_ids(dataset: Any, name: str) -> Any:
     else:
         ids = [str(i) if i is not None else content_id(_message_text(p), _message_text(c))
                for i, p, c in zip(given, dataset["prompt"], dataset["completion"])]
+    rows_of(store, ids)  # before TRL tokenizes anything
     if "id" in columns:
         dataset = dataset.remove_columns("id")
     return dataset.add_column("id", ids)
@@ -203,12 +204,12 @@ class StoreDistillationTrainer(SFTTrainer):
         self.nll_weight = float(getattr(config, "nll_weight", 0.0))
         check_args(self.logitstore, config)
         if bound.get("train_dataset") is not None:
-            bound["train_dataset"] = with_ids(bound["train_dataset"], "train_dataset")
+            bound["train_dataset"] = with_ids(bound["train_dataset"], "train_dataset", self.logitstore)
         evals = bound.get("eval_dataset")
         if isinstance(evals, dict):
-            bound["eval_dataset"] = {k: with_ids(v, f"eval_dataset[{k!r}]") for k, v in evals.items()}
+            bound["eval_dataset"] = {k: with_ids(v, f"eval_dataset[{k!r}]", self.logitstore) for k, v in evals.items()}
         elif evals is not None:
-            bound["eval_dataset"] = with_ids(evals, "eval_dataset")
+            bound["eval_dataset"] = with_ids(evals, "eval_dataset", self.logitstore)
         super().__init__(**bound)
         self._check_student()
         check_tokens(self.logitstore, self.train_dataset, "train_dataset")
