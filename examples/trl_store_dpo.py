@@ -23,7 +23,7 @@ def make_trainer(model: str, store: str, data: str, out: str, *, steps: int = 3,
     from trl import DPOConfig
 
     import logitstore
-    from logitstore.dpo.models import load_tokenizer
+    from logitstore.dpo.model.loading import load_tokenizer
     from logitstore.integrations.trl import StoreDPOTrainer
 
     max_length = logitstore.open(store).fingerprint["tokenization"]["max_length"]  # what the store was cut at

@@ -18,6 +18,9 @@ configured α when the trainer starts, so changing α needs no new reference pas
 ``ref_KL_logps`` by example ID. TRL pairs each example with a KL completion within chunks of
 ``per_device_train_batch_size`` rows in data order; the store was paired in chunks of its KL batch size, so the
 trainer refuses another batch size and checks that TRL's KL completions are the store's, example by example.
+
+:class:`StoreDistillationTrainer` (with :class:`StoreDistillationConfig`; :mod:`.trl_distill`) is TRL 1.16's
+SFTTrainer distilling from a completion store's teacher records, with no teacher model and no server.
 """
 
 from __future__ import annotations
@@ -172,13 +175,17 @@ def _trainer_class() -> Any:
     return StoreDPOTrainer
 
 
-def __getattr__(name: str) -> Any:  # StoreDPOTrainer is built on first use, so importing needs no trl
+def __getattr__(name: str) -> Any:  # the trainers are built on first use, so importing needs no trl
     if name == "StoreDPOTrainer":
         return _trainer_class()
     if name == "StoreKTOTrainer":
         return _kto_trainer_class()
+    if name in ("StoreDistillationTrainer", "StoreDistillationConfig"):
+        from . import trl_distill
+
+        return getattr(trl_distill, name)
     raise AttributeError(name)
 
 
-__all__ = ["StoreDPOTrainer", "StoreKTOTrainer", "reference_columns", "unpaired_reference_columns",
-           "with_reference", "with_unpaired_reference"]
+__all__ = ["StoreDPOTrainer", "StoreDistillationConfig", "StoreDistillationTrainer", "StoreKTOTrainer",
+           "reference_columns", "unpaired_reference_columns", "with_reference", "with_unpaired_reference"]
