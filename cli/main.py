@@ -24,6 +24,8 @@ from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 from logitstore.topk_codec import PRESETS as TOPK_PRESETS
 
+from .config_file import config_option
+
 _DEBUG = False
 
 
@@ -88,6 +90,15 @@ def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         return ",".join(parse_loss_types(value))
     except ObjectiveError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _report_to(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from logitstore.dpo.trackers import TrackerError, parse_report_to
+
+    try:
+        return parse_report_to(value)
+    except TrackerError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
@@ -219,6 +230,7 @@ def _kl_batch(value: int) -> int:
               help="Seed of --sample-k draws (a row side's draws depend on the seed, the row and the side only).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
+@config_option
 @debug_option
 def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
@@ -526,7 +538,12 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @expect_digest_option
 @storage_option
+@click.option("--report-to", multiple=True, callback=_report_to, metavar="NAME[,NAME...]",
+              help="Also send every logged step to tensorboard, trackio or wandb (repeatable, or separated by "
+              "commas; none: only metrics.jsonl, the default), with TRL's metric names; each needs the extra of its "
+              "name, e.g. pip install 'logitstore[tensorboard]' (docs/api.md, \"Experiment tracking\").")
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
+@config_option
 @debug_option
 def train(**kw: Any) -> None:
     """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store, or
@@ -552,6 +569,7 @@ def train(**kw: Any) -> None:
           --store hh.lstore --out run --batch-size 64 --save-every 200
     """
     from logitstore.dpo.objective import ObjectiveError
+    from logitstore.dpo.trackers import require
     from logitstore.dpo.train import TrainConfig, objective_of, train as run_train
 
     quiet = kw.pop("quiet")
@@ -560,6 +578,7 @@ def train(**kw: Any) -> None:
         objective_of(cfg)
     except ObjectiveError as exc:
         raise click.UsageError(str(exc)) from None
+    require(cfg.report_to)  # a missing tracker library is named before the model loads
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
     if "history" not in result:  # not rank 0 of a distributed run: rank 0 reports

@@ -34,6 +34,7 @@ from .memory import PeakMeter, is_out_of_memory
 from .models import (TOKENIZER_FILES, check_model_extras, check_model_folder, load_model, model_dtype,
                      model_fingerprint, peft_wrapping, precision, resolve_device)
 from .objective import Objective, UnpairedObjective, unpaired_objective
+from .trackers import open_trackers
 from .unpaired_losses import RunningMean, bco_loss, kl_estimate, kto_loss
 
 
@@ -91,6 +92,7 @@ class TrainConfig:
     expect_digest: str | None = None  # refuse a training store with other contents (docs/FORMAT.md, digest)
     plot: bool = True
     storage_options: dict[str, Any] | None = None
+    report_to: tuple[str, ...] = ()  # trackers each logged step also goes to (dpo/trackers.py)
 
 
 def objective_of(cfg: TrainConfig) -> Objective | UnpairedObjective:
@@ -572,6 +574,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         sampler.set_epoch(0)
     meter.start(device)  # on a GPU the peak logged below is the training steps' own, not the model load's
     metrics_file = open(out / "metrics.jsonl", "a" if checkpoint else "w") if main else None
+    trackers = open_trackers(cfg.report_to, out, dataclasses.asdict(cfg), main=main, quiet=not progress)
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and main), desc="train")
     policy.train()
     # Without worker processes, a background thread keeps the next batches ready while the model computes.
@@ -641,6 +644,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
         if main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
+            trackers.log(record, step)
             history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", **({"acc": f"{record['rewards/accuracies']:.2f}"}
@@ -666,6 +670,7 @@ def _train(cfg: TrainConfig, meter: PeakMeter, *, progress: bool, log: Callable[
     if main:
         result["weights"] = str(weights)
         metrics_file.close()  # type: ignore[union-attr]
+        trackers.close()
         if cfg.plot:
             from .plot import plot_metrics
 
