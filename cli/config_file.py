@@ -108,9 +108,9 @@ def file_defaults(command: click.Command, ctx: click.Context, path: str) -> dict
             defaults[option.name] = ",".join(str(_scalar(v, option, ctx, where)) for v in value)
         else:
             checked = _scalar(value, option, ctx, where)
-            if option.is_flag and not option.secondary_opts and option.flag_value is not True:
-                # a one-sided flag that stores another value (e.g. --no-length-bucketing): set means its value
-                checked = option.flag_value if checked else option.default
+            if option.is_flag and not option.secondary_opts and option.flag_value is False:
+                # a one-sided flag that stores False (--no-length-bucketing): true means the flag is given
+                checked = False if checked else option.default
             defaults[option.name] = (not checked) if negative else checked
     return defaults
 
