@@ -24,6 +24,7 @@ from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 from logitstore.topk_codec import PRESETS as TOPK_PRESETS
 
+from . import launcher
 from .config_file import config_option
 
 _DEBUG = False
@@ -270,8 +271,8 @@ def build(quiet: bool, **options: Any) -> None:
         result = run_build(cfg, progress=not quiet, log=click.echo)
     import logitstore
 
-    click.echo(f"Store digest: {logitstore.open(result.path, storage_options=options['storage_options']).digest}")
-    click.echo(result.summary())
+    digest = logitstore.open(result.path, storage_options=options["storage_options"]).digest
+    click.echo(f"{result.summary()} Store digest: {digest}")  # one final line, which --quiet keeps
 
 
 @cli.command()
@@ -630,6 +631,15 @@ def _interrupted(argv: list[str] | None) -> str:
     return f"Interrupted; {hint}." if hint else "Interrupted."
 
 
+def _end(line: str, code: int, show: Any = None) -> None:
+    """Exit with `code` after the command's error `line` (`show` prints it with more, e.g. click's usage lines):
+    printed once under torchrun, by rank 0, and recorded for torchrun's failure report on every rank."""
+    launcher.record(line)
+    if launcher.speaks():
+        show() if show is not None else click.echo(line, err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group and turn errors into one line."""
     import logging
@@ -645,30 +655,23 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         if _DEBUG:
             raise
-        exc.show()
-        sys.exit(exc.exit_code)
+        _end(f"Error: {exc.format_message()}", exc.exit_code, exc.show)
     except click.exceptions.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo(_interrupted(argv), err=True)
-            sys.exit(130)
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
+            _end(_interrupted(argv), 130)
+        _end("Aborted.", 1)
     except KeyboardInterrupt:
-        click.echo(_interrupted(argv), err=True)
-        sys.exit(130)
+        _end(_interrupted(argv), 130)
     except (LogitstoreError, OSError) as exc:
         if _DEBUG:
             raise
-        click.echo(f"Error: {printable(exc)}", err=True)
-        sys.exit(1)
+        _end(f"Error: {printable(exc)}", 1)
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:
             raise
         needs = missing_extra(exc) if isinstance(exc, ImportError) else None
-        click.echo(f"Error: this command {needs}" if needs else
-                   f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
-
+        _end(f"Error: this command {needs}" if needs else
+             f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", 1)
 
 if __name__ == "__main__":
     main()

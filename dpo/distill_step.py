@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .distill import head_divergences
-from .objective import Objective
+from .objective import TDPO_LOSSES, UNPAIRED_LOSS_TYPES, Objective
 
 TOP_K_KEYS = ("teacher_ids", "teacher_logps", "teacher_tail_logp")
 SAMPLED_KEYS = ("teacher_ids", "teacher_counts")
@@ -111,9 +111,13 @@ def completion_refusal(store: Any, objective: Any) -> str | None:
     others = [t for t in getattr(objective, "loss_types", (getattr(objective, "loss_type", "?"),)) if t != "distill"]
     if not others:
         return None
+    needs = {"a preference-pair store": [t for t in others if t not in TDPO_LOSSES + UNPAIRED_LOSS_TYPES],
+             "a preference-pair store built with --top-k": [t for t in others if t in TDPO_LOSSES],
+             "an unpaired store (prompt/completion/label data)": [t for t in others if t in UNPAIRED_LOSS_TYPES]}
+    reasons = [f"{', '.join(types)} need{'s' if len(types) == 1 else ''} {store_kind}"
+               for store_kind, types in needs.items() if types]
     return (f"{store.location.url} is a completion store (prompt/completion data, no pairs or labels): it trains "
-            f"--loss distill alone; {', '.join(others)} need{'s' if len(others) == 1 else ''} a preference-pair or "
-            "unpaired store")
+            f"--loss distill alone; {'; '.join(reasons)}")
 
 
 def teacher_metrics(pair: Any) -> dict[str, torch.Tensor]:

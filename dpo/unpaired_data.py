@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from logitstore.errors import InputDataError
+from logitstore.storage import tidy_path
 from logitstore.kinds import kl_rows
 
 from .preference_data import (Text, _check_text, _records, check_style, json_objects, record_id,
@@ -50,7 +51,7 @@ def is_unpaired(record: Any) -> bool:
 def data_kind(path: str | Path, split: str | None = None) -> str:
     """"unpaired" when the first record has a `label` (TRL's KTO columns), "completion" when it has a `completion`
     and no `label` (TRL's prompt-completion format, dpo/completion_data.py), else "pairs"."""
-    path = Path(path)
+    path = tidy_path(path)
     if not path.exists():
         raise InputDataError(f"{path}: no such file or folder")
     for _, record in _records(path, split):
@@ -68,7 +69,7 @@ def content_id(prompt: Text, completion: Text, label: bool) -> str:
 
 def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedExample]:
     """Every record of `path` as an :class:`UnpairedExample`, or one :class:`InputDataError` for the first bad one."""
-    path = Path(path)
+    path = tidy_path(path)
     out: list[UnpairedExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()
