@@ -119,9 +119,10 @@ def test_a_refusal_under_torchrun_is_printed_once_and_named_in_torchruns_report(
 
 def test_the_demo_models_top_k_records_are_near_uniform_and_the_sqrt_codec_gives_them_one_level(byte_model,
                                                                                                 tmp_path, capsys):
-    """The demo model (random weights) puts 0.03 of its mass on its 8 most likely next bytes, each between -5.67 and
-    -5.41 nats, against -5.95 for uniform over its 384 tokens; the sqrt codec keeps sqrt(p) in steps of 2^-6, and
-    all of (0.0547, 0.0703) decodes to 4/64: log(1/256) = -5.545, for every entry. docs/teacher.md says so."""
+    """The demo model (random weights) is near-uniform: its 8 most likely next tokens hold about 0.03 of the mass,
+    each log-prob within (-5.7, -5.3) nats (uniform over its 384 tokens: -5.95). The sqrt codec keeps sqrt(p) in
+    steps of 2^-6, and every sqrt(p) in [3.5/64, 4.5/64) decodes to 4/64: log(1/256) = -5.545 for every entry, within
+    the codec's bound. docs/teacher.md ("Codec") says so."""
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(6))
     records = {}
     for codec in ("sqrt", "exact"):
