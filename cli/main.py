@@ -224,8 +224,9 @@ def _kl_batch(value: int) -> int:
 @click.option("--topk-codec", type=click.Choice(list(TOPK_PRESETS)),
               default="sqrt", show_default=True, help="Value preset of --top-k records: sqrt(p) within 2^-7 / 2^-6 "
               "(sqrt, sqrt-compact: the fewest bytes for a distillation record's fidelity); log-prob fixed point "
-              "within 0.00049 / 0.0078 / 0.0625 nats (fine, standard, compact); exact (float32). sqrt levels are coarse "
-              "in nats at small p: close small probabilities (a near-uniform model's) decode equal; docs/teacher.md.")
+              "within 0.00049 / 0.0078 / 0.0625 nats (fine, standard, compact); exact (float32). sqrt levels are "
+              "coarse in nats at small p: close small probabilities (a near-uniform model's) decode equal; "
+              "docs/teacher.md.")
 @click.option("--sample-k", type=int, metavar="K", help="Instead of --top-k: K draws per position from the reference's "
               "distribution, kept as distinct ids with counts (Sparse Logit Sampling).")
 @click.option("--seed", type=click.IntRange(min=0, max=(1 << 63) - 1), default=0, show_default=True,

@@ -161,9 +161,10 @@ def _check(o: Objective) -> None:
     types = o.loss_types
     if o.loss_weights is not None and len(o.loss_weights) != len(types):
         # TRL's check (DPOConfig.__post_init__), in the command's words
-        raise ObjectiveError(f"--loss-weights gives {len(o.loss_weights)} weight{'s' if len(o.loss_weights) != 1 else ''}"
-                             f" for {len(types)} --loss type{'s' if len(types) != 1 else ''} ({', '.join(types)}); "
-                             "give one weight per type, in the same order")
+        given = len(o.loss_weights)
+        raise ObjectiveError(f"--loss-weights gives {given} weight{'s' if given != 1 else ''} for {len(types)} "
+                             f"--loss type{'s' if len(types) != 1 else ''} ({', '.join(types)}); give one weight "
+                             "per type, in the same order")
     if not all(math.isfinite(w) for w in o.weights):
         raise ObjectiveError(f"loss weights must be finite numbers, got {list(o.weights)}")
     if not (math.isfinite(o.beta) and o.beta > 0):

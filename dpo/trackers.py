@@ -13,7 +13,6 @@ in RUN/wandb (WANDB_MODE=offline keeps it there; `wandb sync` uploads it), proje
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import datetime
 import io
@@ -156,13 +155,12 @@ _OPENERS = {"tensorboard": _TensorBoard, "trackio": _Trackio, "wandb": _Wandb}
 
 
 class Trackers:
-    """The run's open trackers (none: every call does nothing). Closed at the latest when the process exits, so a
-    run that stops with an error still leaves each tracker's run complete up to its last logged step."""
+    """The run's open trackers (none: every call does nothing). A run that stops with an error before `close` still
+    leaves each tracker complete up to its last logged step: TensorBoard's file is flushed at every step, and trackio
+    and W&B finish their runs when the process exits (W&B with its exit status)."""
 
     def __init__(self, opened: list[Any]):
         self.opened = opened
-        if opened:
-            atexit.register(self.close)
 
     def log(self, record: dict[str, Any], step: int) -> None:
         if self.opened:

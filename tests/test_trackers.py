@@ -22,7 +22,8 @@ DPO_RECORD = {"step": 10, "epoch": 0, "logps/chosen": -40.5, "logps/rejected": -
               "rewards/accuracies": 0.5, "rewards/chosen": 0.01, "rewards/margins": 0.02, "rewards/rejected": -0.01,
               "learning_rate": 5e-5, "grad_norm": 1.5, "tokens_per_second": 100.0, "step_seconds": 0.5,
               "loader_seconds": 0.01, "peak_memory_gib": 0.5, "peak_memory_kind": "CPU, peak RSS",
-              "eval/loss": 0.7, "eval/rewards_chosen": 0.03, "eval/rewards_accuracies": 0.75, "eval/logps_chosen": -41.0}
+              "eval/loss": 0.7, "eval/rewards_chosen": 0.03, "eval/rewards_accuracies": 0.75,
+              "eval/logps_chosen": -41.0}
 
 
 def test_trl_names_are_trls_and_trackers_see_them_as_transformers_callbacks_send_them():
