@@ -309,12 +309,20 @@ def trl_refusal(tmp_path_factory):
      dict(loss_type=["sigmoid", "aot"], f_divergence_type="js_divergence")),
     (dict(loss_types=("aot_unpaired",), use_weighting=True), dict(loss_type=["aot_unpaired"], use_weighting=True)),
     (dict(loss_types=("exo_pair",)), dict(loss_type=["exo_pair"])),
-    (dict(loss_types=("sigmoid", "sft"), loss_weights=(1.0,)), dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0])),
 ])
 def test_refusals_are_trls(ours, trl, trl_refusal):
     with pytest.raises(ObjectiveError) as info:
         Objective(**ours)
     assert str(info.value).startswith(trl_refusal(**trl))
+
+
+def test_a_weight_count_mismatch_is_refused_as_trl_refuses_it_in_the_flags_words(trl_refusal):
+    assert trl_refusal(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).startswith(
+        "`loss_weights` must have the same length as `loss_type`")
+    with pytest.raises(ObjectiveError) as info:
+        Objective(loss_types=("sigmoid", "sft"), loss_weights=(1.0,))
+    assert str(info.value) == ("--loss-weights gives 1 weight for 2 --loss types (sigmoid, sft); give one weight per "
+                               "type, in the same order")
 
 
 def test_f_divergence_refusal_gives_trls_reason():
