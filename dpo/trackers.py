@@ -44,7 +44,7 @@ def parse_report_to(values: str | Iterable[str] | None) -> tuple[str, ...]:
     unknown = [n for n in names if n not in (*TRACKERS, "none")]
     if unknown:
         raise TrackerError(f"unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)} or none")
-    if "none" in names and len(names) > 1:
+    if "none" in names and set(names) != {"none"}:
         raise TrackerError(f"none reports to no tracker and cannot be combined with "
                            f"{', '.join(n for n in names if n != 'none')}")
     return tuple(t for t in TRACKERS if t in names)

@@ -47,7 +47,7 @@ def test_trl_names_are_trls_and_trackers_see_them_as_transformers_callbacks_send
 
 
 @pytest.mark.parametrize("given,names", [
-    ((), ()), (("none",), ()), (("wandb,tensorboard",), ("tensorboard", "wandb")),
+    ((), ()), (("none",), ()), (("none", "none"), ()), (("wandb,tensorboard",), ("tensorboard", "wandb")),
     (("trackio", "tensorboard"), ("tensorboard", "trackio")), (("wandb", "wandb"), ("wandb",))])
 def test_report_to_takes_repeats_and_commas(given, names):
     assert parse_report_to(given) == names
