@@ -24,6 +24,9 @@ from logitstore import format as fmt
 from logitstore.export import FORMATS as EXPORT_FORMATS
 from logitstore.topk_codec import PRESETS as TOPK_PRESETS
 
+from . import launcher
+from .config_file import config_option
+
 _DEBUG = False
 
 
@@ -86,6 +89,15 @@ def _loss_types(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         return ",".join(parse_loss_types(value))
     except ObjectiveError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _report_to(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    from logitstore.dpo.training.trackers import TrackerError, parse_report_to
+
+    try:
+        return parse_report_to(value)
+    except TrackerError as exc:
         raise click.BadParameter(str(exc)) from None
 
 
@@ -210,13 +222,16 @@ def _kl_batch(value: int) -> int:
 @click.option("--topk-codec", type=click.Choice(list(TOPK_PRESETS)),
               default="sqrt", show_default=True, help="Value preset of --top-k records: sqrt(p) within 2^-7 / 2^-6 "
               "(sqrt, sqrt-compact: the fewest bytes for a distillation record's fidelity); log-prob fixed point "
-              "within 0.00049 / 0.0078 / 0.0625 nats (fine, standard, compact); exact (float32). docs/teacher.md.")
+              "within 0.00049 / 0.0078 / 0.0625 nats (fine, standard, compact); exact (float32). sqrt levels are "
+              "coarse in nats at small p: close small probabilities (a near-uniform model's) decode equal; "
+              "docs/teacher.md.")
 @click.option("--sample-k", type=int, metavar="K", help="Instead of --top-k: K draws per position from the reference's "
               "distribution, kept as distinct ids with counts (Sparse Logit Sampling).")
 @click.option("--seed", type=click.IntRange(min=0, max=(1 << 63) - 1), default=0, show_default=True,
               help="Seed of --sample-k draws (a row side's draws depend on the seed, the row and the side only).")
 @storage_option
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
+@config_option
 @debug_option
 def build(quiet: bool, **options: Any) -> None:
     """Run the reference model over the data once and store its log-probs.
@@ -256,8 +271,8 @@ def build(quiet: bool, **options: Any) -> None:
         result = run_build(cfg, progress=not quiet, log=click.echo)
     import logitstore
 
-    click.echo(f"Store digest: {logitstore.open(result.path, storage_options=options['storage_options']).digest}")
-    click.echo(result.summary())
+    digest = logitstore.open(result.path, storage_options=options["storage_options"]).digest
+    click.echo(f"{result.summary()} Store digest: {digest}")  # one final line, which --quiet keeps
 
 
 @cli.command()
@@ -519,7 +534,12 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @click.option("--allow-fingerprint-mismatch", is_flag=True, help="Train even if the store's model differs.")
 @expect_digest_option
 @storage_option
+@click.option("--report-to", multiple=True, callback=_report_to, metavar="NAME[,NAME...]",
+              help="Also send every logged step to tensorboard, trackio or wandb (repeatable, or separated by "
+              "commas; none: only metrics.jsonl, the default), with TRL's metric names; each needs the extra of its "
+              "name, e.g. pip install 'logitstore[tensorboard]' (docs/api.md, \"Experiment tracking\").")
 @click.option("--quiet", is_flag=True, help="Print only errors, whether it resumed, and the final line.")
+@config_option
 @debug_option
 def train(**kw: Any) -> None:
     """Train a LoRA policy (or every weight, --no-lora) with DPO against the reference log-probs in a store, or
@@ -546,6 +566,7 @@ def train(**kw: Any) -> None:
     """
     from logitstore.dpo.objectives.objective import ObjectiveError, objective_of
     from logitstore.dpo.training import TrainConfig, train as run_train
+    from logitstore.dpo.training.trackers import require
 
     quiet = kw.pop("quiet")
     cfg = TrainConfig(**kw)
@@ -553,6 +574,7 @@ def train(**kw: Any) -> None:
         objective_of(cfg)
     except ObjectiveError as exc:
         raise click.UsageError(str(exc)) from None
+    require(cfg.report_to)  # a missing tracker library is named before the model loads
     with _quiet(quiet):
         result = run_train(cfg, progress=not quiet, log=click.echo)
     if "history" not in result:  # not rank 0 of a distributed run: rank 0 reports
@@ -604,6 +626,15 @@ def _interrupted(argv: list[str] | None) -> str:
     return f"Interrupted; {hint}." if hint else "Interrupted."
 
 
+def _end(line: str, code: int, show: Any = None) -> None:
+    """Exit with `code` after the command's error `line` (`show` prints it with more, e.g. click's usage lines):
+    printed once under torchrun, by rank 0, and recorded for torchrun's failure report on every rank."""
+    launcher.record(line)
+    if launcher.speaks():
+        show() if show is not None else click.echo(line, err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the group and turn errors into one line."""
     import logging
@@ -619,30 +650,23 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         if _DEBUG:
             raise
-        exc.show()
-        sys.exit(exc.exit_code)
+        _end(f"Error: {exc.format_message()}", exc.exit_code, exc.show)
     except click.exceptions.Abort as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            click.echo(_interrupted(argv), err=True)
-            sys.exit(130)
-        click.echo("Aborted.", err=True)
-        sys.exit(1)
+            _end(_interrupted(argv), 130)
+        _end("Aborted.", 1)
     except KeyboardInterrupt:
-        click.echo(_interrupted(argv), err=True)
-        sys.exit(130)
+        _end(_interrupted(argv), 130)
     except (LogitstoreError, OSError) as exc:
         if _DEBUG:
             raise
-        click.echo(f"Error: {printable(exc)}", err=True)
-        sys.exit(1)
+        _end(f"Error: {printable(exc)}", 1)
     except Exception as exc:  # noqa: BLE001 - the edge: one line, never a traceback without --debug
         if _DEBUG:
             raise
         needs = missing_extra(exc) if isinstance(exc, ImportError) else None
-        click.echo(f"Error: this command {needs}" if needs else
-                   f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", err=True)
-        sys.exit(1)
-
+        _end(f"Error: this command {needs}" if needs else
+             f"Error: {type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)", 1)
 
 if __name__ == "__main__":
     main()

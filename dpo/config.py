@@ -99,3 +99,4 @@ class TrainConfig:
     expect_digest: str | None = None  # refuse a training store with other contents (docs/FORMAT.md, digest)
     plot: bool = True
     storage_options: dict[str, Any] | None = None
+    report_to: tuple[str, ...] = ()  # trackers each logged step also goes to (dpo/training/trackers.py)

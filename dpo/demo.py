@@ -121,7 +121,8 @@ def run_demo(out: str | Path, *, pairs: int = 320, steps: int = 40, batch_size: 
     log(f"Store: {human_bytes(size)} for {len(store)} pairs with per-token values; full-logit pickles of the same "
         f"pairs: {human_bytes(alt)} ({alt / max(size, 1):,.0f}x larger, at this tiny {store.tokenizer['vocab_size']}"
         f"-token vocabulary; x{32000 / store.tokenizer['vocab_size']:.0f} more at 32k).")
-    log(f"Files: stores {out / 'train.lstore'}, {out / 'eval.lstore'}; adapter {out / 'run' / 'adapter'}; "
+    log(f"Files: stores {out / 'train.lstore'}, {out / 'eval.lstore'}; adapter {out / 'run' / 'adapter'} (the one "
+        f"with the lowest eval loss: {out / 'run' / 'best'}); "
         f"metrics {out / 'run' / 'metrics.jsonl'}; plot {result.get('plot')}")
     return {"out": str(out), "history": history, "eval": result["eval"], "store_bytes": size,
             "pickle_bytes": alt, "plot": result.get("plot")}

@@ -20,7 +20,14 @@ MODULE_EXTRAS = {
     "fsspec": "remote",
     "s3fs": "remote",
     "trl": "trl",
+    "yaml": "train",  # --config FILE
+    "tensorboard": "tensorboard",  # --report-to
+    "trackio": "trackio",
+    "wandb": "wandb",
 }
+
+# A module whose distribution has another name: what the message names (and pyproject.toml lists).
+DISTRIBUTIONS = {"yaml": "pyyaml"}
 
 
 def missing_extra(exc: ImportError) -> str | None:
@@ -32,6 +39,7 @@ def missing_extra(exc: ImportError) -> str | None:
         name = (getattr(cause, "name", None) or "").split(".")[0]
         extra = MODULE_EXTRAS.get(name)
         if isinstance(cause, ModuleNotFoundError) and extra is not None:
-            return f"needs {name}, which this install leaves out: pip install 'logitstore[{extra}]'"
+            return (f"needs {DISTRIBUTIONS.get(name, name)}, which this install leaves out: "
+                    f"pip install 'logitstore[{extra}]'")
         cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return None

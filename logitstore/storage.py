@@ -27,6 +27,16 @@ _KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.]*(/[A-Za-z0-9_][A-Za-z0-9_.]*)*$")
 _PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
 
+def tidy_path(path: str | os.PathLike[str]) -> Path:
+    """`path` without its `.` and `..` parts (what messages show), unless that names another place: after a
+    symbolic link `..` leads to the link target's parent, so such a path is kept as it is."""
+    text = os.fspath(path)
+    tidy = os.path.normpath(text)
+    if tidy != text and os.path.realpath(tidy) != os.path.realpath(text):
+        return Path(text)
+    return Path(tidy)
+
+
 def check_key(key: str) -> str:
     """Refuse any key that could leave the store folder."""
     if not _KEY.match(key):
@@ -67,7 +77,7 @@ class LocalLocation:
         text = str(path)
         if text.startswith("file://"):
             text = text[len("file://"):]
-        self.root = Path(text).expanduser().absolute()
+        self.root = tidy_path(Path(text).expanduser().absolute())
         self.url = str(self.root)
         self.is_local = True
 

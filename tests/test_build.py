@@ -140,14 +140,16 @@ def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
     assert _digest(tmp_path / "cut") == _digest(tmp_path / "whole")
     done = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
     assert done.stdout.strip().endswith(f"{tmp_path / 'cut'} is already complete (60 pairs: 60 computed, 0 reused); "
-                                     "nothing to do.")
+                                     f"nothing to do. Store digest: {logitstore.open(tmp_path / 'cut').digest}")
 
 
 BAD_INPUTS = [
     ("{not json}\n",
      "Error: bad.jsonl:1: malformed JSON (Expecting property name enclosed in double quotes at column 2)"),
     ('{"prompt": "p, "chosen": "a"}\n', "Error: bad.jsonl:1: malformed JSON (Expecting ',' delimiter at column 17)"),
-    ('{"prompt": "p\n', "Error: bad.jsonl:1: malformed JSON (Invalid control character at column 14)"),
+    ('{"prompt": "p\n', "Error: bad.jsonl:1: malformed JSON (Unterminated string starting at column 12)"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "b"\n',
+     "Error: bad.jsonl:1: malformed JSON (Expecting ',' delimiter at column 47, the end of the line)"),
     ('{"prompt": "p', "Error: bad.jsonl:1: malformed JSON (Unterminated string starting at column 12)"),
     ('{"chosen": "a"}\n', "Error: bad.jsonl:1: missing field 'rejected'"),
     ('{"prompt": "p", "chosen": 3, "rejected": "b"}\n',

@@ -170,3 +170,8 @@ def test_console_script_and_demo_end_to_end(tmp_path):
     assert lines[0].startswith("1/4 Made a tiny model") and lines[3].startswith("4/4 Trained 4 steps: loss 0.6931 ")
     assert "3/4 Verified" in lines[2] and lines[2].endswith("sound.")
     assert (tmp_path / "demo" / "run" / "metrics.png").is_file()
+    run = tmp_path / "demo" / "run"
+    assert lines[-1] == (f"Files: stores {tmp_path / 'demo' / 'train.lstore'}, {tmp_path / 'demo' / 'eval.lstore'}; "
+                         f"adapter {run / 'adapter'} (the one with the lowest eval loss: {run / 'best'}); metrics "
+                         f"{run / 'metrics.jsonl'}; plot {run / 'metrics.png'}")
+    assert (run / "best" / "adapter_model.safetensors").is_file()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import logitstore
-from logitstore.extras import MODULE_EXTRAS
+from logitstore.extras import DISTRIBUTIONS, MODULE_EXTRAS
 from logitstore.loader import PairBatchSampler
 
 from synthetic import fill
@@ -76,7 +76,7 @@ def test_core_requirements_are_the_store_stack_only():
     assert {requirement_name(r) for r in project["dependencies"]} == CORE
     extras = project["optional-dependencies"]
     for module, extra in MODULE_EXTRAS.items():  # each message names an extra that installs the module
-        assert module in extra_names(extras, extra), (module, extra)
+        assert DISTRIBUTIONS.get(module, module) in extra_names(extras, extra), (module, extra)
     assert {"torch", "transformers", "peft"} <= extra_names(extras, "train")
     everything = set().union(*(extra_names(extras, e) for e in extras if e != "dev"))
     assert everything <= extra_names(extras, "dev")

@@ -28,8 +28,9 @@ def fake_store(kind="pairs", teacher=None):
     (["--loss", "tdpo1", "--tdpo-alpha", "0.5"], "--tdpo-alpha only applies to the tdpo2 loss (TDPO1 has no α)"),
     (["--loss", "kto", "--distill-beta", "0"], "--distill-beta does not apply to kto (a DPO option)"),
     (["--loss", "distill,kto"], "kto trains on an unpaired store and cannot be combined with other losses"),
-    (["--loss", "sigmoid,distill", "--loss-weights", "1"], "`loss_weights` must have the same length as "
-                                                          "`loss_type` when combining multiple losses."),
+    (["--loss", "sigmoid,distill", "--loss-weights", "1"], "--loss-weights gives 1 weight for 2 --loss types "
+                                                          "(sigmoid, distill); give one weight per type, in the same "
+                                                          "order"),
 ])
 def test_option_refusals_are_usage_errors(tmp_path, args, message):
     result = CliRunner().invoke(cli, ["train", "--model", "unused", "--store", str(tmp_path / "s"), "--out",

@@ -205,12 +205,12 @@ def test_slices_equal_one_pass(models, monkeypatch):
     ({"loss_types": ("tdpo2",), "tdpo_alpha": -1.0}, "--tdpo-alpha must be a non-negative number, got -1.0"),
     ({"loss_types": ("distill",), "f_divergence": "forward_kl"},
      "the f-divergence has no effect on distill; it applies to the DPO losses"),
-    ({"loss_types": ("distill",), "ld_alpha": 0.5}, "ld_alpha has no effect on distill; it applies to the DPO losses"),
+    ({"loss_types": ("distill",), "ld_alpha": 0.5}, "--ld-alpha has no effect on distill; it applies to the DPO losses"),
     ({"loss_types": ("sigmoid", "distill"), "use_weighting": True},
      "WPO-style weighting does not apply to the 'distill' loss: it is one mean over the batch's completion tokens, "
      "not a per-pair value to weight"),
     ({"loss_types": ("tdpo2",), "ld_alpha": 0.5},
-     "ld_alpha does not apply to TDPO: its sequential KL sums every completion token, so a length-desensitized "
+     "--ld-alpha does not apply to TDPO: its sequential KL sums every completion token, so a length-desensitized "
      "log-ratio would weigh the two terms differently"),
 ])
 def test_objective_refusals(kw, message):

@@ -310,12 +310,20 @@ def trl_refusal(tmp_path_factory):
      dict(loss_type=["sigmoid", "aot"], f_divergence_type="js_divergence")),
     (dict(loss_types=("aot_unpaired",), use_weighting=True), dict(loss_type=["aot_unpaired"], use_weighting=True)),
     (dict(loss_types=("exo_pair",)), dict(loss_type=["exo_pair"])),
-    (dict(loss_types=("sigmoid", "sft"), loss_weights=(1.0,)), dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0])),
 ])
 def test_refusals_are_trls(ours, trl, trl_refusal):
     with pytest.raises(ObjectiveError) as info:
         Objective(**ours)
     assert str(info.value).startswith(trl_refusal(**trl))
+
+
+def test_a_weight_count_mismatch_is_refused_as_trl_refuses_it_in_the_flags_words(trl_refusal):
+    assert trl_refusal(loss_type=["sigmoid", "sft"], loss_weights=[1.0]).startswith(
+        "`loss_weights` must have the same length as `loss_type`")
+    with pytest.raises(ObjectiveError) as info:
+        Objective(loss_types=("sigmoid", "sft"), loss_weights=(1.0,))
+    assert str(info.value) == ("--loss-weights gives 1 weight for 2 --loss types (sigmoid, sft); give one weight per "
+                               "type, in the same order")
 
 
 def test_f_divergence_refusal_gives_trls_reason():
@@ -336,17 +344,18 @@ def test_f_divergence_refusal_gives_trls_reason():
     (dict(loss_types=("robust",), label_smoothing=0.5), "The `label_smoothing` parameter should lie in [0.0, 0.5) for "
                                                          "the 'robust' loss. You provided 0.5."),
     (dict(loss_types=("aot",), label_smoothing=1.0), "label smoothing is a probability in [0, 1), got 1.0"),
-    (dict(discopop_tau=0.1), "discopop_tau only applies to the discopop loss"),
-    (dict(loss_types=("discopop",), discopop_tau=0.0), "discopop_tau must be a positive number, got 0.0"),
+    (dict(discopop_tau=0.1), "--discopop-tau only applies to the discopop loss"),
+    (dict(loss_types=("discopop",), discopop_tau=0.0), "--discopop-tau must be a positive number, got 0.0"),
     (dict(f_alpha_coef=0.3), "the alpha coefficient only applies to the alpha_divergence f-divergence"),
-    (dict(ld_alpha=1.5), "ld_alpha must be in [0.0, 1.0], got 1.5"),
-    (dict(beta=0.0), "beta must be a positive number, got 0.0"),
+    (dict(ld_alpha=1.5), "--ld-alpha must be in [0.0, 1.0], got 1.5"),
+    (dict(beta=0.0), "--beta must be a positive number, got 0.0"),
     (dict(loss_types=("sigmoid", "sft"), use_weighting=True),
      "WPO-style weighting does not apply to the 'sft' loss: it is one batch-level average, not a per-pair value to "
      "weight"),
     (dict(loss_types="sigmoid,dpo"), "unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, exo_pair, nca_pair, "
                                      "robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down, discopop, "
-                                     "sft, sigmoid_norm, distill, tdpo1, tdpo2"),
+                                     "sft, sigmoid_norm, distill, tdpo1, tdpo2 (a preference-pair store) or kto, "
+                                     "apo_zero_unpaired, bco (an unpaired store)"),
     (dict(loss_types="sigmoid,,sft"), "expected one or more loss types separated by commas, got 'sigmoid,,sft'"),
     (dict(loss_types=("sft", "sft")), "loss type 'sft' is listed twice; give it one weight instead"),
     (dict(f_divergence="kl"), "unknown f-divergence 'kl'; choose from reverse_kl, forward_kl, js_divergence, "

@@ -359,16 +359,17 @@ def test_cli_trains_a_weighted_combination_with_ld_alpha(mistral_model, ld_setup
 @pytest.mark.parametrize("args,message", [
     (["--loss", "sigmoid,dpo"], "Invalid value for '--loss': unknown loss type 'dpo'; choose from sigmoid, hinge, ipo, "
                                 "exo_pair, nca_pair, robust, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
-                                "apo_down, discopop, sft, sigmoid_norm, distill, tdpo1, tdpo2"),
+                                "apo_down, discopop, sft, sigmoid_norm, distill, tdpo1, tdpo2 (a preference-pair "
+                                "store) or kto, apo_zero_unpaired, bco (an unpaired store)"),
     (["--loss-weights", "1,x"], "Invalid value for '--loss-weights': expected numbers separated by commas, got '1,x'"),
-    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "`loss_weights` must have the same length as `loss_type` when "
-                                                       "combining multiple losses. Got 1 weights for 2 loss types."),
+    (["--loss", "sigmoid,sft", "--loss-weights", "1"], "--loss-weights gives 1 weight for 2 --loss types (sigmoid, "
+                                                       "sft); give one weight per type, in the same order"),
     (["--loss", "aot", "--use-weighting"], "WPO-style weighting is not implemented for 'aot' or 'aot_unpaired' "
                                            "because those losses sort samples, which would misalign per-pair weights."),
     (["--label-smoothing", "0.1"], "label smoothing has no effect on sigmoid; only robust, exo_pair, aot, aot_unpaired "
                                    "use it"),
-    (["--ld-alpha", "2"], "ld_alpha must be in [0.0, 1.0], got 2.0"),
-    (["--discopop-tau", "0.1"], "discopop_tau only applies to the discopop loss"),
+    (["--ld-alpha", "2"], "--ld-alpha must be in [0.0, 1.0], got 2.0"),
+    (["--discopop-tau", "0.1"], "--discopop-tau only applies to the discopop loss"),
     (["--f-divergence", "js_divergence", "--loss", "nca_pair"], "`f_divergence_type='js_divergence'` is only "
                                                                 "supported for the following loss types: "),
 ])

@@ -57,8 +57,13 @@ def wrap_policy(model: Any, *, lora: bool, dtype: str, device: Any, weights_from
 
         ids = [device] if device.type == "cuda" else None
         # Buffers (rotary tables) are computed identically on every rank: no broadcast before each forward, which
-        # would make every forward a collective (evaluation's included).
-        wrapped = DistributedDataParallel(scorer, device_ids=ids, broadcast_buffers=False)
+        # would make every forward a collective (evaluation's included). torch 2.13 renamed the switch (the old name
+        # warns on every rank).
+        import inspect
+
+        renamed = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = {"forward_sync_buffers": False} if renamed else {"broadcast_buffers": False}
+        wrapped = DistributedDataParallel(scorer, device_ids=ids, **no_sync)
         wrapped._logitstore_engine = "ddp"
         return wrapped
     from . import fsdp2, sharded_io

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from logitstore.errors import InputDataError
+from logitstore.storage import tidy_path
 
 from .records import Text, check_style, check_text, json_objects, record_id, rows_digest
 from .unpaired import tokenize_example
@@ -43,7 +44,7 @@ def content_id(prompt: Text, completion: Text) -> str:
 def load_completions(path: str | Path, split: str | None = None) -> list[CompletionExample]:
     """Every record of `path` as a :class:`CompletionExample`, or one :class:`InputDataError` for the first bad
     one."""
-    path = Path(path)
+    path = tidy_path(path)
     out: list[CompletionExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()

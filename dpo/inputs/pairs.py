@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from logitstore.errors import InputDataError
+from logitstore.storage import tidy_path
 
 from .records import Text, check_style, check_text, json_objects, record_id, rows_digest
 
@@ -35,7 +36,7 @@ def content_id(prompt: Text | None, chosen: Text, rejected: Text) -> str:
 
 def load_examples(path: str | Path, split: str | None = None) -> list[PreferenceExample]:
     """Every record of `path` as a :class:`PreferenceExample`, or one :class:`InputDataError` for the first bad one."""
-    path = Path(path)
+    path = tidy_path(path)
     if not path.exists():
         raise InputDataError(f"{path}: no such file or folder")
     out: list[PreferenceExample] = []

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from logitstore.errors import InputDataError
+from logitstore.storage import tidy_path
 
 Text = str | list[dict[str, Any]]
 
@@ -61,12 +62,14 @@ def read_records(path: Path, split: str | None) -> Iterator[tuple[int, Any]]:
                 for number, line in enumerate(f, start=1):
                     if not line.strip():
                         continue
+                    text = line.rstrip("\r\n")  # with its newline, a fault at the end reads "line 2 column 1"
                     try:
-                        yield number, json.loads(line)
+                        yield number, json.loads(text)
                     except json.JSONDecodeError as exc:
                         at = "" if exc.msg.endswith(" at") else " at"  # "Unterminated string starting at"
+                        end = ", the end of the line" if exc.pos >= len(text) else ""
                         raise InputDataError(f"{path}:{number}: malformed JSON ({exc.msg}{at} column "
-                                             f"{exc.colno})") from None
+                                             f"{exc.colno}{end})") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise InputDataError(f"{path}: cannot be read as UTF-8 JSON lines ({exc})") from None
     else:
@@ -132,7 +135,7 @@ def rows_digest(rows: Iterable[list[Any]]) -> str:
 
 def first_record(path: str | Path, split: str | None = None) -> Any:
     """The first record of `path` (its columns say the data's kind, as TRL reads them)."""
-    path = Path(path)
+    path = tidy_path(path)
     if not path.exists():
         raise InputDataError(f"{path}: no such file or folder")
     for _, record in read_records(path, split):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from logitstore.errors import InputDataError
+from logitstore.storage import tidy_path
 from logitstore.kinds import kl_rows
 
 from .records import Text, check_style, check_text, json_objects, read_records, record_id, rows_digest
@@ -53,7 +54,7 @@ def content_id(prompt: Text, completion: Text, label: bool) -> str:
 
 def load_unpaired(path: str | Path, split: str | None = None) -> list[UnpairedExample]:
     """Every record of `path` as an :class:`UnpairedExample`, or one :class:`InputDataError` for the first bad one."""
-    path = Path(path)
+    path = tidy_path(path)
     out: list[UnpairedExample] = []
     seen: dict[str, int] = {}
     kinds: set[bool] = set()

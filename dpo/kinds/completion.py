@@ -20,6 +20,7 @@ from logitstore.errors import InputDataError, LogitstoreError
 from ..inputs import completions as data
 from ..inputs.plan import Plan, tokenize_each
 from ..inputs.tokenization import TokenizedPair
+from ..objectives.objective import TDPO_LOSSES, UNPAIRED_LOSS_TYPES
 from .base import SCORING, StoreKind, Task
 
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -70,10 +71,14 @@ class Completion(StoreKind):
         types = getattr(objective, "loss_types", (getattr(objective, "loss_type", "?"),))
         others = [t for t in types if t != "distill"]
         if others:
-            raise LogitstoreError(
-                f"{store.location.url} is a completion store (prompt/completion data, no pairs or labels): it trains "
-                f"--loss distill alone; {', '.join(others)} need{'s' if len(others) == 1 else ''} a preference-pair "
-                "or unpaired store")
+            needs = {"a preference-pair store": [t for t in others if t not in TDPO_LOSSES + UNPAIRED_LOSS_TYPES],
+                     "a preference-pair store built with --top-k": [t for t in others if t in TDPO_LOSSES],
+                     "an unpaired store (prompt/completion/label data)": [t for t in others
+                                                                          if t in UNPAIRED_LOSS_TYPES]}
+            reasons = [f"{', '.join(names)} need{'s' if len(names) == 1 else ''} {what}"
+                       for what, names in needs.items() if names]
+            raise LogitstoreError(f"{store.location.url} is a completion store (prompt/completion data, no pairs or "
+                                  f"labels): it trains --loss distill alone; {'; '.join(reasons)}")
         return check_teacher(store, objective)
 
     def task(self, cfg: Any, objective: Any) -> Task:

@@ -150,7 +150,8 @@ def parse_loss_types(value: str | Sequence[str]) -> tuple[str, ...]:
         raise ObjectiveError(f"expected one or more loss types separated by commas, got {value!r}")
     unknown = [t for t in types if t not in ALL_LOSS_TYPES]
     if unknown:
-        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(ALL_LOSS_TYPES)}")
+        raise ObjectiveError(f"unknown loss type {unknown[0]!r}; choose from {', '.join(ALL_LOSS_TYPES)} (a "
+                             f"preference-pair store) or {', '.join(UNPAIRED_LOSS_TYPES)} (an unpaired store)")
     if len(set(types)) != len(types):
         raise ObjectiveError(f"loss type {next(t for t in types if types.count(t) > 1)!r} is listed twice; give "
                              "it one weight instead")
@@ -160,13 +161,15 @@ def parse_loss_types(value: str | Sequence[str]) -> tuple[str, ...]:
 def _check(o: Objective) -> None:
     types = o.loss_types
     if o.loss_weights is not None and len(o.loss_weights) != len(types):
-        # TRL's message (DPOConfig.__post_init__)
-        raise ObjectiveError(f"`loss_weights` must have the same length as `loss_type` when combining multiple "
-                             f"losses. Got {len(o.loss_weights)} weights for {len(types)} loss types.")
+        # TRL's check (DPOConfig.__post_init__), in the command's words
+        given = len(o.loss_weights)
+        raise ObjectiveError(f"--loss-weights gives {given} weight{'s' if given != 1 else ''} for {len(types)} "
+                             f"--loss type{'s' if len(types) != 1 else ''} ({', '.join(types)}); give one weight "
+                             "per type, in the same order")
     if not all(math.isfinite(w) for w in o.weights):
         raise ObjectiveError(f"loss weights must be finite numbers, got {list(o.weights)}")
     if not (math.isfinite(o.beta) and o.beta > 0):
-        raise ObjectiveError(f"beta must be a positive number, got {o.beta}")
+        raise ObjectiveError(f"--beta must be a positive number, got {o.beta}")
     if o.f_divergence not in F_DIVERGENCES:
         raise ObjectiveError(f"unknown f-divergence {o.f_divergence!r}; choose from {', '.join(F_DIVERGENCES)}")
     pair_types = [t for t in types if t != "distill"]  # distill reads no pair log-ratio
@@ -210,13 +213,13 @@ def _check(o: Objective) -> None:
                              "recommends a value of 1e-3.")
     if o.discopop_tau is not None:
         if "discopop" not in types:
-            raise ObjectiveError("discopop_tau only applies to the discopop loss")
+            raise ObjectiveError("--discopop-tau only applies to the discopop loss")
         if not (math.isfinite(o.discopop_tau) and o.discopop_tau > 0):
-            raise ObjectiveError(f"discopop_tau must be a positive number, got {o.discopop_tau}")
+            raise ObjectiveError(f"--discopop-tau must be a positive number, got {o.discopop_tau}")
     if o.ld_alpha is not None and not pair_types:
-        raise ObjectiveError("ld_alpha has no effect on distill; it applies to the DPO losses")
+        raise ObjectiveError("--ld-alpha has no effect on distill; it applies to the DPO losses")
     if o.ld_alpha is not None and any(t in TDPO_LOSSES for t in types):
-        raise ObjectiveError("ld_alpha does not apply to TDPO: its sequential KL sums every completion token, "
+        raise ObjectiveError("--ld-alpha does not apply to TDPO: its sequential KL sums every completion token, "
                              "so a length-desensitized log-ratio would weigh the two terms differently")
     if o.distill_beta is not None:
         if "distill" not in types:
@@ -230,7 +233,7 @@ def _check(o: Objective) -> None:
             raise ObjectiveError(f"--tdpo-alpha must be a non-negative number, got {o.tdpo_alpha}")
     if o.ld_alpha is not None and not (math.isfinite(o.ld_alpha) and 0.0 <= o.ld_alpha <= 1.0):
         # TRL documents the range; 1.0 weighs the tail fully (plain DPO), 0.0 drops it.
-        raise ObjectiveError(f"ld_alpha must be in [0.0, 1.0], got {o.ld_alpha}")
+        raise ObjectiveError(f"--ld-alpha must be in [0.0, 1.0], got {o.ld_alpha}")
 
 
 # ---- unpaired objectives (thumbs up / thumbs down): computed by dpo/unpaired_losses.py -------------------------

@@ -32,6 +32,7 @@ from .checks import NonFiniteLossError, check_batch, check_setup, check_store_ma
 from .evaluate import evaluate
 from .memory import PeakMeter, is_out_of_memory
 from .policy import logits_width, lr_at, make_optimizer, setup_policy, vocabulary_size
+from .trackers import open_trackers
 from .weights import save_weights
 
 
@@ -193,6 +194,7 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
         cursor.start()
     meter.start(t.device)  # on a GPU the peak logged below is the training steps' own, not the model load's
     metrics_file = open(run.out / "metrics.jsonl", "a" if run.checkpoint else "w") if run.main else None
+    trackers = open_trackers(cfg.report_to, run.out, dataclasses.asdict(cfg), main=run.main, quiet=not progress)
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and run.main), desc="train")
     t.policy.train()
     history: list[dict[str, Any]] = []
@@ -230,6 +232,7 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
         if run.main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
             metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
             metrics_file.flush()  # type: ignore[union-attr]
+            trackers.log(record, step)
             history.append(record)
         bar.update(1)
         bar.set_postfix(**progress_postfix(record))
@@ -243,6 +246,7 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
     bar.close()
     if metrics_file is not None:
         metrics_file.close()
+    trackers.close()
     return finish(run, t, best, step, history, meter)
 
 
