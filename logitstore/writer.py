@@ -17,6 +17,7 @@ import numpy as np
 
 from . import format as fmt
 from . import kinds
+from .commits import read_commit_row
 from .content_key import VERSION as CONTENT_KEY_VERSION
 from .content_key import content_keys
 from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
@@ -24,7 +25,6 @@ from .faults import fault_point
 from .format import id_hashes
 from .header import parse_root
 from .quantize import encode_fixed
-from .reader import read_commit_row
 from .storage import Location, file_sha256, location
 from .teacher_store import check_entry, concat, encode_file, teacher_arrays
 
@@ -278,31 +278,13 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     per row (docs/FORMAT.md, "Teacher records").
     """
     provenance = dict(provenance or {"sources": [], "reused": 0, "computed": len(ids)})
-    if kind not in kinds.KINDS:
-        raise ValueError(f"unknown store kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
-    store_kind = kinds.KINDS[kind]
-    if (store_kind is kinds.UNPAIRED) != (kl_batch_size is not None):
-        raise ValueError("an unpaired store needs kl_batch_size (and only an unpaired store takes it)")
-    if kl_batch_size is not None and not 2 <= int(kl_batch_size) <= kinds.MAX_KL_BATCH_SIZE:
-        raise ValueError(f"kl_batch_size must be in [2, {kinds.MAX_KL_BATCH_SIZE}], got {kl_batch_size}")
+    store_kind = _kind_to_plan(kind, kl_batch_size)
     loc = location(path, storage_options)
     stray = [n for n in loc.top_level_names() if n not in _KNOWN_TOP and not n.endswith(".partial")]
     header = None if stray else _planned_header(loc)
     if header is not None:
-        _check_fingerprint(loc.url, header, fingerprint)
-        theirs = (header.get("kind", "pairs"), header.get("kl_pairing", {}).get("batch_size"))
-        if theirs != (kind, kl_batch_size):
-            raise FingerprintMismatchError(f"{loc.url} was planned as a {theirs[0]} store"
-                                           f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
-                                           f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
-                                           "; use another output path")
-        if header.get("teacher") != (dict(teacher) if teacher is not None else None):
-            raise FingerprintMismatchError(f"{loc.url} was planned with teacher records "
-                                           f"{fmt.canonical_json(header.get('teacher')).decode()}, this run asks for "
-                                           f"{fmt.canonical_json(teacher).decode()}; use another output path")
-        if header["num_examples"] != len(ids):
-            raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
-        _check_provenance(loc.url, header, provenance)
+        _check_resumable(loc, header, ids, fingerprint=fingerprint, kind=kind, kl_batch_size=kl_batch_size,
+                         teacher=teacher, provenance=provenance)
         loc.remove_partials()
         return StoreWriter(loc, header)
     if stray:
@@ -319,6 +301,55 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale, store_kind)
     loc.remove_partials()
     encoded = [i.encode("utf-8") for i in ids]
+    header = _new_header(store_kind, geometry, ragged, encoded, fingerprint=fingerprint, vocab_size=vocab_size,
+                         tokenizer=tokenizer, settings=settings, skipped=skipped, scoring=scoring,
+                         provenance=provenance, kl_batch_size=kl_batch_size, teacher=teacher)
+    header["plan_files"] = _write_plan(loc, header, encoded)
+    fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
+    write_root(loc, header)  # last: a store whose header exists is planned
+    fault_point("after-header")
+    return StoreWriter(loc, header)
+
+
+def _kind_to_plan(kind: str, kl_batch_size: int | None) -> kinds.Kind:
+    """The store kind `create` is asked for, with its KL batch size checked."""
+    if kind not in kinds.KINDS:
+        raise ValueError(f"unknown store kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+    store_kind = kinds.KINDS[kind]
+    if (store_kind is kinds.UNPAIRED) != (kl_batch_size is not None):
+        raise ValueError("an unpaired store needs kl_batch_size (and only an unpaired store takes it)")
+    if kl_batch_size is not None and not 2 <= int(kl_batch_size) <= kinds.MAX_KL_BATCH_SIZE:
+        raise ValueError(f"kl_batch_size must be in [2, {kinds.MAX_KL_BATCH_SIZE}], got {kl_batch_size}")
+    return store_kind
+
+
+def _check_resumable(loc: Location, header: Mapping[str, Any], ids: Sequence[str], *,
+                     fingerprint: Mapping[str, Any], kind: str, kl_batch_size: int | None,
+                     teacher: Mapping[str, Any] | None, provenance: Mapping[str, Any]) -> None:
+    """A planned store is resumed only by a run that would plan exactly it."""
+    _check_fingerprint(loc.url, header, fingerprint)
+    theirs = (header.get("kind", "pairs"), header.get("kl_pairing", {}).get("batch_size"))
+    if theirs != (kind, kl_batch_size):
+        raise FingerprintMismatchError(f"{loc.url} was planned as a {theirs[0]} store"
+                                       f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
+                                       f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
+                                       "; use another output path")
+    if header.get("teacher") != (dict(teacher) if teacher is not None else None):
+        raise FingerprintMismatchError(f"{loc.url} was planned with teacher records "
+                                       f"{fmt.canonical_json(header.get('teacher')).decode()}, this run asks for "
+                                       f"{fmt.canonical_json(teacher).decode()}; use another output path")
+    if header["num_examples"] != len(ids):
+        raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
+    _check_provenance(loc.url, header, provenance)
+
+
+def _new_header(store_kind: kinds.Kind, geometry: fmt.Geometry, ragged: list[fmt.RaggedSpec],
+                encoded: list[bytes], *, fingerprint: Mapping[str, Any], vocab_size: int,
+                tokenizer: Mapping[str, Any] | None, settings: Mapping[str, Any] | None,
+                skipped: Sequence[Mapping[str, Any]], scoring: Mapping[str, Any] | None,
+                provenance: Mapping[str, Any], kl_batch_size: int | None,
+                teacher: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The header of a new store, but its `plan_files` (known once the plan files are written)."""
     fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype}
                               for name, (dtype, _) in store_kind.row_fields.items()}
     fields[fmt.CONTENT_KEY] = dict(fmt.CONTENT_KEY_FIELD)
@@ -338,15 +369,11 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "created": _created_time(),
         "skipped": [dict(s) for s in skipped],
         "content_key": {"version": CONTENT_KEY_VERSION, "scoring": dict(scoring or {})},
-        "provenance": provenance,
+        "provenance": dict(provenance),
     }
     if teacher is not None:
         header["teacher"] = check_entry(dict(teacher))
-    header["plan_files"] = _write_plan(loc, header, encoded)
-    fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
-    write_root(loc, header)  # last: a store whose header exists is planned
-    fault_point("after-header")
-    return StoreWriter(loc, header)
+    return header
 
 
 def _provenance_identity(p: Mapping[str, Any]) -> tuple[Any, ...]:
