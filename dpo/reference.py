@@ -102,6 +102,7 @@ class BuildResult:
     reused: int = 0  # pairs of the store whose values are copied from other stores
     pairs_scored: int = 0  # pairs this process ran through the model in this run
     unit: str = "pair"  # "example" for an unpaired store
+    digest: str | None = None  # the store digest from the writer that finalised it (rank 0); None on other ranks
 
     def summary(self) -> str:
         counts = f"{self.computed} computed, {self.reused} reused"
@@ -425,7 +426,7 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     counts = {"computed": provenance["computed"], "reused": provenance["reused"], "unit": kind.unit}
     if writer.complete:
         return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes(),
-                           **counts)
+                           digest=writer.digest if rank == 0 else None, **counts)
     missing = writer.missing_shards
     compute = reuse.to_compute
     work = np.where(compute, plan.cost, 0)  # model work left per pair, in tokens
@@ -497,7 +498,8 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
     distributed.barrier()
     offload.close()
     return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, tokens,
-                       time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=pairs_scored, **counts)
+                       time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=pairs_scored,
+                       digest=writer.digest if rank == 0 else None, **counts)
 
 
 def recompute_sample(store: Any, model: str, data: str, *, adapter: str | None = None, revision: str | None = None,

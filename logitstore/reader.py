@@ -21,6 +21,7 @@ import numpy as np
 from . import format as fmt
 from . import kinds
 from .commits import DIGEST_PREFIX, read_commit_row, store_digest  # noqa: F401 - part of this module's interface
+from .errors import FormatError, StoreLockedError, StoreNotFoundError
 from .header import StoreMeta, read_meta
 from .shards import ChunkCache
 from .storage import Location, location, require_store
@@ -43,8 +44,17 @@ def open(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None
     store: its metadata and commit table are pinned, and every file read is checked against them.
     """
     loc = location(path, storage_options)
-    require_store(loc)
-    store = Store(loc, read_meta(loc), cache_bytes=cache_bytes, storage_options=storage_options)
+    try:
+        require_store(loc)
+        meta = read_meta(loc)
+    except (StoreNotFoundError, FormatError):
+        holder = loc.write_lock_holder()
+        if holder is not None:  # not a store yet, nor a broken one: a build is planning it
+            raise StoreLockedError(f"{loc.url} is being written by a build ({holder.describe()}) that has not "
+                                   "finished planning it; open it again in a moment, or once the build is "
+                                   "done") from None
+        raise
+    store = Store(loc, meta, cache_bytes=cache_bytes, storage_options=storage_options)
     if digest is not None:
         store.pin(digest)
     return store

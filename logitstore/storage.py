@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DamagedFileError, FormatError, StoreNotFoundError
+from .write_lock import LOCK_KEY, Holder, Lease, LocalLock, local_holder, remote_holder
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
@@ -180,6 +181,29 @@ class LocalLocation:
     def top_level_names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
 
+    def acquire_write_lock(self) -> LocalLock:
+        """Take the store's write lock (creating the folder), or raise StoreLockedError naming its holder."""
+        return LocalLock.acquire(self.root, self.url)
+
+    def write_lock_holder(self) -> Holder | None:
+        """Who holds the write lock now (None: nobody); never blocks, never takes it."""
+        return local_holder(self.root, self.url)
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in the store folder but the top-level names in `keep` (links are removed, never
+        followed)."""
+        import shutil
+
+        if not self.root.is_dir():
+            return
+        for entry in os.scandir(self.root):
+            if entry.name in keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+
     def remove_partials(self) -> int:
         """Delete temporary files left by writes that were killed before their rename."""
         removed = 0
@@ -290,6 +314,22 @@ class RemoteLocation:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._root, detail=False))
 
+    def acquire_write_lock(self) -> Lease:
+        """Take the store's write lease, or raise StoreLockedError naming its holder."""
+        return Lease.acquire(self.fs, self._remote(LOCK_KEY), self.url)
+
+    def write_lock_holder(self) -> Holder | None:
+        """Who holds the write lease now (None: nobody, or it expired)."""
+        return remote_holder(self.fs, self._remote(LOCK_KEY))
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove every object under the store but the top-level names in `keep`."""
+        if not self.fs.exists(self._root):
+            return
+        for path in self.fs.ls(self._root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self.fs.rm(path, recursive=True)
+
     def remove_partials(self) -> int:
         return 0  # object stores write whole objects; nothing is left half-written
 
@@ -298,6 +338,7 @@ class RemoteLocation:
 
 
 Location = LocalLocation | RemoteLocation
+WriteLock = LocalLock | Lease
 
 
 def location(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Location:
