@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .durable import folders_up_to, fsync_dirs, sync_written, write_durably
 from .errors import DamagedFileError, FormatError, StoreNotFoundError
 from .write_lock import LOCK_KEY, Holder, Lease, LocalLock, local_holder, remote_holder
 
@@ -148,16 +149,30 @@ class LocalLocation:
         """Whether anything (a file, folder, link, ...) is at `key`, without following links."""
         return os.path.lexists(self.path(key))
 
-    def write_file(self, key: str, data: bytes) -> None:
-        """Write `key` atomically (temporary name, then rename)."""
+    def write_file(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Write `key` atomically (temporary name, then rename) and, when `durable`, durably: the file fsynced before
+        its rename, its folder and those above it up to the store folder fsynced after (logitstore/durable.py)."""
         import uuid
 
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            write_durably(target, data)  # temporary name, fsync, rename, fsync of the folder
+            fsync_dirs(folders_up_to(target, self.root)[1:])  # folders made for it
+            return
         tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")  # removed by remove_partials
         with tmp.open("wb") as f:
             f.write(data)
         os.replace(tmp, target)
+
+    def sync(self, keys: list[str]) -> None:
+        """Make files written under the store (by this process, or by zarr for it) durable: each file, then each
+        folder from theirs up to the store folder."""
+        sync_written([self.path(key) for key in keys], self.root)
+
+    def sync_name(self) -> None:
+        """Make the store folder's own name durable (fsync the folder holding it), once, when it is planned."""
+        fsync_dirs([self.root, self.root.parent])
 
     def read_bytes(self, key: str) -> bytes | None:
         """A file the writer wrote itself (no size limit; links and special files are still refused)."""
@@ -291,14 +306,20 @@ class RemoteLocation:
         data = self.read_file(key, limit=size, size=size)
         if data is None:
             return None
-        cache.write_file(key, data)
+        cache.write_file(key, data, durable=False)  # a cache: checked on every read, fetched again if lost
         return cache.map_file(key, size)
 
     def lexists(self, key: str) -> bool:
         return bool(self.fs.exists(self._remote(key)))
 
-    def write_file(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._remote(key), data)
+    def write_file(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self.fs.pipe_file(self._remote(key), data)  # an object is durable once its PUT returns
+
+    def sync(self, keys: list[str]) -> None:
+        pass  # nothing to flush: every object was durable when its write returned
+
+    def sync_name(self) -> None:
+        pass
 
     def drop_cached(self, key: str) -> None:
         (self.cache_root / check_key(key)).unlink(missing_ok=True)

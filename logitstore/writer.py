@@ -56,7 +56,7 @@ def read_header(loc: Location) -> dict[str, Any] | None:
 
 
 def write_root(loc: Location, header: Mapping[str, Any]) -> None:
-    """Write the root zarr.json holding `header` (atomically where the file system allows)."""
+    """Write the root zarr.json holding `header`, atomically and durably (docs/FORMAT.md, "Durability")."""
     loc.write_file("zarr.json", fmt.canonical_json(fmt.root_metadata(dict(header))))
 
 
@@ -159,12 +159,19 @@ class StoreWriter:
         g = self.geometry
         if not 0 <= shard < g.num_shards:
             raise ValueError(f"shard {shard} is out of range (the store has {g.num_shards})")
-        span = g.shard_rows(shard)
-        n = len(span)
-        teacher_files = teacher_arrays(self.header)
-        expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_files)
+        expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_arrays(self.header))
         if set(rows) != expected:
             raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
+        clipped = self._write_files(shard, rows, teacher_mass)
+        fault_point(f"before-commit:{shard}")
+        self._commit(shard, clipped)
+        fault_point(f"after-commit:{shard}")
+
+    def _write_files(self, shard: int, rows: Mapping[str, Any],
+                     teacher_mass: Mapping[str, np.ndarray] | None) -> int:
+        """Every file of the shard; returns how many fixed-point values were clipped."""
+        span = self.geometry.shard_rows(shard)
+        n = len(span)
         for name, (dtype, _) in self.kind.row_fields.items():
             if name == "label" and not np.isin(np.asarray(rows[name]), (0, 1)).all():
                 raise ValueError(f"label: expected 0 or 1 (false or true) for every row of shard {shard}")
@@ -178,15 +185,20 @@ class StoreWriter:
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
             fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
-        for array in teacher_files:
+        for array in teacher_arrays(self.header):
             self._write_teacher(shard, span, array, rows[array], rows, (teacher_mass or {}).get(array))
-        fault_point(f"before-commit:{shard}")
+        return clipped
+
+    def _commit(self, shard: int, clipped: int) -> None:
+        """The shard's commit row, once its files are durable; it counts once it is durable itself."""
         record = [1, clipped]
-        for array in fmt.shard_file_arrays(self.ragged, self.kind, bool(teacher_files)):
-            record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
+        keys = [fmt.chunk_key(array, shard) for array in self.header["shard_files"]]
+        for key in keys:
+            record += fmt.commit_entry(self.loc.read_bytes(key))
+        self.loc.sync(keys)  # the shard's bytes are on disk before a commit row names them
         self._check_writable()  # a lost lease commits nothing
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
-        fault_point(f"after-commit:{shard}")
+        self.loc.sync([f"commits/c/{shard}/0"])
 
     def _write_teacher(self, shard: int, span: range, array: str, records: Sequence[Any],
                        rows: Mapping[str, Any], mass: np.ndarray | None) -> None:
@@ -200,7 +212,8 @@ class StoreWriter:
             bad = int(np.flatnonzero(got != counts)[0])
             raise ValueError(f"{array}: row {span.start + bad} has {got[bad]} records for {counts[bad]} scored tokens")
         teacher = self.header["teacher"]
-        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher, mass))
+        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher, mass),
+                            durable=False)  # made durable with the shard's other files, before its commit
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry
@@ -371,12 +384,12 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
             _check_resumable(loc, header, ids, **resume)
             loc.remove_partials()
             return StoreWriter(loc, header, lock)
-        loc.remove_partials()
         encoded = [i.encode("utf-8") for i in ids]
         header = _new_header(store_kind, geometry, ragged, encoded, fingerprint=fingerprint, vocab_size=vocab_size,
                              tokenizer=tokenizer, settings=settings, skipped=skipped, scoring=scoring,
                              provenance=provenance, kl_batch_size=kl_batch_size, teacher=teacher_entry,
                              created=created)
+        loc.remove_partials()
         header["plan_files"] = _write_plan(loc, header, encoded)
         fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
         write_root(loc, header)  # last: a store whose header exists is planned
@@ -527,4 +540,5 @@ def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> 
         if data:  # an empty array has no chunk file
             loc.write_file(key, data)
             plan_files[key] = [len(data), file_sha256(data)]
+    loc.sync_name()  # a new store folder's own name, before the header makes it a planned store
     return plan_files
