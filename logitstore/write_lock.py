@@ -223,9 +223,13 @@ class LocalLock:
                     os.close(fd)
                     raise refusal(url, holder)
                 if _same_file(fd, folder):
-                    record = _this_holder(lease=False).record()
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, record, 0)
+                    try:
+                        os.ftruncate(fd, 0)
+                        os.pwrite(fd, _this_holder(lease=False).record(), 0)
+                    except BaseException:
+                        os.unlink(LOCK_KEY, dir_fd=folder)
+                        os.close(fd)
+                        raise
                     return cls(url, folder, fd)
                 os.close(fd)
             raise StoreLockedError(f"{url}: {LOCK_KEY} keeps changing; another process is taking and dropping the "

@@ -7,11 +7,13 @@ states per shard: absent, complete and checksummed, or being rewritten by the pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +23,14 @@ from . import kinds
 from .commits import read_commit_row, store_digest
 from .content_key import VERSION as CONTENT_KEY_VERSION
 from .content_key import content_keys
-from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .errors import (
+    FingerprintMismatchError,
+    FormatError,
+    IncompleteStoreError,
+    LogitstoreError,
+    StoreWriteError,
+    printable,
+)
 from .faults import fault_point
 from .format import id_hashes
 from .header import parse_root, read_meta
@@ -58,6 +67,43 @@ def read_header(loc: Location) -> dict[str, Any] | None:
 def write_root(loc: Location, header: Mapping[str, Any]) -> None:
     """Write the root zarr.json holding `header`, atomically and durably (docs/FORMAT.md, "Durability")."""
     loc.write_file("zarr.json", fmt.canonical_json(fmt.root_metadata(dict(header))))
+
+
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
+
+
+@contextlib.contextmanager
+def writing(url: str, shard: int | None = None, stop: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn the file system's refusal of a write into one line (StoreWriteError) that names the path and says that
+    the same command resumes: disk full, no permission, a read-only file system, an I/O error. `stop` is called
+    first (a writer lets go of its lock: its run is over, and the next one resumes)."""
+    try:
+        yield
+    except LogitstoreError:
+        raise
+    except OSError as exc:
+        if stop is not None:
+            stop()
+        raise StoreWriteError(_write_failure(exc, url, shard)) from None
+
+
+def _write_failure(exc: OSError, url: str, shard: int | None) -> str:
+    path = url if shard is None else f"{url} (shard {shard})"  # when the error names no file
+    if isinstance(exc.filename, (str, bytes, os.PathLike)):
+        name = _PARTIAL.sub("", os.fsdecode(exc.filename))  # a temporary file stands for the file it becomes
+        if "://" in url and "://" not in name:
+            path = f"{url.split('://', 1)[0]}://{name}"
+        else:
+            path = name if os.path.isabs(name) or "://" in name else f"{url}/{name}"
+    resume = "run the same command again: it resumes where it stopped, keeping every committed shard"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {printable(path)}; free some space and {resume}"
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write {printable(path)}; make it writable (or write to another path) and {resume}"
+    if exc.errno == errno.EROFS:
+        return (f"cannot write {printable(path)}: the file system is read-only; make it writable (or write to another "
+                f"path) and {resume}")
+    return f"cannot write {printable(path)}: {exc.strerror or exc}; fix that and {resume}"
 
 
 class StoreWriter:
@@ -162,9 +208,10 @@ class StoreWriter:
         expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_arrays(self.header))
         if set(rows) != expected:
             raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
-        clipped = self._write_files(shard, rows, teacher_mass)
-        fault_point(f"before-commit:{shard}")
-        self._commit(shard, clipped)
+        with writing(self.loc.url, shard, stop=self.close):
+            clipped = self._write_files(shard, rows, teacher_mass)
+            fault_point(f"before-commit:{shard}")
+            self._commit(shard, clipped)
         fault_point(f"after-commit:{shard}")
 
     def _write_files(self, shard: int, rows: Mapping[str, Any],
@@ -257,7 +304,8 @@ class StoreWriter:
                                        f"(first: {missing[0]})")
         if not self.header.get("complete"):
             header = dict(self.header, complete=True, summary=self._summary())
-            write_root(self.loc, header)
+            with writing(self.loc.url, stop=self.close):
+                write_root(self.loc, header)
             self.header = header
         self._digest = self._read_digest()
         self.close()
@@ -362,6 +410,8 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     if stray:  # before anything is written, the lock included
         raise LogitstoreError(f"{loc.url} exists and is not a logitstore store (it holds {stray[0]!r}); "
                               "choose an empty or new path")
+    if loc.is_local and os.path.lexists(loc.root) and not os.path.isdir(loc.root):
+        raise LogitstoreError(f"{loc.url} exists and is not a folder; choose an empty or new path")
     resume = dict(fingerprint=fingerprint, kind=kind, kl_batch_size=kl_batch_size, teacher=teacher,
                   provenance=provenance)
     ids = [str(i) for i in ids]
@@ -375,7 +425,8 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale, store_kind)
     created = _created_time()  # every refusal that needs no store comes before the lock, which writes a file
     teacher_entry = check_entry(dict(teacher)) if teacher is not None else None
-    lock = _lock_or_read_only(loc, ids, resume)
+    with writing(loc.url):
+        lock = _lock_or_read_only(loc, ids, resume)
     if isinstance(lock, StoreWriter):
         return lock  # a complete store where nothing may be written: nothing is to be written
     try:
@@ -389,10 +440,11 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
                              tokenizer=tokenizer, settings=settings, skipped=skipped, scoring=scoring,
                              provenance=provenance, kl_batch_size=kl_batch_size, teacher=teacher_entry,
                              created=created)
-        loc.remove_partials()
-        header["plan_files"] = _write_plan(loc, header, encoded)
-        fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
-        write_root(loc, header)  # last: a store whose header exists is planned
+        with writing(loc.url):
+            loc.remove_partials()
+            header["plan_files"] = _write_plan(loc, header, encoded)
+            fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
+            write_root(loc, header)  # last: a store whose header exists is planned
         fault_point("after-header")
         return StoreWriter(loc, header, lock)
     except BaseException:
