@@ -17,6 +17,7 @@ import pytest
 import logitstore
 from logitstore.errors import StoreLockedError
 from logitstore.storage import location
+from logitstore import write_lock
 from logitstore.write_lock import LOCK_KEY, parse_record
 
 from forge import refusal
@@ -232,3 +233,41 @@ def test_a_forged_lock_record_is_shown_never_believed(tmp_path):
     assert parse_record(b"\xff not json").describe() == "a writer that has not recorded itself yet"
     assert parse_record(b'{"pid": -5, "host": 7, "since": "yesterday"}').describe() == (
         "a writer that has not recorded itself yet")
+
+
+# ---- fsspec backends other than S3 (docs/FORMAT.md, "Write lock": the lease) ------------------------------------
+
+def test_a_lease_on_a_backend_with_conditional_create(tmp_path):
+    import fsspec
+
+    url = f"memory://lock-{time.monotonic_ns()}/s"
+    writer = plan(url, n=40)
+    message = refusal(lambda: plan(url, n=40))
+    assert re.fullmatch(rf"{re.escape(url)} is being written by another writer \(process {os.getpid()} on host "
+                        rf"{re.escape(HOST)}, since {SINCE}\); if that process is gone, its lease ends at {SINCE}, or "
+                        rf"delete {re.escape(url)}/write.lock once you are sure no writer runs; wait for it to finish "
+                        r"\(or stop it\) and run this command again, or write to another path", message), message
+    writer.close()
+    assert not fsspec.filesystem("memory").exists(url[len("memory://"):] + "/write.lock")
+    assert fill(url, n=40).complete
+
+
+def test_a_lease_on_a_backend_without_conditional_writes_is_read_back(tmp_path, monkeypatch):
+    import fsspec
+
+    memory = type(fsspec.filesystem("memory"))
+    real = memory.pipe_file
+
+    def unconditional(self, path, value, mode="overwrite", **kw):
+        if mode != "overwrite":
+            raise NotImplementedError("no conditional writes here")
+        return real(self, path, value, **kw)
+
+    monkeypatch.setattr(memory, "pipe_file", unconditional)
+    monkeypatch.setattr(write_lock, "SETTLE_SECONDS", 0.05)
+    url = f"memory://lock-{time.monotonic_ns()}/s"
+    writer = plan(url, n=40)
+    with pytest.raises(StoreLockedError):
+        plan(url, n=40)
+    writer.close()
+    assert fill(url, n=40).complete
