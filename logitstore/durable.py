@@ -47,30 +47,40 @@ def fsync_dirs(folders: Iterable[str | os.PathLike[str]]) -> None:
         fsync_dir(folder)
 
 
-def folders_up_to(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> list[Path]:
-    """The folders from the one holding `path` up to `root`, both included: the entries a new file under `root`
-    may have changed (its own name, and the names of folders made for it)."""
-    root = Path(root)
-    folders = []
-    folder = Path(path).parent
-    while True:
-        folders.append(folder)
-        if folder == root or folder == folder.parent:
-            return folders
-        folder = folder.parent
-
-
-def sync_written(paths: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str]) -> None:
-    """Make files already written under `root` durable: fsync each (one that is absent, e.g. removed, is skipped),
-    then each folder from theirs up to `root`, once."""
+def sync_written(paths: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str],
+                 named: set[Path] | None = None) -> None:
+    """Make files already written (renamed into place) under `root` durable: fsync each (one that is absent, e.g.
+    removed, is skipped), then the folders whose entries changed, deepest first: each file's folder, and above it
+    each folder up to `root` that may hold a new name (see :func:`new_names`)."""
+    named = set() if named is None else named
     folders: set[Path] = set()
     for path in paths:
         try:
             fsync_file(path)
         except FileNotFoundError:
             pass
-        folders.update(folders_up_to(path, root))
-    fsync_dirs(f for f in folders if f.is_dir())
+        folders.add(Path(path).parent)
+    sync_folders(folders, root, named)
+
+
+def sync_folders(folders: Iterable[str | os.PathLike[str]], root: str | os.PathLike[str],
+                 named: set[Path]) -> None:
+    """fsync `folders` (whose entries changed) and the folders above them that may hold a new name, once each.
+    `named` holds the folders whose own names are durable already (their parents were fsynced after they were
+    made): they stop the walk up to `root`, and the folders whose names this call makes durable are added to it.
+    Each fsync flushes the device, so a writer that keeps `named` across shards fsyncs only what each shard
+    changes."""
+    root = Path(root)
+    changed: set[Path] = set()
+    made: set[Path] = set()
+    for folder in map(Path, folders):
+        changed.add(folder)
+        while folder != root and folder not in named and folder != folder.parent:
+            made.add(folder)
+            folder = folder.parent
+            changed.add(folder)
+    fsync_dirs(f for f in changed if f.is_dir())
+    named.update(f for f in made if f.is_dir())
 
 
 def replace_durably(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:

@@ -17,7 +17,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .durable import folders_up_to, fsync_dirs, sync_written, write_durably
+from .durable import fsync_dirs, sync_folders, sync_written, write_durably
 from .errors import DamagedFileError, FormatError, StoreNotFoundError
 from .write_lock import LOCK_KEY, Holder, Lease, LocalLock, local_holder, remote_holder
 
@@ -72,6 +72,7 @@ class LocalLocation:
         self.root = Path(text).expanduser().absolute()
         self.url = str(self.root)
         self.is_local = True
+        self._named: set[Path] = set()  # folders under the store whose names this process made durable
 
     def __repr__(self) -> str:
         return f"LocalLocation({self.url!r})"
@@ -157,8 +158,10 @@ class LocalLocation:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         if durable:
-            write_durably(target, data)  # temporary name, fsync, rename, fsync of the folder
-            fsync_dirs(folders_up_to(target, self.root)[1:])  # folders made for it
+            write_durably(target, data)  # temporary name, fsync, rename, fsync of its folder
+            if target.parent != self.root and target.parent not in self._named:  # a folder made for it
+                sync_folders([target.parent.parent], self.root, self._named)
+                self._named.add(target.parent)
             return
         tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")  # removed by remove_partials
         with tmp.open("wb") as f:
@@ -166,9 +169,9 @@ class LocalLocation:
         os.replace(tmp, target)
 
     def sync(self, keys: list[str]) -> None:
-        """Make files written under the store (by this process, or by zarr for it) durable: each file, then each
-        folder from theirs up to the store folder."""
-        sync_written([self.path(key) for key in keys], self.root)
+        """Make files written under the store (by this process, or by zarr for it) durable: each file, then the
+        folders whose entries changed (logitstore/durable.py, `sync_written`)."""
+        sync_written([self.path(key) for key in keys], self.root, self._named)
 
     def sync_name(self) -> None:
         """Make the store folder's own name durable (fsync the folder holding it), once, when it is planned."""

@@ -574,8 +574,10 @@ def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> 
     # own document is written last.
     loc.clear(keep=(LOCK_KEY,))
     zarr.open_group(loc.zarr_store(read_only=False), mode="a", zarr_format=3)
+    written = []
     for key, doc in fmt.metadata_documents(header).items():
-        loc.write_file(key, fmt.canonical_json(doc))
+        loc.write_file(key, fmt.canonical_json(doc), durable=False)  # made durable together, before the header
+        written.append(key)
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     ends = np.cumsum(lengths)
     hashes = id_hashes([b.decode("utf-8") for b in encoded])
@@ -590,7 +592,9 @@ def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> 
     for key in fmt.plan_file_keys():
         data = content[key]
         if data:  # an empty array has no chunk file
-            loc.write_file(key, data)
+            loc.write_file(key, data, durable=False)
+            written.append(key)
             plan_files[key] = [len(data), file_sha256(data)]
-    loc.sync_name()  # a new store folder's own name, before the header makes it a planned store
+    loc.sync(written)  # every document and plan file on disk before the header makes them a planned store
+    loc.sync_name()  # and a new store folder's own name
     return plan_files

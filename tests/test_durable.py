@@ -65,26 +65,29 @@ def test_a_shard_is_on_disk_before_its_commit_row_and_the_row_before_it_counts(t
         synced = first(log, ("fsync", key))
         folder = first(log, ("fsync", key.rsplit("/", 1)[0]))
         assert first(log, ("rename", key)) < synced < folder < written, key
-    # the row: renamed into place, then the file, then each folder up to the store folder
-    chain = [("fsync", commit), ("fsync", "commits/c/1"), ("fsync", "commits/c"), ("fsync", "commits"),
-             ("fsync", ".")]
+    # the row: renamed into place, then the file, then its folders: commits/c/1 is new, and commits/c with it (the
+    # first commit row); commits was made when the store was planned, so the store folder is unchanged
+    chain = [("fsync", commit), ("fsync", "commits/c/1"), ("fsync", "commits/c"), ("fsync", "commits")]
     positions = [last(log, e) for e in chain]
     assert written < positions[0] and positions == sorted(positions) and positions[-1] == len(log) - 1
-    assert logitstore.open(tmp_path / "s").committed.tolist() == [False, True, False]
+    assert ("fsync", ".") not in log
+    events.clear()
+    writer.write_shard(2, shard_rows(writer, 2))
+    log = relative(events, tmp_path / "s")
+    assert log[-3:] == [("fsync", "commits/c/2/0"), ("fsync", "commits/c/2"), ("fsync", "commits/c")]
+    assert ("fsync", "commits") not in log  # known to hold commits/c already: one device flush fewer per shard
+    assert logitstore.open(tmp_path / "s").committed.tolist() == [False, True, True]
 
 
 def test_planning_and_finalising_write_the_header_last_and_durably(tmp_path, events):
     writer = plan(tmp_path / "s", n=40)
     log = relative(events, tmp_path / "s")
     header = last(log, ("rename", "zarr.json"))  # the first is the plain group zarr writes while it plans
-    # every metadata document and plan file: its bytes (under a temporary name), its name, its folder, all before
-    # the header that makes them a planned store
+    # every metadata document and plan file: renamed into place, then its bytes and its folder, all before the
+    # header that makes them a planned store
     for key in [*fmt.metadata_documents(writer.header), *writer.header["plan_files"]]:
-        renamed = first(log, ("rename", key))
-        synced = [i for i, (op, path) in enumerate(log[:renamed]) if op == "fsync"
-                  and path.startswith(key + ".") and path.endswith(".partial")]
-        assert synced and first(log, ("fsync", key.rsplit("/", 1)[0])) > renamed, key
-        assert first(log, ("fsync", key.rsplit("/", 1)[0])) < header
+        folder = key.rsplit("/", 1)[0]
+        assert first(log, ("rename", key)) < first(log, ("fsync", key)) < first(log, ("fsync", folder)) < header, key
     assert log[header - 1][0] == "fsync" and log[header - 1][1].startswith("zarr.json.")  # its own bytes
     assert log[header + 1] == ("fsync", ".")  # then its name
     assert ("fsync", "..") in log[:header]  # the new store folder's own name, before the header
