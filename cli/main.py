@@ -269,10 +269,9 @@ def build(quiet: bool, **options: Any) -> None:
 
     with _quiet(quiet):
         result = run_build(cfg, progress=not quiet, log=click.echo)
-    import logitstore
-
-    digest = logitstore.open(result.path, storage_options=options["storage_options"]).digest
-    click.echo(f"{result.summary()} Store digest: {digest}")  # one final line, which --quiet keeps
+    # One final line, which --quiet keeps; the digest is the finalising writer's (rank 0's), never one read back.
+    digest = f" Store digest: {result.digest}" if result.digest is not None else ""
+    click.echo(f"{result.summary()}{digest}")
 
 
 @cli.command()

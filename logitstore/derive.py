@@ -229,6 +229,7 @@ class DeriveResult:
     store_bytes: int
     duplicates: int = 0  # merge: pairs present in more than one source with the same content, kept once
     not_found: int = 0  # subset --exclude-ids: listed IDs the source does not hold
+    digest: str | None = None  # the store digest, as the writer that finalised it knows it
 
     def summary(self) -> str:
         if self.already_complete:
@@ -406,20 +407,23 @@ def _write_derived(out: str | os.PathLike[str], stores: list[Store], picks: list
                     scoring=first.scoring, provenance=provenance, storage_options=storage_options,
                     teacher=first.teacher)
     if writer.complete:
-        return DeriveResult(writer.loc.url, n, len(stores), 0, True, 0.0, writer.loc.total_bytes())
+        with writer:
+            return DeriveResult(writer.loc.url, n, len(stores), 0, True, 0.0, writer.loc.total_bytes(),
+                                digest=writer.digest)
     source = np.array([s for s, _ in picks], dtype=np.int64)
     row = np.array([r for _, r in picks], dtype=np.int64)
     missing = writer.missing_shards
-    for shard in missing:
-        span = writer.shard_rows(shard)
-        parts = []
-        for s, store in enumerate(stores):
-            positions = np.flatnonzero(source[span.start:span.stop] == s)
-            if positions.size:
-                parts.append((positions.tolist(), read_rows(store, row[span.start + positions],
-                                                            per_token=bool(per_token),
-                                                            teacher=first.teacher is not None)))
-        writer.write_shard(shard, combine(len(span), parts))
-    writer.finalize()
+    with writer:  # the lock goes when this returns or fails, not when the writer is collected
+        for shard in missing:
+            span = writer.shard_rows(shard)
+            parts = []
+            for s, store in enumerate(stores):
+                positions = np.flatnonzero(source[span.start:span.stop] == s)
+                if positions.size:
+                    parts.append((positions.tolist(), read_rows(store, row[span.start + positions],
+                                                                per_token=bool(per_token),
+                                                                teacher=first.teacher is not None)))
+            writer.write_shard(shard, combine(len(span), parts))
+        writer.finalize()
     return DeriveResult(writer.loc.url, n, len(stores), len(missing), False, time.perf_counter() - start,
-                        writer.loc.total_bytes())
+                        writer.loc.total_bytes(), digest=writer.digest)

@@ -41,6 +41,15 @@ class IncompleteStoreError(LogitstoreError, RuntimeError):
     """The store lacks shards that the operation needs."""
 
 
+class StoreLockedError(LogitstoreError, RuntimeError):
+    """Another process holds the store's write lock: a second writer is refused, and a store still being planned
+    cannot be opened."""
+
+
+class StoreWriteError(LogitstoreError, OSError):
+    """The file system refused a write (disk full, no permission, read-only); what is committed is kept."""
+
+
 class UnknownIdError(LogitstoreError, KeyError):
     """Example IDs that the store does not hold."""
 

@@ -89,54 +89,9 @@ def check_header(header: dict[str, Any], url: str) -> tuple[fmt.Geometry, dict[s
 
 
 def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.RaggedSpec], list[str]]:
-    n = _int(header, "num_examples", 1, fmt.MAX_EXAMPLES)
-    rps = _int(header, "rows_per_shard", 1, fmt.MAX_ROWS_PER_SHARD)
-    max_length = _int(header, "max_length", 1, fmt.MAX_LENGTH)
-    inner = _int(header, "inner_chunk", 1, fmt.MAX_INNER_CHUNK)
-    _int(header, "id_bytes", 0, fmt.MAX_ID_BYTES)
-    geometry = fmt.Geometry(n, rps, max_length, inner)
-    if _int(header, "num_shards", 1, fmt.MAX_SHARDS) != geometry.num_shards:
-        raise FormatError(f"header num_shards {header['num_shards']} differs from num_examples / rows_per_shard "
-                          f"({geometry.num_shards})")
-    if geometry.shard_capacity > fmt.MAX_SHARD_CAPACITY:
-        raise FormatError(f"rows_per_shard * max_length = {rps * max_length} values per shard is above the limit "
-                          f"of {fmt.MAX_SHARD_CAPACITY}")
-    if geometry.shard_capacity // inner > fmt.MAX_INNER_PER_SHARD:
-        raise FormatError(f"{geometry.shard_capacity // inner} inner chunks per shard is above the limit of "
-                          f"{fmt.MAX_INNER_PER_SHARD}")
-    if header.get("shard_capacity") != geometry.shard_capacity:
-        raise FormatError(f"header shard_capacity {_short(header.get('shard_capacity'))} differs from "
-                          f"rows_per_shard * max_length rounded up to whole inner chunks ({geometry.shard_capacity})")
-    fields = header.get("fields")
-    if not isinstance(fields, dict):
-        raise FormatError("header fields must be an object")
-    store_kind = kinds.kind_of(header)
-    _check_kind_keys(header, store_kind)
-    for name, (dtype, _) in store_kind.row_fields.items():
-        if fields.get(name) != {"kind": "row", "dtype": dtype}:
-            raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
-                              f"{_short(fields.get(name))}")
-    if fields.get(fmt.CONTENT_KEY) != fmt.CONTENT_KEY_FIELD:
-        wanted = fmt.canonical_json(fmt.CONTENT_KEY_FIELD).decode()
-        raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
-    ragged: dict[str, fmt.RaggedSpec] = {}
-    for name, entry in fields.items():
-        if name in store_kind.row_fields or name == fmt.CONTENT_KEY:
-            continue
-        if name not in store_kind.token_fields + store_kind.per_token_fields:
-            raise FormatError(f"unknown field {_short(name)} in the header of a {store_kind.name} store")
-        ragged[name] = _ragged_spec(name, entry, store_kind)
-    missing = [name for name in store_kind.token_fields if name not in ragged]
-    if missing:
-        raise FormatError(f"header lacks the field {missing[0]}")
-    per_token = [ragged.get(name) for name in store_kind.per_token_fields]
-    if any(per_token) and not (all(per_token) and len({(p.codec, p.scale) for p in per_token}) == 1):  # type: ignore[union-attr]
-        raise FormatError("per-token fields must come as a pair with the same codec")
-    if len({(ragged[name].dtype, ragged[name].codec) for name in store_kind.token_fields}) != 1:
-        raise FormatError("token id fields must share one dtype and one codec")
-    order = [name for name in store_kind.token_fields + store_kind.per_token_fields
-             if name in ragged]  # the format's order
-    specs = [ragged[name] for name in order]
+    geometry = _check_geometry(header)
+    n = geometry.num_examples
+    store_kind, specs = _check_fields(header)
     if "teacher" in header:
         from .teacher_store import check_entry
 
@@ -173,6 +128,64 @@ def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.R
     if "summary" in header:
         _check_summary(header["summary"], geometry, store_kind)
     return geometry, {spec.name: spec for spec in specs}, shard_files
+
+
+def _check_geometry(header: dict[str, Any]) -> fmt.Geometry:
+    """The sizes: examples, shards, lengths, chunks, each within the reader's limits and agreeing."""
+    n = _int(header, "num_examples", 1, fmt.MAX_EXAMPLES)
+    rps = _int(header, "rows_per_shard", 1, fmt.MAX_ROWS_PER_SHARD)
+    max_length = _int(header, "max_length", 1, fmt.MAX_LENGTH)
+    inner = _int(header, "inner_chunk", 1, fmt.MAX_INNER_CHUNK)
+    _int(header, "id_bytes", 0, fmt.MAX_ID_BYTES)
+    geometry = fmt.Geometry(n, rps, max_length, inner)
+    if _int(header, "num_shards", 1, fmt.MAX_SHARDS) != geometry.num_shards:
+        raise FormatError(f"header num_shards {header['num_shards']} differs from num_examples / rows_per_shard "
+                          f"({geometry.num_shards})")
+    if geometry.shard_capacity > fmt.MAX_SHARD_CAPACITY:
+        raise FormatError(f"rows_per_shard * max_length = {rps * max_length} values per shard is above the limit "
+                          f"of {fmt.MAX_SHARD_CAPACITY}")
+    if geometry.shard_capacity // inner > fmt.MAX_INNER_PER_SHARD:
+        raise FormatError(f"{geometry.shard_capacity // inner} inner chunks per shard is above the limit of "
+                          f"{fmt.MAX_INNER_PER_SHARD}")
+    if header.get("shard_capacity") != geometry.shard_capacity:
+        raise FormatError(f"header shard_capacity {_short(header.get('shard_capacity'))} differs from "
+                          f"rows_per_shard * max_length rounded up to whole inner chunks ({geometry.shard_capacity})")
+    return geometry
+
+
+def _check_fields(header: dict[str, Any]) -> tuple[kinds.Kind, list[fmt.RaggedSpec]]:
+    """The header's fields: exactly the kind's per-row fields and content key, and its ragged fields with supported
+    dtypes and codecs. Returns the store's kind and its ragged fields' specs in the format's order."""
+    fields = header.get("fields")
+    if not isinstance(fields, dict):
+        raise FormatError("header fields must be an object")
+    store_kind = kinds.kind_of(header)
+    _check_kind_keys(header, store_kind)
+    for name, (dtype, _) in store_kind.row_fields.items():
+        if fields.get(name) != {"kind": "row", "dtype": dtype}:
+            raise FormatError(f"header field {name} must be {_short({'kind': 'row', 'dtype': dtype})}, got "
+                              f"{_short(fields.get(name))}")
+    if fields.get(fmt.CONTENT_KEY) != fmt.CONTENT_KEY_FIELD:
+        wanted = fmt.canonical_json(fmt.CONTENT_KEY_FIELD).decode()
+        raise FormatError(f"header field {fmt.CONTENT_KEY} must be {wanted}, got {_short(fields.get(fmt.CONTENT_KEY))}")
+    ragged: dict[str, fmt.RaggedSpec] = {}
+    for name, entry in fields.items():
+        if name in store_kind.row_fields or name == fmt.CONTENT_KEY:
+            continue
+        if name not in store_kind.token_fields + store_kind.per_token_fields:
+            raise FormatError(f"unknown field {_short(name)} in the header of a {store_kind.name} store")
+        ragged[name] = _ragged_spec(name, entry, store_kind)
+    missing = [name for name in store_kind.token_fields if name not in ragged]
+    if missing:
+        raise FormatError(f"header lacks the field {missing[0]}")
+    per_token = [ragged.get(name) for name in store_kind.per_token_fields]
+    if any(per_token) and not (all(per_token) and len({(p.codec, p.scale) for p in per_token}) == 1):  # type: ignore[union-attr]
+        raise FormatError("per-token fields must come as a pair with the same codec")
+    if len({(ragged[name].dtype, ragged[name].codec) for name in store_kind.token_fields}) != 1:
+        raise FormatError("token id fields must share one dtype and one codec")
+    order = [name for name in store_kind.token_fields + store_kind.per_token_fields
+             if name in ragged]  # the format's order
+    return store_kind, [ragged[name] for name in order]
 
 
 def _check_tokenizer(tokenizer: dict[str, Any]) -> None:

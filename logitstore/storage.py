@@ -17,7 +17,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from .durable import fsync_dirs, sync_folders, sync_written, write_durably
 from .errors import DamagedFileError, FormatError, StoreNotFoundError
+from .write_lock import LOCK_KEY, Holder, Lease, LocalLock, local_holder, remote_holder
 
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
@@ -80,6 +82,7 @@ class LocalLocation:
         self.root = tidy_path(Path(text).expanduser().absolute())
         self.url = str(self.root)
         self.is_local = True
+        self._named: set[Path] = set()  # folders under the store whose names this process made durable
 
     def __repr__(self) -> str:
         return f"LocalLocation({self.url!r})"
@@ -157,16 +160,32 @@ class LocalLocation:
         """Whether anything (a file, folder, link, ...) is at `key`, without following links."""
         return os.path.lexists(self.path(key))
 
-    def write_file(self, key: str, data: bytes) -> None:
-        """Write `key` atomically (temporary name, then rename)."""
+    def write_file(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        """Write `key` atomically (temporary name, then rename) and, when `durable`, durably: the file fsynced before
+        its rename, its folder and those above it up to the store folder fsynced after (logitstore/durable.py)."""
         import uuid
 
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
+        if durable:
+            write_durably(target, data)  # temporary name, fsync, rename, fsync of its folder
+            if target.parent != self.root and target.parent not in self._named:  # a folder made for it
+                sync_folders([target.parent.parent], self.root, self._named)
+                self._named.add(target.parent)
+            return
         tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.partial")  # removed by remove_partials
         with tmp.open("wb") as f:
             f.write(data)
         os.replace(tmp, target)
+
+    def sync(self, keys: list[str]) -> None:
+        """Make files written under the store (by this process, or by zarr for it) durable: each file, then the
+        folders whose entries changed (logitstore/durable.py, `sync_written`)."""
+        sync_written([self.path(key) for key in keys], self.root, self._named)
+
+    def sync_name(self) -> None:
+        """Make the store folder's own name durable (fsync the folder holding it), once, when it is planned."""
+        fsync_dirs([self.root, self.root.parent])
 
     def read_bytes(self, key: str) -> bytes | None:
         """A file the writer wrote itself (no size limit; links and special files are still refused)."""
@@ -189,6 +208,29 @@ class LocalLocation:
 
     def top_level_names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir()) if self.root.is_dir() else []
+
+    def acquire_write_lock(self) -> LocalLock:
+        """Take the store's write lock (creating the folder), or raise StoreLockedError naming its holder."""
+        return LocalLock.acquire(self.root, self.url)
+
+    def write_lock_holder(self) -> Holder | None:
+        """Who holds the write lock now (None: nobody); never blocks, never takes it."""
+        return local_holder(self.root, self.url)
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove everything in the store folder but the top-level names in `keep` (links are removed, never
+        followed)."""
+        import shutil
+
+        if not self.root.is_dir():
+            return
+        for entry in os.scandir(self.root):
+            if entry.name in keep:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
     def remove_partials(self) -> int:
         """Delete temporary files left by writes that were killed before their rename."""
@@ -277,14 +319,20 @@ class RemoteLocation:
         data = self.read_file(key, limit=size, size=size)
         if data is None:
             return None
-        cache.write_file(key, data)
+        cache.write_file(key, data, durable=False)  # a cache: checked on every read, fetched again if lost
         return cache.map_file(key, size)
 
     def lexists(self, key: str) -> bool:
         return bool(self.fs.exists(self._remote(key)))
 
-    def write_file(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._remote(key), data)
+    def write_file(self, key: str, data: bytes, *, durable: bool = True) -> None:
+        self.fs.pipe_file(self._remote(key), data)  # an object is durable once its PUT returns
+
+    def sync(self, keys: list[str]) -> None:
+        pass  # nothing to flush: every object was durable when its write returned
+
+    def sync_name(self) -> None:
+        pass
 
     def drop_cached(self, key: str) -> None:
         (self.cache_root / check_key(key)).unlink(missing_ok=True)
@@ -300,6 +348,22 @@ class RemoteLocation:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._root, detail=False))
 
+    def acquire_write_lock(self) -> Lease:
+        """Take the store's write lease, or raise StoreLockedError naming its holder."""
+        return Lease.acquire(self.fs, self._remote(LOCK_KEY), self.url)
+
+    def write_lock_holder(self) -> Holder | None:
+        """Who holds the write lease now (None: nobody, or it expired)."""
+        return remote_holder(self.fs, self._remote(LOCK_KEY))
+
+    def clear(self, keep: tuple[str, ...] = ()) -> None:
+        """Remove every object under the store but the top-level names in `keep`."""
+        if not self.fs.exists(self._root):
+            return
+        for path in self.fs.ls(self._root, detail=False):
+            if path.rstrip("/").rsplit("/", 1)[-1] not in keep:
+                self.fs.rm(path, recursive=True)
+
     def remove_partials(self) -> int:
         return 0  # object stores write whole objects; nothing is left half-written
 
@@ -308,6 +372,7 @@ class RemoteLocation:
 
 
 Location = LocalLocation | RemoteLocation
+WriteLock = LocalLock | Lease
 
 
 def location(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> Location:

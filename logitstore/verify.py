@@ -14,6 +14,7 @@ from . import format as fmt
 from . import kinds
 from .content_key import content_keys
 from .errors import LogitstoreError, StoreNotFoundError, printable
+from .write_lock import LOCK_KEY
 
 
 @dataclasses.dataclass
@@ -157,7 +158,7 @@ def _stray_entries(store: Any) -> list[str]:
     loc = store.location
     if not loc.is_local:
         return []
-    expected = set(store._meta.documents) | set(store.header["plan_files"])
+    expected = set(store._meta.documents) | set(store.header["plan_files"]) | {LOCK_KEY}  # a writer's lock file
     expected |= {f"commits/c/{k}/0" for k in range(store.geometry.num_shards)}
     expected |= {fmt.chunk_key(a, k) for a in store._meta.shard_files for k in range(store.geometry.num_shards)}
     problems = []

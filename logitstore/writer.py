@@ -7,26 +7,37 @@ states per shard: absent, complete and checksummed, or being rewritten by the pr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from . import format as fmt
 from . import kinds
+from .commits import read_commit_row, store_digest
 from .content_key import VERSION as CONTENT_KEY_VERSION
 from .content_key import content_keys
-from .errors import FingerprintMismatchError, FormatError, IncompleteStoreError, LogitstoreError
+from .errors import (
+    FingerprintMismatchError,
+    FormatError,
+    IncompleteStoreError,
+    LogitstoreError,
+    StoreWriteError,
+    printable,
+)
 from .faults import fault_point
 from .format import id_hashes
-from .header import parse_root
+from .header import parse_root, read_meta
 from .quantize import encode_fixed
-from .reader import read_commit_row
-from .storage import Location, file_sha256, location
+from .storage import Location, WriteLock, file_sha256, location
 from .teacher_store import check_entry, concat, encode_file, teacher_arrays
+from .write_lock import LOCK_KEY
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
@@ -54,14 +65,56 @@ def read_header(loc: Location) -> dict[str, Any] | None:
 
 
 def write_root(loc: Location, header: Mapping[str, Any]) -> None:
-    """Write the root zarr.json holding `header` (atomically where the file system allows)."""
+    """Write the root zarr.json holding `header`, atomically and durably (docs/FORMAT.md, "Durability")."""
     loc.write_file("zarr.json", fmt.canonical_json(fmt.root_metadata(dict(header))))
 
 
-class StoreWriter:
-    """Fills the shards of a planned store. Create one with :func:`create` (or :meth:`attach`)."""
+_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")
 
-    def __init__(self, loc: Location, header: dict[str, Any]):
+
+@contextlib.contextmanager
+def writing(url: str, shard: int | None = None, stop: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn the file system's refusal of a write into one line (StoreWriteError) that names the path and says that
+    the same command resumes: disk full, no permission, a read-only file system, an I/O error. `stop` is called
+    first (a writer lets go of its lock: its run is over, and the next one resumes)."""
+    try:
+        yield
+    except LogitstoreError:
+        raise
+    except OSError as exc:
+        if stop is not None:
+            stop()
+        raise StoreWriteError(_write_failure(exc, url, shard)) from None
+
+
+def _write_failure(exc: OSError, url: str, shard: int | None) -> str:
+    path = url if shard is None else f"{url} (shard {shard})"  # when the error names no file
+    if isinstance(exc.filename, (str, bytes, os.PathLike)):
+        name = _PARTIAL.sub("", os.fsdecode(exc.filename))  # a temporary file stands for the file it becomes
+        if "://" in url and "://" not in name:
+            path = f"{url.split('://', 1)[0]}://{name}"
+        else:
+            path = name if os.path.isabs(name) or "://" in name else f"{url}/{name}"
+    resume = "run the same command again: it resumes where it stopped, keeping every committed shard"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device writing {printable(path)}; free some space and {resume}"
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return f"no permission to write {printable(path)}; make it writable (or write to another path) and {resume}"
+    if exc.errno == errno.EROFS:
+        return (f"cannot write {printable(path)}: the file system is read-only; make it writable (or write to another "
+                f"path) and {resume}")
+    return f"cannot write {printable(path)}: {exc.strerror or exc}; fix that and {resume}"
+
+
+class StoreWriter:
+    """Fills the shards of a planned store. Create one with :func:`create` (or :meth:`attach`).
+
+    A writer made by :func:`create` holds the store's write lock (docs/FORMAT.md, "Write lock") until it finalises
+    the store or is closed (:meth:`close`, the end of a ``with`` block, or its process ending). Writers joined to its
+    run with :meth:`attach` take no lock.
+    """
+
+    def __init__(self, loc: Location, header: dict[str, Any], lock: WriteLock | None = None):
         import zarr
 
         self.loc = loc
@@ -74,13 +127,19 @@ class StoreWriter:
             raise FormatError(f"{loc.url} has no content keys (written by an older logitstore); rebuild it")
         self.scoring = header["content_key"]["scoring"]
         self._group = zarr.open_group(loc.zarr_store(read_only=False), mode="r+")
+        self._write_lock = lock
+        self._closed = False
+        self._read_only = False  # a complete store in a folder this process cannot write: nothing to write
+        self._digest: str | None = None
 
-    # ---- opening ----------------------------------------------------------------------------------------------
+    # ---- opening and closing --------------------------------------------------------------------------------------
 
     @classmethod
     def attach(cls, path: str | os.PathLike[str] | Location, fingerprint: Mapping[str, Any] | None = None,
                storage_options: dict[str, Any] | None = None) -> StoreWriter:
-        """Open an already planned store for filling (e.g. on ranks other than the one that planned it)."""
+        """Join the run of the writer that planned the store, to fill some of its shards (e.g. on ranks other than
+        the one that called :func:`create`, after it has: a barrier). It takes no lock: the run's lock is the
+        planning writer's, held until it finalises, so only processes of that run may attach."""
         loc = path if hasattr(path, "zarr_store") else location(path, storage_options)  # type: ignore[arg-type]
         header = read_header(loc)
         if header is None:
@@ -88,6 +147,26 @@ class StoreWriter:
         if fingerprint is not None:
             _check_fingerprint(loc.url, header, fingerprint)
         return cls(loc, header)
+
+    def close(self) -> None:
+        """Let go of the store's write lock without finalising (what is committed is kept; the next run resumes).
+        Nothing more may be written with this writer."""
+        self._closed = True
+        if self._write_lock is not None:
+            self._write_lock.release()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise LogitstoreError(f"this writer of {self.loc.url} is closed (finalised, or closed, so it holds no "
+                                  "lock): open a new one with logitstore.create")
+        if self._write_lock is not None:
+            self._write_lock.check()
 
     # ---- state --------------------------------------------------------------------------------------------------
 
@@ -122,15 +201,24 @@ class StoreWriter:
         `teacher_mass` may give, per teacher array, the [V] tail mass summed over the shard's positions
         (``teacher.tail_mass``), from which a top-k context's prior is made.
         """
+        self._check_writable()
         g = self.geometry
         if not 0 <= shard < g.num_shards:
             raise ValueError(f"shard {shard} is out of range (the store has {g.num_shards})")
-        span = g.shard_rows(shard)
-        n = len(span)
-        teacher_files = teacher_arrays(self.header)
-        expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_files)
+        expected = set(self.kind.row_fields) | {s.name for s in self.ragged} | set(teacher_arrays(self.header))
         if set(rows) != expected:
             raise ValueError(f"shard data must have exactly the fields {sorted(expected)}, got {sorted(rows)}")
+        with writing(self.loc.url, shard, stop=self.close):
+            clipped = self._write_files(shard, rows, teacher_mass)
+            fault_point(f"before-commit:{shard}")
+            self._commit(shard, clipped)
+        fault_point(f"after-commit:{shard}")
+
+    def _write_files(self, shard: int, rows: Mapping[str, Any],
+                     teacher_mass: Mapping[str, np.ndarray] | None) -> int:
+        """Every file of the shard; returns how many fixed-point values were clipped."""
+        span = self.geometry.shard_rows(shard)
+        n = len(span)
         for name, (dtype, _) in self.kind.row_fields.items():
             if name == "label" and not np.isin(np.asarray(rows[name]), (0, 1)).all():
                 raise ValueError(f"label: expected 0 or 1 (false or true) for every row of shard {shard}")
@@ -144,14 +232,20 @@ class StoreWriter:
         for spec in self.ragged:
             clipped += self._write_ragged(shard, span, spec, rows[spec.name])
             fault_point(f"mid-shard:{shard}")  # some of the shard's files written, not all
-        for array in teacher_files:
+        for array in teacher_arrays(self.header):
             self._write_teacher(shard, span, array, rows[array], rows, (teacher_mass or {}).get(array))
-        fault_point(f"before-commit:{shard}")
+        return clipped
+
+    def _commit(self, shard: int, clipped: int) -> None:
+        """The shard's commit row, once its files are durable; it counts once it is durable itself."""
         record = [1, clipped]
-        for array in fmt.shard_file_arrays(self.ragged, self.kind, bool(teacher_files)):
-            record += fmt.commit_entry(self.loc.read_bytes(fmt.chunk_key(array, shard)))
+        keys = [fmt.chunk_key(array, shard) for array in self.header["shard_files"]]
+        for key in keys:
+            record += fmt.commit_entry(self.loc.read_bytes(key))
+        self.loc.sync(keys)  # the shard's bytes are on disk before a commit row names them
+        self._check_writable()  # a lost lease commits nothing
         self._group["commits"][shard] = np.asarray(record, dtype=np.uint64)
-        fault_point(f"after-commit:{shard}")
+        self.loc.sync([f"commits/c/{shard}/0"])
 
     def _write_teacher(self, shard: int, span: range, array: str, records: Sequence[Any],
                        rows: Mapping[str, Any], mass: np.ndarray | None) -> None:
@@ -165,7 +259,8 @@ class StoreWriter:
             bad = int(np.flatnonzero(got != counts)[0])
             raise ValueError(f"{array}: row {span.start + bad} has {got[bad]} records for {counts[bad]} scored tokens")
         teacher = self.header["teacher"]
-        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher, mass))
+        self.loc.write_file(fmt.chunk_key(array, shard), encode_file(concat(records, teacher), teacher, mass),
+                            durable=False)  # made durable with the shard's other files, before its commit
 
     def _write_ragged(self, shard: int, span: range, spec: fmt.RaggedSpec, seqs: Sequence[np.ndarray]) -> int:
         g = self.geometry
@@ -197,14 +292,26 @@ class StoreWriter:
     # ---- finishing ----------------------------------------------------------------------------------------------
 
     def finalize(self) -> dict[str, Any]:
-        """Mark the store complete once every shard is committed. Returns the summary written to the header."""
+        """Mark the store complete once every shard is committed, and let go of the write lock. Returns the summary
+        written to the header; :attr:`digest` then names the store this writer finalised."""
         fault_point("before-finalize")
+        if self._digest is not None:  # finalised already
+            return self.header["summary"]
+        self._check_writable()
         missing = self.missing_shards
         if missing:
             raise IncompleteStoreError(f"{len(missing)} of {self.geometry.num_shards} shards are not written yet "
                                        f"(first: {missing[0]})")
-        if self.header.get("complete"):
-            return self.header["summary"]
+        if not self.header.get("complete"):
+            header = dict(self.header, complete=True, summary=self._summary())
+            with writing(self.loc.url, stop=self.close):
+                write_root(self.loc, header)
+            self.header = header
+        self._digest = self._read_digest()
+        self.close()
+        return self.header["summary"]
+
+    def _summary(self) -> dict[str, Any]:
         tokens = {}
         for spec in self.ragged:
             if spec.name in self.kind.token_fields:
@@ -214,12 +321,31 @@ class StoreWriter:
                   for name in (side.tokens for side in self.kind.sides)}
         commits = np.asarray(self._group["commits"][:], dtype=np.uint64)
         documents = [len(fmt.canonical_json(doc)) for doc in fmt.metadata_documents(self.header).values()]
-        summary = {"tokens": tokens, "scored_tokens": scored, "clipped_values": int(commits[:, 1].sum()),
-                   "data_bytes": fmt.data_bytes(documents, self.header["plan_files"], commits)}
-        header = dict(self.header, complete=True, summary=summary)
-        write_root(self.loc, header)
-        self.header = header
-        return summary
+        return {"tokens": tokens, "scored_tokens": scored, "clipped_values": int(commits[:, 1].sum()),
+                "data_bytes": fmt.data_bytes(documents, self.header["plan_files"], commits)}
+
+    @property
+    def digest(self) -> str:
+        """The store digest (as :attr:`logitstore.Store.digest`) of the store this writer finalised: its metadata
+        documents and commit table as they were when it finalised, under its lock. Known after :meth:`finalize`,
+        or while the lock is held on a store found complete; a writer joined with :meth:`attach` has none."""
+        if self._digest is None:
+            if self._closed or (self._write_lock is None and not self._read_only):
+                raise LogitstoreError(f"the digest of {self.loc.url} is known only to the writer that finalised it")
+            if not self.complete:
+                raise IncompleteStoreError(f"{self.loc.url} is not finalised yet")
+            self._digest = self._read_digest()
+        return self._digest
+
+    def _read_digest(self) -> str:
+        documents = read_meta(self.loc).documents
+        width = fmt.commit_width(len(self.header["shard_files"]))
+        table = np.zeros((self.geometry.num_shards, width), dtype=np.uint64)
+        for shard in range(self.geometry.num_shards):
+            row = read_commit_row(self.loc, shard, width)
+            if row is not None:
+                table[shard] = row
+        return store_digest(documents, table)
 
 
 def _fixed_codes(seqs: Sequence[np.ndarray], lengths: np.ndarray, scale: float) -> tuple[np.ndarray, int]:
@@ -251,7 +377,7 @@ def _check_fingerprint(url: str, header: Mapping[str, Any], fingerprint: Mapping
 
 _KNOWN_TOP = {name for kind in kinds.KINDS.values()
               for name in (*kind.row_fields, *kind.token_fields, *kind.per_token_fields)} | {
-    "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY, "teacher"}
+    "ids", "id_index", "commits", "zarr.json", fmt.CONTENT_KEY, "teacher", LOCK_KEY}
 
 
 def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Mapping[str, Any],
@@ -278,36 +404,16 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
     per row (docs/FORMAT.md, "Teacher records").
     """
     provenance = dict(provenance or {"sources": [], "reused": 0, "computed": len(ids)})
-    if kind not in kinds.KINDS:
-        raise ValueError(f"unknown store kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
-    store_kind = kinds.KINDS[kind]
-    if (store_kind is kinds.UNPAIRED) != (kl_batch_size is not None):
-        raise ValueError("an unpaired store needs kl_batch_size (and only an unpaired store takes it)")
-    if kl_batch_size is not None and not 2 <= int(kl_batch_size) <= kinds.MAX_KL_BATCH_SIZE:
-        raise ValueError(f"kl_batch_size must be in [2, {kinds.MAX_KL_BATCH_SIZE}], got {kl_batch_size}")
+    store_kind = _kind_to_plan(kind, kl_batch_size)
     loc = location(path, storage_options)
     stray = [n for n in loc.top_level_names() if n not in _KNOWN_TOP and not n.endswith(".partial")]
-    header = None if stray else _planned_header(loc)
-    if header is not None:
-        _check_fingerprint(loc.url, header, fingerprint)
-        theirs = (header.get("kind", "pairs"), header.get("kl_pairing", {}).get("batch_size"))
-        if theirs != (kind, kl_batch_size):
-            raise FingerprintMismatchError(f"{loc.url} was planned as a {theirs[0]} store"
-                                           f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
-                                           f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
-                                           "; use another output path")
-        if header.get("teacher") != (dict(teacher) if teacher is not None else None):
-            raise FingerprintMismatchError(f"{loc.url} was planned with teacher records "
-                                           f"{fmt.canonical_json(header.get('teacher')).decode()}, this run asks for "
-                                           f"{fmt.canonical_json(teacher).decode()}; use another output path")
-        if header["num_examples"] != len(ids):
-            raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
-        _check_provenance(loc.url, header, provenance)
-        loc.remove_partials()
-        return StoreWriter(loc, header)
-    if stray:
+    if stray:  # before anything is written, the lock included
         raise LogitstoreError(f"{loc.url} exists and is not a logitstore store (it holds {stray[0]!r}); "
                               "choose an empty or new path")
+    if loc.is_local and os.path.lexists(loc.root) and not os.path.isdir(loc.root):
+        raise LogitstoreError(f"{loc.url} exists and is not a folder; choose an empty or new path")
+    resume = dict(fingerprint=fingerprint, kind=kind, kl_batch_size=kl_batch_size, teacher=teacher,
+                  provenance=provenance)
     ids = [str(i) for i in ids]
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
@@ -317,8 +423,93 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
             seen.add(key)
     geometry = fmt.Geometry(len(ids), rows_per_shard, max_length, inner_chunk)
     ragged = fmt.ragged_specs(vocab_size, token_codec, per_token, logp_codec, fixed_scale, store_kind)
-    loc.remove_partials()
-    encoded = [i.encode("utf-8") for i in ids]
+    created = _created_time()  # every refusal that needs no store comes before the lock, which writes a file
+    teacher_entry = check_entry(dict(teacher)) if teacher is not None else None
+    with writing(loc.url):
+        lock = _lock_or_read_only(loc, ids, resume)
+    if isinstance(lock, StoreWriter):
+        return lock  # a complete store where nothing may be written: nothing is to be written
+    try:
+        header = _planned_header(loc)  # read again under the lock: another writer may have planned it meanwhile
+        if header is not None:
+            _check_resumable(loc, header, ids, **resume)
+            loc.remove_partials()
+            return StoreWriter(loc, header, lock)
+        encoded = [i.encode("utf-8") for i in ids]
+        header = _new_header(store_kind, geometry, ragged, encoded, fingerprint=fingerprint, vocab_size=vocab_size,
+                             tokenizer=tokenizer, settings=settings, skipped=skipped, scoring=scoring,
+                             provenance=provenance, kl_batch_size=kl_batch_size, teacher=teacher_entry,
+                             created=created)
+        with writing(loc.url):
+            loc.remove_partials()
+            header["plan_files"] = _write_plan(loc, header, encoded)
+            fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
+            write_root(loc, header)  # last: a store whose header exists is planned
+        fault_point("after-header")
+        return StoreWriter(loc, header, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _lock_or_read_only(loc: Location, ids: Sequence[str], resume: dict[str, Any]) -> WriteLock | StoreWriter:
+    """The store's write lock; or, where the store cannot be written (a read-only folder or mount) but is complete
+    and is what this run would write, a writer with nothing to write."""
+    try:
+        return loc.acquire_write_lock()
+    except OSError as exc:
+        if not isinstance(exc, PermissionError) and exc.errno != errno.EROFS:
+            raise
+        header = _planned_header(loc)
+        if header is None or not header.get("complete"):
+            raise
+        _check_resumable(loc, header, ids, **resume)
+        writer = StoreWriter(loc, header)
+        if not writer.complete:
+            raise
+        writer._read_only = True
+        return writer
+
+
+def _kind_to_plan(kind: str, kl_batch_size: int | None) -> kinds.Kind:
+    """The store kind `create` is asked for, with its KL batch size checked."""
+    if kind not in kinds.KINDS:
+        raise ValueError(f"unknown store kind {kind!r}; choose one of {', '.join(kinds.KINDS)}")
+    store_kind = kinds.KINDS[kind]
+    if (store_kind is kinds.UNPAIRED) != (kl_batch_size is not None):
+        raise ValueError("an unpaired store needs kl_batch_size (and only an unpaired store takes it)")
+    if kl_batch_size is not None and not 2 <= int(kl_batch_size) <= kinds.MAX_KL_BATCH_SIZE:
+        raise ValueError(f"kl_batch_size must be in [2, {kinds.MAX_KL_BATCH_SIZE}], got {kl_batch_size}")
+    return store_kind
+
+
+def _check_resumable(loc: Location, header: Mapping[str, Any], ids: Sequence[str], *,
+                     fingerprint: Mapping[str, Any], kind: str, kl_batch_size: int | None,
+                     teacher: Mapping[str, Any] | None, provenance: Mapping[str, Any]) -> None:
+    """A planned store is resumed only by a run that would plan exactly it."""
+    _check_fingerprint(loc.url, header, fingerprint)
+    theirs = (header.get("kind", "pairs"), header.get("kl_pairing", {}).get("batch_size"))
+    if theirs != (kind, kl_batch_size):
+        raise FingerprintMismatchError(f"{loc.url} was planned as a {theirs[0]} store"
+                                       f"{f' with KL batch size {theirs[1]}' if theirs[1] else ''}; this run "
+                                       f"asks for {kind}{f' with KL batch size {kl_batch_size}' if kl_batch_size else ''}"
+                                       "; use another output path")
+    if header.get("teacher") != (dict(teacher) if teacher is not None else None):
+        raise FingerprintMismatchError(f"{loc.url} was planned with teacher records "
+                                       f"{fmt.canonical_json(header.get('teacher')).decode()}, this run asks for "
+                                       f"{fmt.canonical_json(teacher).decode()}; use another output path")
+    if header["num_examples"] != len(ids):
+        raise FormatError(f"{loc.url} plans {header['num_examples']} examples, this run has {len(ids)}")
+    _check_provenance(loc.url, header, provenance)
+
+
+def _new_header(store_kind: kinds.Kind, geometry: fmt.Geometry, ragged: list[fmt.RaggedSpec],
+                encoded: list[bytes], *, fingerprint: Mapping[str, Any], vocab_size: int,
+                tokenizer: Mapping[str, Any] | None, settings: Mapping[str, Any] | None,
+                skipped: Sequence[Mapping[str, Any]], scoring: Mapping[str, Any] | None,
+                provenance: Mapping[str, Any], kl_batch_size: int | None,
+                teacher: dict[str, Any] | None, created: str) -> dict[str, Any]:
+    """The header of a new store, but its `plan_files` (known once the plan files are written)."""
     fields: dict[str, Any] = {name: {"kind": "row", "dtype": dtype}
                               for name, (dtype, _) in store_kind.row_fields.items()}
     fields[fmt.CONTENT_KEY] = dict(fmt.CONTENT_KEY_FIELD)
@@ -335,18 +526,14 @@ def create(path: str | os.PathLike[str], ids: Sequence[str], *, fingerprint: Map
         "fingerprint_digest": fingerprint_digest(fingerprint),
         "tokenizer": dict(tokenizer or {"vocab_size": vocab_size}),
         "settings": dict(settings or {}),
-        "created": _created_time(),
+        "created": created,
         "skipped": [dict(s) for s in skipped],
         "content_key": {"version": CONTENT_KEY_VERSION, "scoring": dict(scoring or {})},
-        "provenance": provenance,
+        "provenance": dict(provenance),
     }
     if teacher is not None:
-        header["teacher"] = check_entry(dict(teacher))
-    header["plan_files"] = _write_plan(loc, header, encoded)
-    fault_point("before-header")  # plan arrays written, the header that makes them a planned store not yet
-    write_root(loc, header)  # last: a store whose header exists is planned
-    fault_point("after-header")
-    return StoreWriter(loc, header)
+        header["teacher"] = teacher
+    return header
 
 
 def _provenance_identity(p: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -383,10 +570,14 @@ def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> 
     """Write every metadata document but the root's, and the ID files; return `plan_files` for the header."""
     import zarr
 
-    # Clear whatever an interrupted plan left (zarr's "w" mode); the root's own document is written last.
-    zarr.open_group(loc.zarr_store(read_only=False), mode="w", zarr_format=3)
+    # Clear whatever an interrupted plan left but the write lock (zarr's "w" mode would remove it too); the root's
+    # own document is written last.
+    loc.clear(keep=(LOCK_KEY,))
+    zarr.open_group(loc.zarr_store(read_only=False), mode="a", zarr_format=3)
+    written = []
     for key, doc in fmt.metadata_documents(header).items():
-        loc.write_file(key, fmt.canonical_json(doc))
+        loc.write_file(key, fmt.canonical_json(doc), durable=False)  # made durable together, before the header
+        written.append(key)
     lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
     ends = np.cumsum(lengths)
     hashes = id_hashes([b.decode("utf-8") for b in encoded])
@@ -401,6 +592,9 @@ def _write_plan(loc: Location, header: dict[str, Any], encoded: list[bytes]) -> 
     for key in fmt.plan_file_keys():
         data = content[key]
         if data:  # an empty array has no chunk file
-            loc.write_file(key, data)
+            loc.write_file(key, data, durable=False)
+            written.append(key)
             plan_files[key] = [len(data), file_sha256(data)]
+    loc.sync(written)  # every document and plan file on disk before the header makes them a planned store
+    loc.sync_name()  # and a new store folder's own name
     return plan_files

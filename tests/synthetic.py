@@ -48,7 +48,19 @@ def fill(path, n: int = 100, rows_per_shard: int = 16, shards=None, pause: float
     return writer
 
 
-if __name__ == "__main__":  # python synthetic.py PATH [SHARD ...]: fill shards slowly (to be killed)
+def join(path, shards, pause: float = 0.0) -> None:
+    """Fill `shards` of a store another process planned and holds the lock of (as a rank other than 0 does)."""
+    writer = logitstore.StoreWriter.attach(path)
+    for shard in shards:
+        writer.write_shard(shard, shard_rows(writer, shard))
+        time.sleep(pause)
+
+
+if __name__ == "__main__":  # python synthetic.py PATH: plan and fill slowly (to be killed); PATH SHARD ...: join
     target = sys.argv[1]
-    only = [int(s) for s in sys.argv[2:]] or None
-    fill(target, shards=only, pause=float(os.environ.get("WRITER_PAUSE", "0.02")), finalize=only is None)
+    only = [int(s) for s in sys.argv[2:]]
+    pause = float(os.environ.get("WRITER_PAUSE", "0.02"))
+    if only:
+        join(target, only, pause)
+    else:
+        fill(target, pause=pause)

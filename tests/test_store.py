@@ -209,10 +209,11 @@ def test_sigkill_mid_write_then_resume_is_bit_identical(tmp_path, monkeypatch, p
 def test_two_processes_filling_disjoint_shards_lose_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     fill(tmp_path / "reference")
-    plan(tmp_path / "shared")
+    writer = plan(tmp_path / "shared")  # holds the lock; the two processes join its run, as ranks do
     procs = [_run_writer(tmp_path / "shared", *range(r, 7, 2)) for r in (0, 1)]
     assert [p.wait() for p in procs] == [0, 0]
-    fill(tmp_path / "shared")  # nothing left to write: only finalises
+    assert writer.missing_shards == []
+    writer.finalize()
     assert tree_digest(tmp_path / "shared") == tree_digest(tmp_path / "reference")
 
 

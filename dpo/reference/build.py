@@ -56,6 +56,7 @@ class BuildResult:
     reused: int = 0  # rows of the store whose values are copied from other stores
     pairs_scored: int = 0  # rows this process ran through the model in this run
     unit: str = "pair"  # what a row is in messages: "example" but for pairs
+    digest: str | None = None  # the store digest from the writer that finalised it (rank 0); None on other ranks
 
     def summary(self) -> str:
         counts = f"{self.computed} computed, {self.reused} reused"
@@ -200,23 +201,14 @@ def fill_shard(p: _Planned, writer: logitstore.StoreWriter, shard: int, model: A
     writer.write_shard(shard, derive.combine(len(rows), parts, kind.fields), teacher_mass=mass_of(mass))
 
 
-def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
-    """Run the reference pass described by `cfg`; resumes a partial store with the same fingerprint."""
+def fill(p: _Planned, writer: logitstore.StoreWriter, rank: int, world: int, *, progress: bool,
+         log: Callable[[str], None]) -> tuple[int, dict[str, int]]:
+    """This rank's share of the missing shards, each scored and written whole: (shards written, tokens and rows
+    scored)."""
     import torch
     from tqdm import tqdm
 
-    check_device_map(cfg)
-    rank, world = distributed.rank_and_world()
-    start = time.perf_counter()
-    teacher = check_teacher(cfg)  # before the data is read: nothing is written when records cannot be stored
-    p = plan_build(cfg, teacher, log=log if rank == 0 else (lambda _: None))
-    cfg, examples, skipped = p.cfg, p.plan.examples, p.plan.skipped
-    writer = open_writer(p, rank)
-    provenance = p.reuse.provenance()
-    counts = {"computed": provenance["computed"], "reused": provenance["reused"], "unit": p.kind.fields.unit}
-    if writer.complete:
-        return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0, writer.loc.total_bytes(),
-                           **counts)
+    cfg, examples = p.cfg, p.plan.examples
     missing, compute = writer.missing_shards, p.reuse.to_compute
     work = np.where(compute, p.plan.cost, 0)  # model work left per row, in tokens
     spans = {k: writer.shard_rows(k) for k in missing}
@@ -229,8 +221,6 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         log(f"Resuming {writer.loc.url}: {writer.geometry.num_shards - len(missing)} of "
             f"{writer.geometry.num_shards} shards already written.")
     dtype = p.fingerprint["precision"]["dtype"]
-    offload = contextlib.ExitStack()  # the disk-offload folder of a --device-map build lives as long as the model
-    model = load_reference(cfg, dtype, offload, log) if total_rows else None  # copies alone need no model
     done = {"tokens": 0, "rows": 0}
     bar = tqdm(total=total_rows, unit="pair", disable=not progress, desc=f"build[{rank}]" if world > 1 else "build")
     t0 = time.perf_counter()
@@ -241,15 +231,38 @@ def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None]
         bar.update(n_rows)
         bar.set_postfix_str(f"{done['tokens'] / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    autocast = precision(input_device(model), dtype) if model is not None else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
-        for shard in todo:
-            fill_shard(p, writer, shard, model, on_batch)
+    # The disk-offload folder of a --device-map build lives as long as the model.
+    with contextlib.ExitStack() as offload:
+        model = load_reference(cfg, dtype, offload, log) if total_rows else None  # copies alone need no model
+        autocast = precision(input_device(model), dtype) if model is not None else contextlib.nullcontext()
+        with torch.no_grad(), autocast:
+            for shard in todo:
+                fill_shard(p, writer, shard, model, on_batch)
     bar.close()
-    distributed.barrier()
-    if rank == 0:
-        writer.finalize()
-    distributed.barrier()
-    offload.close()
-    return BuildResult(writer.loc.url, len(examples), len(skipped), len(todo), False, done["tokens"],
-                       time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=done["rows"], **counts)
+    return len(todo), done
+
+
+def build(cfg: BuildConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> BuildResult:
+    """Run the reference pass described by `cfg`; resumes a partial store with the same fingerprint. Rank 0 holds
+    the store's write lock from planning it to finalising it, and lets go of it however the build ends (what is
+    committed is kept: the same command resumes)."""
+    check_device_map(cfg)
+    rank, world = distributed.rank_and_world()
+    start = time.perf_counter()
+    teacher = check_teacher(cfg)  # before the data is read: nothing is written when records cannot be stored
+    p = plan_build(cfg, teacher, log=log if rank == 0 else (lambda _: None))
+    examples, skipped = p.plan.examples, p.plan.skipped
+    provenance = p.reuse.provenance()
+    counts = {"computed": provenance["computed"], "reused": provenance["reused"], "unit": p.kind.fields.unit}
+    with open_writer(p, rank) as writer:
+        if writer.complete:
+            return BuildResult(writer.loc.url, len(examples), len(skipped), 0, True, 0, 0.0,
+                               writer.loc.total_bytes(), digest=writer.digest if rank == 0 else None, **counts)
+        written, done = fill(p, writer, rank, world, progress=progress, log=log)
+        distributed.barrier()
+        if rank == 0:
+            writer.finalize()
+        distributed.barrier()
+        return BuildResult(writer.loc.url, len(examples), len(skipped), written, False, done["tokens"],
+                           time.perf_counter() - start, writer.loc.total_bytes(), pairs_scored=done["rows"],
+                           digest=writer.digest if rank == 0 else None, **counts)
