@@ -66,6 +66,39 @@ def test_build_speed(benchmark, setting, variant):
 
 
 @pytest.fixture(scope="module")
+def one_sided(setting):
+    """The setting's prompts and chosen completions twice over: as a completion store's data (prompt, completion)
+    and as pairs whose two sides are that same completion, so both builds see the same prompts and completions."""
+    from logitstore.dpo.inputs.tokenization import extract_prompt
+
+    completion, pairs = setting["folder"] / "completions.jsonl", setting["folder"] / "same-completion-pairs.jsonl"
+    rows = [json.loads(line) for line in Path(setting["data"]).read_text().splitlines()]
+    with open(completion, "w") as c, open(pairs, "w") as p:
+        for row in rows:
+            prompt, chosen, _ = extract_prompt(row["chosen"], row["rejected"])
+            c.write(json.dumps({"id": row["id"], "prompt": prompt, "completion": chosen}) + "\n")
+            p.write(json.dumps({"id": row["id"], "prompt": prompt, "chosen": chosen, "rejected": chosen}) + "\n")
+    return {"completion": str(completion), "pairs": str(pairs)}
+
+
+@pytest.mark.parametrize("data", ["pairs", "completion"])
+def test_completion_store_scores_each_completion_once(benchmark, setting, one_sided, data):
+    """A completion store's build against a pairs build of the same prompts and completions, on the model whose
+    layers dominate: the completion store scores each completion once, so it costs about half (its CPU seconds'
+    ratio is the figure; wall time depends on the machine's load)."""
+    result: dict = {}
+    out = setting["folder"] / f"one-sided-{data}.lstore"
+
+    def run():
+        result.update(run_child("build", {"data": one_sided[data], "model": setting["deep"], "out": str(out),
+                                          "max_length": setting["max_length"], "batch_size": 8,
+                                          "share_prompt": False, "bucketing": True}))
+
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info.update(group="one-sided build", data=data, pairs=setting["pairs"], **result)
+
+
+@pytest.fixture(scope="module")
 def train_store(setting):
     out = setting["folder"] / "train.lstore"
     run_child("build", {"model": setting["model"], "data": setting["data"], "max_length": setting["max_length"],

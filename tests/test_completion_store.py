@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +275,43 @@ def test_reuse_between_completion_builds_copies_unchanged_examples(completion_st
     same = [f"c{i}" for i in range(6) if i != 2]
     assert np.array_equal(old.get(same)["completion_logps"], new.get(same)["completion_logps"])
     assert logitstore.verify(tmp_path / "s2").ok
+
+
+@pytest.mark.parametrize("records", [[], ["--top-k", "8"], ["--sample-k", "4"]], ids=["plain", "top-k", "sampled"])
+def test_each_completion_is_scored_once_with_the_two_sided_scorers_values(mistral_model, tmp_path, records):
+    """The build scores one row per example, and its values, per-token values and teacher records are bit for bit
+    those of the pairs scorer on the same prompt and completion (both sides the completion): the values completion
+    stores held when each completion was scored twice."""
+    from logitstore.dpo.model import scoring
+    from logitstore.dpo.reference import BuildConfig, build
+
+    rows = completion_rows(12)
+    comp = write_jsonl(tmp_path / "c.jsonl", rows)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"id": r["id"], "prompt": r["prompt"], "chosen": r["completion"],
+                                                 "rejected": r["completion"]} for r in rows])
+    scored: list[int] = []
+    real = scoring.sequence_logps
+
+    def count(model, input_ids, *args, **kwargs):
+        scored.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    cfg = dict(model=str(mistral_model), max_length=64, per_token=True, rows_per_shard=5,
+               **({"top_k": 8} if "--top-k" in records else {"sample_k": 4} if records else {}))
+    with unittest.mock.patch.object(scoring, "sequence_logps", count):
+        build(BuildConfig(data=str(comp), out=str(tmp_path / "c.lstore"), **cfg), progress=False)
+    if not records:  # the plain scorer: one row per example, not two
+        assert sum(scored) == len(rows)
+    build(BuildConfig(data=str(pairs), out=str(tmp_path / "p.lstore"), **cfg), progress=False)
+    one, two = logitstore.open(tmp_path / "c.lstore"), logitstore.open(tmp_path / "p.lstore")
+    everything = np.arange(len(rows))
+    a, b = one.row_values(everything), two.row_values(everything)
+    assert a["completion_logps"].view(np.uint32).tolist() == b["chosen_logps"].view(np.uint32).tolist()
+    assert a["completion_tokens"].tolist() == b["chosen_tokens"].tolist()
+    assert [x.tolist() for x in one.ragged("completion_token_logps", everything, decode=False)] == \
+        [x.tolist() for x in two.ragged("chosen_token_logps", everything, decode=False)]
+    if records:
+        got, want = one.top_k("completion", everything), two.top_k("chosen", everything)
+        assert set(got) == set(want)
+        for field in got:
+            assert all(np.array_equal(x, y) for x, y in zip(got[field], want[field])), field

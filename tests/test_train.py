@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,15 +84,43 @@ def test_resume_continues_exactly(byte_model, medical_store, tmp_path, objective
                   disable_dropout=False, **objective)
     whole = run(byte_model, medical_store, tmp_path / "whole", **common)["history"]
     run(byte_model, medical_store, tmp_path / "cut", save_every=3, **common)
-    # Forget everything after the checkpoint at step 3, as if the run had died there.
+    # Forget the checkpoint at step 6, as if the run had died after logging step 7 and while writing step 8's line.
     shutil.rmtree(tmp_path / "cut" / "checkpoint-6")
-    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()[:3]
-    (tmp_path / "cut" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    metrics.write_text("\n".join(metrics.read_text().splitlines()[:7]) + '\n{"step": 8, "lo')
     resumed = run(byte_model, medical_store, tmp_path / "cut", resume=True, **common)["history"]
     assert [h["step"] for h in resumed] == list(range(4, 9))
     for a, b in zip(resumed, whole[3:]):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
+    # metrics.jsonl was cut back to the checkpoint's step: each step once, in order.
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == list(range(1, 9))
+
+
+def test_final_weights_are_written_whole_or_not_at_all(byte_model, medical_store, tmp_path, monkeypatch):
+    """A crash while the adapter is written leaves no adapter folder peft could half-read; the next run writes it
+    whole (and an earlier adapter stays whole until the new one replaces it)."""
+    from peft import PeftModel
+
+    real = PeftModel.save_pretrained
+
+    def dies_halfway(self, folder, *args, **kwargs):
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"torn")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", dies_halfway)
+    with pytest.raises(OSError):
+        run(byte_model, medical_store, tmp_path / "run", max_steps=1, batch_size=4)
+    assert not (tmp_path / "run" / "adapter").exists()
+    monkeypatch.setattr(PeftModel, "save_pretrained", real)
+    run(byte_model, medical_store, tmp_path / "run", max_steps=1, batch_size=4)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["adapter", "metrics.jsonl"]
+    PeftModel.from_pretrained(__import__("transformers").AutoModelForCausalLM.from_pretrained(str(byte_model)),
+                              str(tmp_path / "run" / "adapter"))
+    monkeypatch.setattr(PeftModel, "save_pretrained", dies_halfway)
+    with pytest.raises(OSError):
+        run(byte_model, medical_store, tmp_path / "run", max_steps=1, batch_size=4)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() != b"torn"
 
 
 def test_checkpoints_hold_no_pickle(byte_model, medical_store, tmp_path):

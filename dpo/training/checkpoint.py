@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from logitstore.errors import LogitstoreError
+
+from .files import STAGING, publish_folder, staging_folder
 
 STATE_FILE = "trainer_state.json"
 
@@ -80,10 +81,7 @@ def save_checkpoint(folder: str | os.PathLike[str], *, model: Any, optimizer: to
     from ..distributed import group as distributed
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".partial")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = staging_folder(folder) if rank == 0 else folder.with_name(folder.name + STAGING)
     distributed.barrier()
     if sharded_policy is not None:
         import torch.distributed.checkpoint as dcp
@@ -101,10 +99,9 @@ def save_checkpoint(folder: str | os.PathLike[str], *, model: Any, optimizer: to
             rng[f"cuda{i}"] = s
     save_file(rng, str(tmp / _rng_file(rank)))
     distributed.barrier()
-    if rank == 0:
+    if rank == 0:  # the state file marks the checkpoint complete: written last, the folder published whole
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        publish_folder(tmp, folder)
     distributed.barrier()
     return folder
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +31,7 @@ from ..objectives.objective import objective_of
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .checks import NonFiniteLossError, check_batch, check_setup, check_store_matches, example_names, last_good
 from .evaluate import evaluate
+from .files import cut_metrics
 from .memory import PeakMeter, is_out_of_memory
 from .policy import logits_width, lr_at, make_optimizer, setup_policy, vocabulary_size
 from .trackers import open_trackers
@@ -167,6 +169,53 @@ class Cursor:
         return self.sampler.state_dict(batches_consumed=self.position)
 
 
+class RunLog:
+    """Where logged steps go, on the main rank: metrics.jsonl (cut back to the checkpoint a run resumes from, and on
+    disk before a checkpoint names its step), the experiment trackers, and the history the run returns."""
+
+    def __init__(self, run: Run, resumed_at: int | None, *, quiet: bool):
+        self.history: list[dict[str, Any]] = []
+        self.file = None
+        if run.main:
+            path = run.out / "metrics.jsonl"
+            if resumed_at is not None:
+                cut_metrics(path, resumed_at)  # the steps after the checkpoint are logged again
+            self.file = open(path, "a" if resumed_at is not None else "w")
+        self.trackers = open_trackers(run.cfg.report_to, run.out, dataclasses.asdict(run.cfg), main=run.main,
+                                      quiet=quiet)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            self.trackers.log(record, record["step"])
+            self.history.append(record)
+
+    def sync(self) -> None:
+        if self.file is not None:
+            os.fsync(self.file.fileno())
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.trackers.close()
+
+
+def resume(run: Run, t: Trainee, cursor: Cursor, log: Callable[[str], None]) -> tuple[int, float]:
+    """(steps done, best eval loss): a fresh start, or where --resume's checkpoint left the weights, the optimizer,
+    the data order and the task's state."""
+    if run.checkpoint is None:
+        cursor.start()
+        return 0, float("inf")
+    state = load_checkpoint(run.checkpoint, model=t.model, optimizer=t.optimizer,
+                            sharded_policy=t.policy if run.sharded else None, rank=run.rank)
+    cursor.resume(state["epoch"], state["sampler"])
+    run.task.load_state_dict(state)
+    if run.main:
+        log(f"Resumed from {run.checkpoint} at step {state['step']}.")
+    return state["step"], state["best_eval_loss"]
+
+
 def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -181,23 +230,11 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
                               f"{cfg.grad_accum}")
     total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
     cursor = Cursor(loader, sampler, cfg.num_workers)
-    step, best = 0, float("inf")
-    if run.checkpoint is not None:
-        state = load_checkpoint(run.checkpoint, model=t.model, optimizer=t.optimizer,
-                                sharded_policy=t.policy if run.sharded else None, rank=run.rank)
-        step, best = state["step"], state["best_eval_loss"]
-        cursor.resume(state["epoch"], state["sampler"])
-        task.load_state_dict(state)
-        if run.main:
-            log(f"Resumed from {run.checkpoint} at step {step}.")
-    else:
-        cursor.start()
+    step, best = resume(run, t, cursor, log)
     meter.start(t.device)  # on a GPU the peak logged below is the training steps' own, not the model load's
-    metrics_file = open(run.out / "metrics.jsonl", "a" if run.checkpoint else "w") if run.main else None
-    trackers = open_trackers(cfg.report_to, run.out, dataclasses.asdict(cfg), main=run.main, quiet=not progress)
+    logged = RunLog(run, step if run.checkpoint else None, quiet=not progress)
     bar = tqdm(total=total_steps, initial=step, unit="step", disable=not (progress and run.main), desc="train")
     t.policy.train()
-    history: list[dict[str, Any]] = []
 
     while step < total_steps:
         meter.step = step + 1
@@ -229,14 +266,12 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
             if record["eval/loss"] < best:
                 best = record["eval/loss"]
                 save_weights(t.policy, cfg, run.out / "best")
-        if run.main and (eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps):
-            metrics_file.write(json.dumps(record) + "\n")  # type: ignore[union-attr]
-            metrics_file.flush()  # type: ignore[union-attr]
-            trackers.log(record, step)
-            history.append(record)
+        if eval_due or step == 1 or step % cfg.log_every == 0 or step == total_steps:
+            logged.write(record)
         bar.update(1)
         bar.set_postfix(**progress_postfix(record))
         if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:  # every rank: collective
+            logged.sync()  # the steps a checkpoint names are on disk before it is
             save_checkpoint(run.out / f"checkpoint-{step}", model=t.model, optimizer=t.optimizer,
                             sharded_policy=t.policy if run.sharded else None, rank=run.rank,
                             state={"step": step, "epoch": cursor.epoch, "best_eval_loss": best,
@@ -244,10 +279,8 @@ def _train(run: Run, meter: PeakMeter, *, progress: bool, log: Callable[[str], N
                                    "config": dataclasses.asdict(cfg), **task.state_dict()})
         distributed.barrier()
     bar.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    trackers.close()
-    return finish(run, t, best, step, history, meter)
+    logged.close()
+    return finish(run, t, best, step, logged.history, meter)
 
 
 def accumulate(run: Run, t: Trainee, cursor: Cursor, step: int) -> tuple[dict[str, float], int, float]:
