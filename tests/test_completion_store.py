@@ -17,14 +17,9 @@ import logitstore
 from logitstore.errors import FormatError
 from logitstore.kinds import COMPLETION, kind_of
 
-from sample_data import HUMAN_TURNS, write_jsonl
+from sample_data import completion_rows, write_jsonl
 
 CLI = [sys.executable, "-m", "logitstore.cli.main"]
-
-
-def completion_rows(n: int) -> list[dict]:
-    return [{"id": f"c{i}", "prompt": f"Human: {HUMAN_TURNS[i % len(HUMAN_TURNS)][0]} (#{i})\n\nAssistant:",
-             "completion": " " + HUMAN_TURNS[i % len(HUMAN_TURNS)][1 + i % 2]} for i in range(n)]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,20 +17,9 @@ from logitstore.errors import FormatError, InputDataError
 from logitstore.kinds import UNPAIRED, kind_of, kl_rows
 
 import forge
-from sample_data import HUMAN_TURNS, write_jsonl
+from sample_data import unpaired_rows, write_jsonl
 
 CLI = [sys.executable, "-m", "logitstore.cli.main"]
-
-
-def unpaired_rows(n: int) -> list[dict]:
-    """Thumbs up / thumbs down: each question with its good answer (True) or its bad one (False), in turn."""
-    rows = []
-    for i in range(n):
-        question, good, bad = HUMAN_TURNS[i % len(HUMAN_TURNS)]
-        label = i % 3 != 1
-        rows.append({"id": f"u{i}", "prompt": f"Human: {question} (#{i})\n\nAssistant:",
-                     "completion": " " + (good if label else bad) * (1 + i % 2), "label": label})
-    return rows
 
 
 def write_unpaired(path: Path, n: int = 5, *, kl_batch_size: int = 2, per_token: bool = True,
