@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import subprocess
+import sys
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -57,6 +58,10 @@ def _log_handlers_to(stream: io.StringIO) -> Iterator[None]:
             handler.setStream(old)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None
             ) -> subprocess.CompletedProcess:
     """`logitstore ARGS` in this process: a CompletedProcess with the exit status a process would have had."""
@@ -70,6 +75,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: str | Path | Non
         warnings.resetwarnings()
         for action, category, module in reversed(_INTERPRETER_FILTERS):
             warnings.filterwarnings(action, category=category, module=module or "")
+        warnings.showwarning = _show_warning  # printed, as a process does, not recorded by pytest
         try:
             entry.main(list(args))
         except SystemExit as exc:  # as the interpreter ends a process on SystemExit

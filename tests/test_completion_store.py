@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +15,8 @@ import logitstore
 from logitstore.errors import FormatError
 from logitstore.kinds import COMPLETION, kind_of
 
+from cli_process import run_cli
 from sample_data import completion_rows, write_jsonl
-
-CLI = [sys.executable, "-m", "logitstore.cli.main"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True)
-
 
 def test_the_kind_is_version_4_and_mismatches_are_refused():
     assert kind_of({"format_version": 4, "kind": "completion"}) is COMPLETION
