@@ -24,6 +24,7 @@ from logitstore import teacher as T
 from logitstore import teacher_store as TS
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.train import TrainConfig, train
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -147,7 +148,7 @@ def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path
                 "--grad-accum", "2", "--max-steps", "2", "--log-every", "1", "--quiet",
                 *(["--no-lora"] if mode == "full" else [])]
 
-    one = subprocess.run([str(script), *args(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    one = run_cli(*args(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(port), "--no-python", str(script), *args(tmp_path / "two")], env=env,

@@ -20,6 +20,7 @@ from logitstore.dpo.models import load_tokenizer
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.tokenization import tokenize_pair
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -179,15 +180,15 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_stores_of_another_model_or_precision_are_refused(mistral_model, byte_model, datasets):
     folder = datasets["folder"]
     data = str(datasets["base"])
-    assert _cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "m"), "--max-length",
-                "128", "--quiet").returncode == 0
-    other = _cli("build", "--model", str(byte_model), "--data", data, "--out", str(folder / "x"), "--reuse",
-                 str(folder / "m"), "--quiet")
+    assert run_cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "m"),
+                   "--max-length", "128", "--quiet", env=ENV).returncode == 0
+    other = run_cli("build", "--model", str(byte_model), "--data", data, "--out", str(folder / "x"), "--reuse",
+                    str(folder / "m"), "--quiet", env=ENV)
     assert other.returncode == 1
     assert re.fullmatch(rf"Error: cannot reuse {folder / 'm'}: it was built with another model \(its fingerprint "
                         r"[0-9a-f]{12}, this build [0-9a-f]{12}\)\n", other.stderr), other.stderr
-    half = _cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "x"), "--dtype",
-                "bfloat16", "--reuse", str(folder / "m"), "--quiet")
+    half = run_cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "x"), "--dtype",
+                   "bfloat16", "--reuse", str(folder / "m"), "--quiet", env=ENV)
     assert half.returncode == 1 and half.stderr.startswith(f"Error: cannot reuse {folder / 'm'}: it was built "
                                                            "with another precision (its fingerprint ")
     assert not (folder / "x").exists()  # refused before anything was written
@@ -201,10 +202,10 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cli_old(mistral_model, datasets):
     folder = datasets["folder"]
-    done = _cli(*build_args(mistral_model, datasets["base"], folder / "cli-old"))
+    done = run_cli(*build_args(mistral_model, datasets["base"], folder / "cli-old"), env=ENV)
     assert done.returncode == 0, done.stderr
-    whole = _cli(*build_args(mistral_model, datasets["edited"], folder / "cli-whole"), "--reuse",
-                 str(folder / "cli-old"))
+    whole = run_cli(*build_args(mistral_model, datasets["edited"], folder / "cli-whole"), "--reuse",
+                    str(folder / "cli-old"), env=ENV)
     assert whole.returncode == 0, whole.stderr
     return folder / "cli-old", folder / "cli-whole", whole.stdout
 
@@ -225,16 +226,16 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
     assert cut.returncode == -9
     partial = logitstore.open(tmp_path / "cut")
     assert int(partial.committed.sum()) == int(fault.split(":")[1]) + fault.startswith("after")  # shards go in order
-    without = _cli(*build_args(mistral_model, datasets["edited"], tmp_path / "cut"))
+    without = run_cli(*build_args(mistral_model, datasets["edited"], tmp_path / "cut"), env=ENV)
     assert without.returncode == 1 and without.stderr == (
         f"Error: {tmp_path / 'cut'} was planned with 51 pairs reused from 1 store and 12 computed, this run has 0 "
         "pairs reused from 0 stores and 63 computed; run with the same stores to reuse (or the same inputs), or "
         "use another output path\n")
-    again = _cli(*command)
+    again = run_cli(*command, env=ENV)
     assert again.returncode == 0, again.stderr
     assert "Resuming" in again.stdout
     assert tree_digest(tmp_path / "cut") == tree_digest(whole)
-    info = json.loads(_cli("info", str(tmp_path / "cut"), "--json").stdout)
+    info = json.loads(run_cli("info", str(tmp_path / "cut"), "--json").stdout)
     assert (info["computed"], info["reused"]) == (12, 51)
     assert info["provenance"]["sources"][0]["path"] == str(old)
 

@@ -15,6 +15,7 @@ import pytest
 
 import logitstore
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -44,8 +45,7 @@ def build_args(model: Path, data: Path, out: Path) -> list[str]:
 @pytest.mark.slow  # torchrun: run with --full
 def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_path):
     env = {**os.environ, **ENV}
-    one = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*build_args(mistral_model, data, tmp_path / "one"), env=ENV)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=29511), env=env,
                          capture_output=True, text=True, timeout=600)
@@ -79,8 +79,7 @@ def history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def store(mistral_model, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "s"
-    done = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, out)], env={**os.environ, **ENV},
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli(*build_args(mistral_model, data, out), env=ENV)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -111,8 +110,7 @@ def evaluated_alone(model: Path, eval_store: Path, **cfg) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def store_4bit(mistral_model, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store4") / "s"
-    done = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, out), "--quantize", "4bit"],
-                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    done = run_cli(*build_args(mistral_model, data, out), "--quantize", "4bit", env=ENV)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -129,8 +127,7 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
     extra = ["--max-steps", "3"] + {"lora": ["--grad-accum", "2"], "qlora": ["--quantize", "4bit"],
                                     "full": ["--no-lora", "--grad-accum", "2"]}[mode]
     store = store_4bit if mode == "qlora" else store
-    one = subprocess.run([str(SCRIPT), *train_args(mistral_model, store, tmp_path / "one", *extra)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*train_args(mistral_model, store, tmp_path / "one", *extra), env=ENV)
     assert one.returncode == 0, one.stderr
     evaluating = [] if mode == "qlora" else ["--eval-store", str(eval_store), "--eval-every", "3"]
     two = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "two", *extra, *evaluating),
@@ -233,7 +230,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     for x, y in zip(resumed[2:], uninterrupted[2:]):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
     # One process cannot resume a sharded checkpoint: one line, exit 1.
-    alone = subprocess.run([str(SCRIPT), *args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    alone = run_cli(*args, "--resume", env=ENV)
     assert alone.returncode == 1
     assert alone.stderr.strip().splitlines() == [
         f"Error: {tmp_path / 'run' / 'checkpoint-2'} was written by a sharded run of 2 processes; resume it the "
@@ -261,8 +258,7 @@ def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, 
     other = tmp_path / "other"
     rows = [json.loads(x) for x in data.read_text().splitlines()][:8]
     write_jsonl(tmp_path / "d8.jsonl", rows)
-    assert subprocess.run([str(SCRIPT), *build_args(mistral_model, tmp_path / "d8.jsonl", other)], env=env,
-                          capture_output=True, timeout=600).returncode == 0
+    assert run_cli(*build_args(mistral_model, tmp_path / "d8.jsonl", other), env=ENV).returncode == 0
     per_rank = ("import os, sys; from logitstore.cli.main import main; "
                 f"main(sys.argv[1:] + ['--store', {str(store)!r} if os.environ['RANK'] == '0' else {str(other)!r}])")
     mixed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -310,8 +306,7 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     env = {**os.environ, **ENV}
     rows = [json.loads(x) for x in data.read_text().splitlines()][:16]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    built = subprocess.run([str(SCRIPT), *build_args(model, tmp_path / "d.jsonl", tmp_path / "s")], env=env,
-                           capture_output=True, text=True, timeout=600)
+    built = run_cli(*build_args(model, tmp_path / "d.jsonl", tmp_path / "s"), env=ENV)
     assert built.returncode == 0, built.stderr
     script = tmp_path / "peak_rss.py"
     script.write_text(PEAK_RSS)
@@ -344,8 +339,7 @@ def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path, r
     units: the rank that computes a shard changes no byte."""
     env = {**os.environ, **ENV}
     args = [*records, "--per-token", "--max-length", "256"]  # byte-level: longer
-    one = subprocess.run([str(SCRIPT), *build_args(byte_model, data, tmp_path / "one"), *args], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*build_args(byte_model, data, tmp_path / "one"), *args, env=ENV)
     assert one.returncode == 0, one.stderr
     two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=29531), env=env,
                          capture_output=True, text=True, timeout=600)

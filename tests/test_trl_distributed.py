@@ -16,6 +16,7 @@ import pytest
 
 import logitstore
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow  # accelerate launch of two processes: run with --full
@@ -51,9 +52,8 @@ json.dump({{"engine": str(trainer.accelerator.distributed_type), "wrapped": type
 def trl_store(mistral_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("trl-dist")
     data = write_jsonl(folder / "d.jsonl", [dict(r, id=f"pair-{i}") for i, r in enumerate(implicit_rows(16))])
-    done = subprocess.run([str(Path(sys.executable).parent / "logitstore"), "build", "--model", str(mistral_model),
-                           "--data", str(data), "--out", str(folder / "s"), "--max-length", "64", "--quiet"],
-                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    done = run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(folder / "s"),
+                   "--max-length", "64", "--quiet", env=ENV)
     assert done.returncode == 0, done.stderr
     return folder
 
