@@ -21,6 +21,7 @@ from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.tokenization import tokenize_pair
 
 from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -243,9 +244,9 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
 @pytest.mark.slow
 def test_two_rank_reuse_build_splits_only_the_pairs_to_compute(mistral_model, datasets, cli_old, tmp_path):
     old, whole, _ = cli_old
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-               "--no-python", str(SCRIPT), *build_args(mistral_model, datasets["edited"], tmp_path / "two"),
-               "--reuse", str(old)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "--no-python", str(SCRIPT),
+               *build_args(mistral_model, datasets["edited"], tmp_path / "two"), "--reuse", str(old)]
     two = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     scored = [int(n) for n in re.findall(r"shards? written, (\d+) pairs? \(", two.stdout)]

@@ -16,6 +16,7 @@ import pytest
 import logitstore
 
 from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -47,7 +48,7 @@ def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_
     env = {**os.environ, **ENV}
     one = run_cli(*build_args(mistral_model, data, tmp_path / "one"), env=ENV)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=29511), env=env,
+    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=free_port()), env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     # Each shard is batched the same way whichever rank writes it, so the stores are byte-identical.
@@ -55,13 +56,13 @@ def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_
 
     # The rank that owns shard 2 (shards go to ranks by the model work in them) dies right after committing it;
     # torchrun then stops the other rank wherever it is.
-    cut = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29512),
+    cut = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=free_port()),
                          env={**env, "LOGITSTORE_FAULT": "after-commit:2"}, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode != 0 and "Signal 9 (SIGKILL)" in cut.stderr, cut.stderr[-2000:]
     committed = logitstore.open(tmp_path / "cut").committed
     assert committed[2] and not committed.all()
-    again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29513), env=env,
+    again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=free_port()), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert digest(tmp_path / "cut") == digest(tmp_path / "one")
@@ -131,7 +132,7 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
     assert one.returncode == 0, one.stderr
     evaluating = [] if mode == "qlora" else ["--eval-store", str(eval_store), "--eval-every", "3"]
     two = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "two", *extra, *evaluating),
-                                  port=29514), env=env, capture_output=True, text=True, timeout=600)
+                                  port=free_port()), env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     # Rank 0 reports; rank 1 prints nothing.
     assert two.stdout.count("Trained 3 steps") == 1, two.stdout
@@ -191,7 +192,7 @@ def test_two_rank_kto_evaluation_takes_whole_kl_chunks(byte_model, tmp_path):
     args = ["train", "--model", str(byte_model), "--store", str(tmp_path / "s"), "--loss", "kto", "--no-lora",
             "--batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--log-every", "1", "--quiet",
             "--eval-store", str(tmp_path / "s"), "--eval-every", "2", "--out", str(tmp_path / "two")]
-    two = subprocess.run(torchrun(*args, port=29520), env={**os.environ, **ENV}, capture_output=True, text=True,
+    two = subprocess.run(torchrun(*args, port=free_port()), env={**os.environ, **ENV}, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     split = {k: v for k, v in history(tmp_path / "two")[-1].items() if k.startswith("eval/")}
@@ -209,7 +210,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     from the one at step 2, it computes the uninterrupted run's losses."""
     env = {**os.environ, **ENV}
     args = train_args(mistral_model, store, tmp_path / "run", "--no-lora", "--max-steps", "4", "--save-every", "2")
-    whole = subprocess.run(torchrun(*args, port=29515), env=env, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(torchrun(*args, port=free_port()), env=env, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["rng-1.safetensors", "rng.safetensors", "sharded",
@@ -221,7 +222,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:2]
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     shutil.rmtree(tmp_path / "run" / "model")
-    again = subprocess.run(torchrun(*args, "--resume", port=29516), env=env, capture_output=True, text=True,
+    again = subprocess.run(torchrun(*args, "--resume", port=free_port()), env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Resumed from" in again.stdout and again.stdout.count("Resumed from") == 1
@@ -247,7 +248,7 @@ def only_torchrun_tracebacks(stderr: str) -> bool:
 def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, data, tmp_path):
     env = {**os.environ, **ENV}
     odd = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "odd", "--batch-size", "3",
-                                              "--max-steps", "1"), port=29517),
+                                              "--max-steps", "1"), port=free_port()),
                          env=env, capture_output=True, text=True, timeout=600)
     assert odd.returncode != 0
     line = ("Error: --batch-size 3 is the global batch and must be a multiple of the 2 processes (each takes an "
@@ -262,7 +263,7 @@ def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, 
     per_rank = ("import os, sys; from logitstore.cli.main import main; "
                 f"main(sys.argv[1:] + ['--store', {str(store)!r} if os.environ['RANK'] == '0' else {str(other)!r}])")
     mixed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29518", "--no-python", sys.executable, "-c", per_rank,
+                            str(free_port()), "--no-python", sys.executable, "-c", per_rank,
                             *[a for a in train_args(mistral_model, store, tmp_path / "mixed", "--max-steps", "1")
                               if a not in ("--store", str(store))]],
                            env=env, capture_output=True, text=True, timeout=600)
@@ -317,7 +318,7 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
                          timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29519", str(script), *args, "--out", str(tmp_path / "two")],
+                          str(free_port()), str(script), *args, "--out", str(tmp_path / "two")],
                          env={**env, "PEAK_RSS_OUT": str(tmp_path / "two.txt")}, capture_output=True, text=True,
                          timeout=900)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -341,7 +342,7 @@ def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path, r
     args = [*records, "--per-token", "--max-length", "256"]  # byte-level: longer
     one = run_cli(*build_args(byte_model, data, tmp_path / "one"), *args, env=ENV)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=29531), env=env,
+    two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=free_port()), env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert digest(tmp_path / "two") == digest(tmp_path / "one")

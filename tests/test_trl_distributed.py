@@ -17,6 +17,7 @@ import pytest
 import logitstore
 
 from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow  # accelerate launch of two processes: run with --full
@@ -67,7 +68,7 @@ def test_store_trainer_under_accelerate_launch_equals_one_process(mistral_model,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(EXAMPLES / "accelerate_cpu.yaml"),
-                          "--main_process_port", "29531", str(driver), *common, str(tmp_path / "two"), "2",
+                          "--main_process_port", str(free_port()), str(driver), *common, str(tmp_path / "two"), "2",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     alone = json.loads((tmp_path / "one-0.json").read_text())
