@@ -26,7 +26,7 @@ def edited_setting(quick, tmp_path_factory):
     # The deeper model: transformer layers dominate the compute, as in real models.
     subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), "small" if quick else "deep"],
                    check=True)
-    max_length = 512 if quick else 1024
+    max_length = 128 if quick else 1024  # run once (quick): 14 of the first 20 hh-rlhf pairs fit, 2 edited
     _, rows = raw_pairs(20 if quick else 200)
     rows = [{"id": f"p{i}", **r} for i, r in enumerate(valid_rows(rows, str(model), max_length))]
     edited = [dict(r, chosen="\n\nHuman: Hi.\n\nAssistant: Hello." + r["chosen"],
@@ -59,5 +59,6 @@ def test_rebuild_after_a_10_percent_change(benchmark, edited_setting, variant):
 
     benchmark.pedantic(run, rounds=1)
     benchmark.extra_info.update(group="reuse", pairs=s["pairs"], changed=s["changed"], **result)
+    assert s["changed"] > 0  # the edit reaches pairs that still fit
     expected_scored = s["changed"] if variant == "build --reuse" else s["pairs"]
     assert result["pairs_scored"] == expected_scored  # the model ran on exactly the changed pairs

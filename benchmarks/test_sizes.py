@@ -95,10 +95,10 @@ FORMATS = {
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
-def test_disk_size(benchmark, corpus, tmp_path, name):
+def test_disk_size(benchmark, corpus, tmp_path, quick, name):
     out = tmp_path / "out"
-    if FORMATS[name] is None:  # measured on a sample of pairs
-        pairs = write_pickle_logits(corpus, out)
+    if FORMATS[name] is None:  # measured on a sample of pairs (one batch of 4 when the suite runs it once)
+        pairs = write_pickle_logits(corpus, out, sample=4 if quick else 8)
         size = folder_bytes(out)
         per_pair = size / pairs
         per_token = size / sum(len(corpus.prompt[i]) + len(corpus.chosen[i]) + len(corpus.rejected[i])

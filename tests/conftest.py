@@ -48,3 +48,27 @@ def byte_model(tmp_path_factory) -> Path:
     from logitstore.dpo.demo import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("bytes"))
+
+
+@pytest.fixture(scope="session")
+def kind_stores(byte_model, tmp_path_factory) -> dict[str, Path]:
+    """One store of each kind and teacher record, built once by `logitstore build` (in this process) from the byte
+    model: pairs with top-k records, unpaired (KTO's KL pairing), completion with top-k and with sampled records.
+    Shared by every test that reads them: copy one before changing it."""
+    from cli_process import run_cli
+    from sample_data import completion_rows, implicit_rows, unpaired_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("kinds")
+    pairs = write_jsonl(folder / "pairs.jsonl", implicit_rows(8))
+    unpaired = write_jsonl(folder / "unpaired.jsonl", unpaired_rows(8))
+    completion = write_jsonl(folder / "completion.jsonl", completion_rows(8))
+    builds = {"pairs-top-k": (pairs, "--top-k", "8"), "unpaired": (unpaired, "--kl-batch-size", "4"),
+              "completion-top-k": (completion, "--top-k", "8"),
+              "completion-sampled": (completion, "--sample-k", "8", "--seed", "3")}
+    stores = {}
+    for name, (data, *extra) in builds.items():
+        done = run_cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(folder / name),
+                       "--max-length", "128", *extra, "--quiet")
+        assert done.returncode == 0, done.stderr
+        stores[name] = folder / name
+    return stores

@@ -34,3 +34,20 @@ def implicit_rows(n: int) -> list[dict]:
         context = f"\n\nHuman: {q} (case {i})" + (" Please be brief." if i % 3 == 0 else "")
         rows.append({"chosen": f"{context}\n\nAssistant: {good}", "rejected": f"{context}\n\nAssistant: {bad}"})
     return rows
+
+
+def unpaired_rows(n: int) -> list[dict]:
+    """Thumbs up / thumbs down: each question with its good answer (True) or its bad one (False), in turn."""
+    rows = []
+    for i in range(n):
+        question, good, bad = HUMAN_TURNS[i % len(HUMAN_TURNS)]
+        label = i % 3 != 1
+        rows.append({"id": f"u{i}", "prompt": f"Human: {question} (#{i})\n\nAssistant:",
+                     "completion": " " + (good if label else bad) * (1 + i % 2), "label": label})
+    return rows
+
+
+def completion_rows(n: int) -> list[dict]:
+    """Prompt/completion data (TRL's prompt-completion format): each question with one of its answers."""
+    return [{"id": f"c{i}", "prompt": f"Human: {HUMAN_TURNS[i % len(HUMAN_TURNS)][0]} (#{i})\n\nAssistant:",
+             "completion": " " + HUMAN_TURNS[i % len(HUMAN_TURNS)][1 + i % 2]} for i in range(n)]

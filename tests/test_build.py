@@ -19,6 +19,7 @@ from logitstore.dpo.model.loading import load_tokenizer
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.inputs.tokenization import tokenize_pair
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 
@@ -122,23 +123,23 @@ def _digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.slow  # three CLI builds in subprocesses
+@pytest.mark.slow  # three builds of 60 pairs, one killed in a process of its own
 def test_resume_after_sigkill_is_bit_identical(mistral_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(60))
     env = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1"}
     common = ["build", "--model", str(mistral_model), "--data", str(data), "--max-length", "64",
               "--rows-per-shard", "4", "--batch-size", "2", "--quiet"]
-    assert _cli(*common, "--out", str(tmp_path / "whole"), env=env).returncode == 0
+    assert run_cli(*common, "--out", str(tmp_path / "whole"), env=env).returncode == 0
     killed = _cli(*common, "--out", str(tmp_path / "cut"), env={**env, "LOGITSTORE_FAULT": "before-commit:3"})
     assert killed.returncode == -signal.SIGKILL  # died at the named point: shard 3's files written, not committed
     partial = logitstore.open(tmp_path / "cut")
     assert partial.committed.tolist() == [True] * 3 + [False] * 12
     assert (tmp_path / "cut" / "chosen_ids" / "values" / "c" / "3").is_file()
-    again = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
+    again = run_cli(*common, "--out", str(tmp_path / "cut"), env=env)
     assert again.returncode == 0, again.stderr
     assert "Resuming" in again.stdout
     assert _digest(tmp_path / "cut") == _digest(tmp_path / "whole")
-    done = _cli(*common, "--out", str(tmp_path / "cut"), env=env)
+    done = run_cli(*common, "--out", str(tmp_path / "cut"), env=env)
     assert done.stdout.strip().endswith(f"{tmp_path / 'cut'} is already complete (60 pairs: 60 computed, 0 reused); "
                                      f"nothing to do. Store digest: {logitstore.open(tmp_path / 'cut').digest}")
 
@@ -164,32 +165,32 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.slow  # a CLI subprocess per case
+@pytest.mark.slow  # the tokenizer loaded for each of 9 cases
 @pytest.mark.parametrize("content,message", BAD_INPUTS)
 def test_bad_data_is_refused_in_one_line(mistral_model, tmp_path, content, message):
     content = content.replace('"prompt": "p", "chosen": ""', '"id": "x", "prompt": "p", "chosen": ""')
     (tmp_path / "bad.jsonl").write_text(content)
-    out = _cli("build", "--model", str(mistral_model), "--data", str(tmp_path / "bad.jsonl"), "--out",
+    out = run_cli("build", "--model", str(mistral_model), "--data", str(tmp_path / "bad.jsonl"), "--out",
                str(tmp_path / "s"), "--max-length", "16", "--quiet")
     assert out.returncode == 1
     assert out.stderr.strip() == message.replace("bad.jsonl", str(tmp_path / "bad.jsonl"))
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
-@pytest.mark.slow  # CLI builds in subprocesses
+@pytest.mark.slow  # two CLI builds
 def test_bad_model_and_foreign_store_are_refused(mistral_model, byte_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
-    out = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s"))
+    out = run_cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "s"))
     assert (out.returncode, out.stderr.strip()) == (1, f"Error: {tmp_path / 'nope'}: no such model folder")
-    assert _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
-                "--quiet").returncode == 0
-    other = _cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"), "--quiet")
+    assert run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
+                   "--quiet").returncode == 0
+    other = run_cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"), "--quiet")
     assert other.returncode == 1 and "Traceback" not in other.stderr
     # the layout too: default shards are sized from the tokenized data
     assert other.stderr.startswith(f"Error: {tmp_path / 's'} was built for a different layout, model, tokenizer (store "
                                    "fingerprint ")
-    debug = _cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "t"),
-                 "--debug")
+    debug = run_cli("build", "--model", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "t"),
+                    "--debug")
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 
@@ -209,12 +210,12 @@ def test_tokenizer_without_eos_is_refused(mistral_model, tmp_path):
     assert str(refused.value) == f"{folder}: the tokenizer has no EOS token, which DPO needs to end completions"
 
 
-@pytest.mark.slow  # a CLI build in a subprocess
+@pytest.mark.slow  # a CLI build
 def test_skip_invalid_records_what_was_left_out(mistral_model, tmp_path):
     rows = implicit_rows(5) + [{"id": "empty", "prompt": "p", "chosen": "", "rejected": "b"}]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    out = _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
-               "--skip-invalid", "--quiet")
+    out = run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"),
+                  "--skip-invalid", "--quiet")
     assert out.returncode == 0, out.stderr
     store = logitstore.open(tmp_path / "s")
     assert len(store) == 5
@@ -351,7 +352,6 @@ def test_device_map_split_with_disk_offload_equals_a_normal_build(byte_model, tm
             assert np.max(np.abs(a.ragged(field, [row])[0] - b.ragged(field, [row])[0]), initial=0) < 1e-5
 
 
-@pytest.mark.slow  # a CLI subprocess per case
 @pytest.mark.parametrize("args,message", [
     (["--max-memory", "cpu=1GiB"], "Error: --max-memory limits what --device-map places on each device; pass "
                                    "--device-map auto"),
@@ -365,6 +365,6 @@ def test_device_map_split_with_disk_offload_equals_a_normal_build(byte_model, tm
 ])
 def test_device_map_misuse_is_one_line(mistral_model, tmp_path, args, message):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(4))
-    out = _cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"), *args)
+    out = run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(tmp_path / "s"), *args)
     assert (out.returncode, out.stderr.strip()) == (1, message)
     assert not (tmp_path / "s").exists()

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 import logitstore
 from logitstore.cli.main import cli
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 COMMANDS = ["build", "verify", "info", "export", "train", "demo", "subset", "merge"]
@@ -33,7 +34,8 @@ def built(mistral_model, tmp_path_factory):
     return folder, data
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m logitstore.cli.main ARGS` in a process of its own: exit statuses as the shell sees them."""
     return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TQDM_DISABLE": "1"})
 
@@ -122,11 +124,11 @@ def test_export_values_equal_store_values(built, tmp_path):
 
 
 def test_errors_are_one_line_with_exit_1_and_usage_errors_exit_2(tmp_path):
-    missing = run_cli("info", str(tmp_path / "nothing"))
+    missing = run_process("info", str(tmp_path / "nothing"))
     assert (missing.returncode, missing.stderr) == (1, f"Error: no logitstore store at {tmp_path / 'nothing'}\n")
-    usage = run_cli("export", "x", "--to", "csv", "--data", "d", "--out", "o")
+    usage = run_process("export", "x", "--to", "csv", "--data", "d", "--out", "o")
     assert usage.returncode == 2 and "Invalid value for '--to'" in usage.stderr
-    unknown = run_cli("frobnicate")
+    unknown = run_process("frobnicate")
     assert unknown.returncode == 2
 
 

@@ -13,6 +13,7 @@ import logitstore
 from logitstore import format as fmt
 from logitstore.cli.main import cli, main
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 
@@ -176,9 +177,8 @@ def test_train_prints_no_gradient_checkpointing_deprecation(byte_model, tmp_path
 
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(8))
     common = [sys.executable, "-m", "logitstore.cli.main"]
-    assert subprocess.run([*common, "build", "--model", str(byte_model), "--data", str(data), "--out",
-                           str(tmp_path / "s"), "--max-length", "256", "--quiet"], capture_output=True,
-                          timeout=300).returncode == 0
+    assert run_cli("build", "--model", str(byte_model), "--data", str(data), "--out", str(tmp_path / "s"),
+                   "--max-length", "256", "--quiet").returncode == 0
     done = subprocess.run([*common, "train", "--model", str(byte_model), "--store", str(tmp_path / "s"), "--out",
                            str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "2", "--gradient-checkpointing"],
                           capture_output=True, text=True, timeout=300)
@@ -230,6 +230,6 @@ def test_a_build_interrupted_after_a_shard_keeps_it_and_resumes(byte_model, tmp_
         "Interrupted; run the same command again to resume: committed shards are kept, only the shard in progress "
         "is redone.")
     assert logitstore.open(tmp_path / "s").missing_shards == [2]
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = run_cli(*command[3:])
     assert again.returncode == 0 and again.stdout.startswith("Resuming ")
     assert "1 shard written" in again.stdout and logitstore.verify(tmp_path / "s").ok

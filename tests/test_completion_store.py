@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import unittest.mock
 from pathlib import Path
 
@@ -18,19 +16,8 @@ import logitstore
 from logitstore.errors import FormatError
 from logitstore.kinds import COMPLETION, kind_of
 
-from sample_data import HUMAN_TURNS, write_jsonl
-
-CLI = [sys.executable, "-m", "logitstore.cli.main"]
-
-
-def completion_rows(n: int) -> list[dict]:
-    return [{"id": f"c{i}", "prompt": f"Human: {HUMAN_TURNS[i % len(HUMAN_TURNS)][0]} (#{i})\n\nAssistant:",
-             "completion": " " + HUMAN_TURNS[i % len(HUMAN_TURNS)][1 + i % 2]} for i in range(n)]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True)
-
+from cli_process import run_cli
+from sample_data import completion_rows, write_jsonl
 
 def test_the_kind_is_version_4_and_mismatches_are_refused():
     assert kind_of({"format_version": 4, "kind": "completion"}) is COMPLETION

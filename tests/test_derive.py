@@ -20,6 +20,7 @@ from logitstore.content_key import content_key
 from logitstore.derive import merge, subset
 from logitstore.errors import FingerprintMismatchError, InputDataError, UnknownIdError
 
+from cli_process import run_cli
 from synthetic import shard_rows
 
 HERE = Path(__file__).parent
@@ -155,19 +156,15 @@ def test_cli_subset_and_merge(tmp_path):
     assert (info["computed"], info["reused"]) == (0, 30)
     assert "values        0 computed, 30 reused; 3 from " in run(cli, ["info", str(tmp_path / "m")]).output
 
-    def sub(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True,
-                              timeout=120)
-
-    both = sub("subset", str(tmp_path / "s"), "--out", str(tmp_path / "x"), "--ids", str(tmp_path / "ids.txt"),
-               "--exclude-ids", str(tmp_path / "ids.txt"))
+    both = run_cli("subset", str(tmp_path / "s"), "--out", str(tmp_path / "x"), "--ids", str(tmp_path / "ids.txt"),
+                   "--exclude-ids", str(tmp_path / "ids.txt"))
     assert both.returncode == 2 and "give exactly one of --ids and --exclude-ids" in both.stderr
-    dup = sub("subset", str(tmp_path / "s"), "--out", str(tmp_path / "x"), "--ids", str(tmp_path / "dup.txt"))
+    dup = run_cli("subset", str(tmp_path / "s"), "--out", str(tmp_path / "x"), "--ids", str(tmp_path / "dup.txt"))
     assert (dup.returncode, dup.stderr) == (1, f"Error: {tmp_path / 'dup.txt'}:2: duplicate ID 'ex-3' (first on "
                                                "line 1)\n")
-    conflict = sub("merge", str(tmp_path / "s"), str(tmp_path / "s"), "--out", str(tmp_path / "x"))
+    conflict = run_cli("merge", str(tmp_path / "s"), str(tmp_path / "s"), "--out", str(tmp_path / "x"))
     assert conflict.returncode == 0  # the same store twice: every pair is an equal duplicate
-    missing = sub("merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
+    missing = run_cli("merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "y"))
     assert (missing.returncode, missing.stderr) == (1, f"Error: no logitstore store at {tmp_path / 'nothing'}\n")
 
 
@@ -187,14 +184,14 @@ def test_kill_9_during_merge_then_rerun_is_identical(tmp_path, fault):
     env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000"}
     command = [sys.executable, "-m", "logitstore.cli.main", "merge", str(tmp_path / "a"), str(tmp_path / "b"),
                "--rows-per-shard", "8"]
-    whole = subprocess.run([*command, "--out", str(tmp_path / "whole")], env=env, capture_output=True, text=True)
+    whole = run_cli(*command[3:], "--out", str(tmp_path / "whole"), env={"SOURCE_DATE_EPOCH": "1700000000"})
     assert whole.returncode == 0, whole.stderr
     cut = subprocess.run([*command, "--out", str(tmp_path / "cut")], env={**env, "LOGITSTORE_FAULT": fault},
                          capture_output=True, text=True)
     assert cut.returncode == -9  # SIGKILL at the named point
     partial = logitstore.open(tmp_path / "cut")
     assert not partial.complete and int(partial.committed.sum()) == int(fault.split(":")[1]) + fault.startswith("after")  # shards go in order
-    again = subprocess.run([*command, "--out", str(tmp_path / "cut")], env=env, capture_output=True, text=True)
+    again = run_cli(*command[3:], "--out", str(tmp_path / "cut"), env={"SOURCE_DATE_EPOCH": "1700000000"})
     assert again.returncode == 0, again.stderr
     assert tree_digest(tmp_path / "cut") == tree_digest(tmp_path / "whole")
 

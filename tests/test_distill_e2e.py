@@ -24,6 +24,8 @@ from logitstore import teacher as T
 from logitstore import teacher_store as TS
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.training import TrainConfig, train
+from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -134,8 +136,8 @@ def test_tdpo2_trains_from_the_store(byte_model, topk_store, tmp_path):
     assert math.isfinite(result["eval"]["eval/loss"]) and "eval/tdpo_seq_kl_chosen" in result["eval"]
 
 
-@pytest.mark.parametrize("mode, port", [("lora", 29531), ("full", 29532)])
-def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path, mode, port):
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path, mode):
     """DDP (LoRA) and FSDP2 (every weight): each step's loss and distill term equal one process's at the same global
     batch, the distillation mean taken over both ranks' tokens as TRL does."""
     script = Path(sys.executable).parent / "logitstore"
@@ -147,10 +149,10 @@ def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path
                 "--grad-accum", "2", "--max-steps", "2", "--log-every", "1", "--quiet",
                 *(["--no-lora"] if mode == "full" else [])]
 
-    one = subprocess.run([str(script), *args(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=600)
+    one = run_cli(*args(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(port), "--no-python", str(script), *args(tmp_path / "two")], env=env,
+                          str(free_port()), "--no-python", str(script), *args(tmp_path / "two")], env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_process import run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = re.compile(r"(<!-- not run[^>]*-->\n)?```(python|bash)\n(.*?)```", re.S)
 
@@ -39,21 +41,31 @@ def test_python_examples_run_and_print_what_they_claim(doc, tmp_path, monkeypatc
         assert buffer.getvalue().splitlines() == expected_output(code)
 
 
-@pytest.mark.slow  # the demo and every usage command in subprocesses
+def shell(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """One line of a README shell block, run in `cwd`. A plain `logitstore ...` line (no quoting, redirection or
+    other shell syntax: its words are its arguments) runs the command in this process; any other line runs in the
+    shell."""
+    if command.startswith("logitstore ") and not re.search(r"[\\'\"$`|&;<>()*?~{}\[\]#]", command):
+        return run_cli(*command.split()[1:], env=env, cwd=cwd)
+    return subprocess.run(command, shell=True, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.slow  # the demo and every usage command
 def test_readme_shell_usage_runs(tmp_path):
-    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env = {"TQDM_DISABLE": "1"}
     commands = ["logitstore demo --out demo-out --quiet"]
     usage = [b for b in blocks("README.md", "bash") if "logitstore build" in b][0]
     commands += [line for line in usage.splitlines() if line.startswith("logitstore ")]
     assert len(commands) == 6
     for command in commands:
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = shell(command, tmp_path, env)
         assert done.returncode == 0, f"{command}\n{done.stderr}"
     assert (tmp_path / "pairs-trl" / "dataset_info.json").is_file()
     changes = [b for b in blocks("README.md", "bash") if "--reuse" in b][0]  # "When your data changes"
     outputs = []
     for command in [line for line in changes.splitlines() if line and not line.startswith("#")]:
-        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        done = shell(command, tmp_path, env)
         assert done.returncode == 0, f"{command}\n{done.stderr}"
         outputs.append(done.stdout)
     readme = (ROOT / "README.md").read_text()

@@ -23,6 +23,7 @@ from logitstore.dpo.training import TrainConfig, train
 from logitstore.dpo.training.policy import setup_policy
 from logitstore.loader import make_loader
 
+from cli_process import run_cli
 from sample_data import write_jsonl
 
 # Measured on this CPU (2-layer 64-wide and 4-layer 256-wide Mistral, 128 medical pairs each, reference built and
@@ -195,8 +196,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_no_lora_with_4bit_is_refused_before_anything_is_written(byte_model, medical, tmp_path):
-    out = _cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "run"),
-               "--no-lora", "--quantize", "4bit")
+    out = run_cli("train", "--model", str(byte_model), "--store", str(medical), "--out", str(tmp_path / "run"),
+                  "--no-lora", "--quantize", "4bit")
     assert (out.returncode, out.stderr) == (1, "Error: --no-lora trains every weight, and 4-bit weights cannot be "
                                                "trained; drop --quantize 4bit, or train a LoRA adapter on the 4-bit "
                                                "model\n")

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from logitstore.dpo.model import loading as models
 from logitstore.dpo.model.loading import ModelError, checkpoint_dtype, model_fingerprint, resolve_dtype, resolve_model
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -104,18 +103,14 @@ def test_the_fingerprint_of_a_hub_name_is_its_files_plus_repository_and_commit(o
     assert older["hub"]["model"]["commit"] == OLDER
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "logitstore.cli.main", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TQDM_DISABLE": "1", **env})
-
-
 @pytest.mark.slow
-def test_build_train_and_verify_take_a_hub_name_offline(hub_home, byte_model, tmp_path):
+def test_build_train_and_verify_take_a_hub_name_offline(offline_hub, byte_model, tmp_path):
     import logitstore
 
+    hub_home = offline_hub
     env = {"HF_HOME": str(hub_home), "HF_HUB_OFFLINE": "1"}
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(8))
-    built = _cli("build", "--model", "tiny-org/tiny-mistral", "--revision", "v1", "--data", str(data), "--out",
+    built = run_cli("build", "--model", "tiny-org/tiny-mistral", "--revision", "v1", "--data", str(data), "--out",
                  str(tmp_path / "s"), "--max-length", "256", "--quiet", env=env)
     assert built.returncode == 0, built.stderr
     fingerprint = logitstore.open(tmp_path / "s").fingerprint
@@ -123,14 +118,14 @@ def test_build_train_and_verify_take_a_hub_name_offline(hub_home, byte_model, tm
     assert fingerprint["precision"] == {"dtype": "float32", "quantize": None}
     # The same files as a local folder train from the store, and so does the name at the commit it resolved to.
     for model, extra in ((str(byte_model), ()), ("tiny-org/tiny-mistral", ("--revision", COMMIT))):
-        trained = _cli("train", "--model", model, *extra, "--store", str(tmp_path / "s"), "--out",
+        trained = run_cli("train", "--model", model, *extra, "--store", str(tmp_path / "s"), "--out",
                        str(tmp_path / f"run{len(extra)}"), "--max-steps", "1", "--batch-size", "4", "--quiet", env=env)
         assert trained.returncode == 0, trained.stderr
         assert trained.stdout.startswith("Trained 1 steps; last logged loss 0.6931.")
-    verified = _cli("verify", str(tmp_path / "s"), "--model", "tiny-org/tiny-mistral", "--data", str(data),
+    verified = run_cli("verify", str(tmp_path / "s"), "--model", "tiny-org/tiny-mistral", "--data", str(data),
                     "--sample", "4", env=env)
     assert verified.returncode == 0 and verified.stdout.strip().endswith("sound"), verified.stdout + verified.stderr
-    missing = _cli("build", "--model", "tiny-org/nothing", "--data", str(data), "--out", str(tmp_path / "t"),
+    missing = run_cli("build", "--model", "tiny-org/nothing", "--data", str(data), "--out", str(tmp_path / "t"),
                    "--quiet", env=env)
     assert (missing.returncode, missing.stderr) == (
         1, f"Error: tiny-org/nothing: no such model folder, and revision 'main' is not in the Hugging Face cache "

@@ -20,6 +20,8 @@ from logitstore.dpo.model.loading import load_tokenizer
 from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.inputs.tokenization import tokenize_pair
 
+from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -187,15 +189,15 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_stores_of_another_model_or_precision_are_refused(mistral_model, byte_model, datasets):
     folder = datasets["folder"]
     data = str(datasets["base"])
-    assert _cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "m"), "--max-length",
-                "128", "--quiet").returncode == 0
-    other = _cli("build", "--model", str(byte_model), "--data", data, "--out", str(folder / "x"), "--reuse",
-                 str(folder / "m"), "--quiet")
+    assert run_cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "m"),
+                   "--max-length", "128", "--quiet", env=ENV).returncode == 0
+    other = run_cli("build", "--model", str(byte_model), "--data", data, "--out", str(folder / "x"), "--reuse",
+                    str(folder / "m"), "--quiet", env=ENV)
     assert other.returncode == 1
     assert re.fullmatch(rf"Error: cannot reuse {folder / 'm'}: it was built with another model \(its fingerprint "
                         r"[0-9a-f]{12}, this build [0-9a-f]{12}\)\n", other.stderr), other.stderr
-    half = _cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "x"), "--dtype",
-                "bfloat16", "--reuse", str(folder / "m"), "--quiet")
+    half = run_cli("build", "--model", str(mistral_model), "--data", data, "--out", str(folder / "x"), "--dtype",
+                   "bfloat16", "--reuse", str(folder / "m"), "--quiet", env=ENV)
     assert half.returncode == 1 and half.stderr.startswith(f"Error: cannot reuse {folder / 'm'}: it was built "
                                                            "with another precision (its fingerprint ")
     assert not (folder / "x").exists()  # refused before anything was written
@@ -209,10 +211,10 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def cli_old(mistral_model, datasets):
     folder = datasets["folder"]
-    done = _cli(*build_args(mistral_model, datasets["base"], folder / "cli-old"))
+    done = run_cli(*build_args(mistral_model, datasets["base"], folder / "cli-old"), env=ENV)
     assert done.returncode == 0, done.stderr
-    whole = _cli(*build_args(mistral_model, datasets["edited"], folder / "cli-whole"), "--reuse",
-                 str(folder / "cli-old"))
+    whole = run_cli(*build_args(mistral_model, datasets["edited"], folder / "cli-whole"), "--reuse",
+                    str(folder / "cli-old"), env=ENV)
     assert whole.returncode == 0, whole.stderr
     return folder / "cli-old", folder / "cli-whole", whole.stdout
 
@@ -233,16 +235,16 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
     assert cut.returncode == -9
     partial = logitstore.open(tmp_path / "cut")
     assert int(partial.committed.sum()) == int(fault.split(":")[1]) + fault.startswith("after")  # shards go in order
-    without = _cli(*build_args(mistral_model, datasets["edited"], tmp_path / "cut"))
+    without = run_cli(*build_args(mistral_model, datasets["edited"], tmp_path / "cut"), env=ENV)
     assert without.returncode == 1 and without.stderr == (
         f"Error: {tmp_path / 'cut'} was planned with 51 pairs reused from 1 store and 12 computed, this run has 0 "
         "pairs reused from 0 stores and 63 computed; run with the same stores to reuse (or the same inputs), or "
         "use another output path\n")
-    again = _cli(*command)
+    again = run_cli(*command, env=ENV)
     assert again.returncode == 0, again.stderr
     assert "Resuming" in again.stdout
     assert tree_digest(tmp_path / "cut") == tree_digest(whole)
-    info = json.loads(_cli("info", str(tmp_path / "cut"), "--json").stdout)
+    info = json.loads(run_cli("info", str(tmp_path / "cut"), "--json").stdout)
     assert (info["computed"], info["reused"]) == (12, 51)
     assert info["provenance"]["sources"][0]["path"] == str(old)
 
@@ -250,9 +252,9 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
 @pytest.mark.slow
 def test_two_rank_reuse_build_splits_only_the_pairs_to_compute(mistral_model, datasets, cli_old, tmp_path):
     old, whole, _ = cli_old
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29521",
-               "--no-python", str(SCRIPT), *build_args(mistral_model, datasets["edited"], tmp_path / "two"),
-               "--reuse", str(old)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "--no-python", str(SCRIPT),
+               *build_args(mistral_model, datasets["edited"], tmp_path / "two"), "--reuse", str(old)]
     two = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     scored = [int(n) for n in re.findall(r"shards? written, (\d+) pairs? \(", two.stdout)]

@@ -14,13 +14,14 @@ import pytest
 
 import logitstore
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
-pytestmark = pytest.mark.slow  # an S3 server and CLI builds in subprocesses: run with --full
+pytestmark = pytest.mark.slow  # an S3 server, CLI builds and a kill -9: run with --full
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +63,11 @@ def test_build_resume_open_verify_and_train_on_s3(s3, mistral_model, tmp_path):
     assert killed.returncode == -signal.SIGKILL  # died at the named point: shard 2 uploaded, not committed
     partial = logitstore.open(url)
     assert partial.committed.tolist() == [True, True] + [False] * 8
-    resumed = run(*args, "--out", url, env=s3)
+    resumed = run_cli(*args, "--out", url, env=s3)
     assert resumed.returncode == 0, resumed.stderr
     assert "Resuming" in resumed.stdout
 
-    local = run(*args, "--out", str(tmp_path / "local"), env=s3)
+    local = run_cli(*args, "--out", str(tmp_path / "local"), env=s3)
     assert local.returncode == 0, local.stderr
     remote, here = logitstore.open(url), logitstore.open(tmp_path / "local")
     assert remote.complete and remote.ids == here.ids
@@ -76,10 +77,10 @@ def test_build_resume_open_verify_and_train_on_s3(s3, mistral_model, tmp_path):
     for a, b in zip(remote.ragged("chosen_ids", rows), here.ragged("chosen_ids", rows)):
         assert np.array_equal(a, b)
 
-    verified = run("verify", url, env=s3)
+    verified = run_cli("verify", url, env=s3)
     assert verified.returncode == 0 and verified.stdout.strip().endswith("sound"), verified.stdout + verified.stderr
-    trained = run("train", "--model", str(mistral_model), "--store", url, "--out", str(tmp_path / "run"),
-                  "--max-steps", "2", "--batch-size", "4", "--quiet", env=s3)
+    trained = run_cli("train", "--model", str(mistral_model), "--store", url, "--out", str(tmp_path / "run"),
+                      "--max-steps", "2", "--batch-size", "4", "--quiet", env=s3)
     assert trained.returncode == 0, trained.stderr
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == 2
 
@@ -87,8 +88,8 @@ def test_build_resume_open_verify_and_train_on_s3(s3, mistral_model, tmp_path):
 def test_a_damaged_remote_file_is_refused_by_the_cache(s3, mistral_model, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", implicit_rows(8))
     url = "s3://pairs/run2.lstore"
-    assert run("build", "--model", str(mistral_model), "--data", str(data), "--out", url, "--max-length", "64",
-               "--quiet", env=s3).returncode == 0
+    assert run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", url, "--max-length", "64",
+                   "--quiet", env=s3).returncode == 0
     import s3fs
 
     fs = s3fs.S3FileSystem(use_listings_cache=False)
@@ -100,7 +101,7 @@ def test_a_damaged_remote_file_is_refused_by_the_cache(s3, mistral_model, tmp_pa
     with pytest.raises(logitstore.FormatError, match=r"^s3://pairs/run2.lstore: damaged file chosen_ids/values/c/0 "
                                                      r"\(its SHA-256 differs from the commit record\): shard 0, 8 "):
         store.ragged("chosen_ids", [0])
-    assert run("verify", url, env=s3).returncode == 1
+    assert run_cli("verify", url, env=s3).returncode == 1
 
 
 # ---- the write lease (docs/FORMAT.md, "Write lock") ----------------------------------------------------------------

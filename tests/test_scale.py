@@ -15,6 +15,8 @@ import pytest
 
 import logitstore
 
+from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 SCRIPT = Path(sys.executable).parent / "logitstore"
@@ -44,10 +46,9 @@ def build_args(model: Path, data: Path, out: Path) -> list[str]:
 @pytest.mark.slow  # torchrun: run with --full
 def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_path):
     env = {**os.environ, **ENV}
-    one = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, tmp_path / "one")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*build_args(mistral_model, data, tmp_path / "one"), env=ENV)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=29511), env=env,
+    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=free_port()), env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     # Each shard is batched the same way whichever rank writes it, so the stores are byte-identical.
@@ -55,13 +56,13 @@ def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_
 
     # The rank that owns shard 2 (shards go to ranks by the model work in them) dies right after committing it;
     # torchrun then stops the other rank wherever it is.
-    cut = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29512),
+    cut = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=free_port()),
                          env={**env, "LOGITSTORE_FAULT": "after-commit:2"}, capture_output=True, text=True,
                          timeout=600)
     assert cut.returncode != 0 and "Signal 9 (SIGKILL)" in cut.stderr, cut.stderr[-2000:]
     committed = logitstore.open(tmp_path / "cut").committed
     assert committed[2] and not committed.all()
-    again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=29513), env=env,
+    again = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "cut"), port=free_port()), env=env,
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert digest(tmp_path / "cut") == digest(tmp_path / "one")
@@ -79,8 +80,7 @@ def history(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def store(mistral_model, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store") / "s"
-    done = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, out)], env={**os.environ, **ENV},
-                          capture_output=True, text=True, timeout=600)
+    done = run_cli(*build_args(mistral_model, data, out), env=ENV)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -119,8 +119,7 @@ def evaluated_alone(model: Path, eval_store: Path, **cfg) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def store_4bit(mistral_model, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("store4") / "s"
-    done = subprocess.run([str(SCRIPT), *build_args(mistral_model, data, out), "--quantize", "4bit"],
-                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    done = run_cli(*build_args(mistral_model, data, out), "--quantize", "4bit", env=ENV)
     assert done.returncode == 0, done.stderr
     return out
 
@@ -137,12 +136,11 @@ def test_two_rank_training_equals_one_process_with_the_same_global_batch(mistral
     extra = ["--max-steps", "3"] + {"lora": ["--grad-accum", "2"], "qlora": ["--quantize", "4bit"],
                                     "full": ["--no-lora", "--grad-accum", "2"]}[mode]
     store = store_4bit if mode == "qlora" else store
-    one = subprocess.run([str(SCRIPT), *train_args(mistral_model, store, tmp_path / "one", *extra)], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*train_args(mistral_model, store, tmp_path / "one", *extra), env=ENV)
     assert one.returncode == 0, one.stderr
     evaluating = [] if mode == "qlora" else ["--eval-store", str(eval_store), "--eval-every", "3"]
     two = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "two", *extra, *evaluating),
-                                  port=29514), env=env, capture_output=True, text=True, timeout=600)
+                                  port=free_port()), env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     # Rank 0 reports; rank 1 prints nothing. No rank warns that DDP's broadcast_buffers is deprecated.
     assert two.stdout.count("Trained 3 steps") == 1, two.stdout
@@ -203,7 +201,7 @@ def test_two_rank_kto_evaluation_takes_whole_kl_chunks(byte_model, tmp_path):
     args = ["train", "--model", str(byte_model), "--store", str(tmp_path / "s"), "--loss", "kto", "--no-lora",
             "--batch-size", "8", "--max-steps", "2", "--lr", "1e-3", "--log-every", "1", "--quiet",
             "--eval-store", str(tmp_path / "s"), "--eval-every", "2", "--out", str(tmp_path / "two")]
-    two = subprocess.run(torchrun(*args, port=29520), env={**os.environ, **ENV}, capture_output=True, text=True,
+    two = subprocess.run(torchrun(*args, port=free_port()), env={**os.environ, **ENV}, capture_output=True, text=True,
                          timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     split = {k: v for k, v in history(tmp_path / "two")[-1].items() if k.startswith("eval/")}
@@ -221,7 +219,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     from the one at step 2, it computes the uninterrupted run's losses."""
     env = {**os.environ, **ENV}
     args = train_args(mistral_model, store, tmp_path / "run", "--no-lora", "--max-steps", "4", "--save-every", "2")
-    whole = subprocess.run(torchrun(*args, port=29515), env=env, capture_output=True, text=True, timeout=600)
+    whole = subprocess.run(torchrun(*args, port=free_port()), env=env, capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr[-2000:]
     checkpoint = tmp_path / "run" / "checkpoint-2"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["rng-1.safetensors", "rng.safetensors", "sharded",
@@ -233,7 +231,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[:2]
     (tmp_path / "run" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     shutil.rmtree(tmp_path / "run" / "model")
-    again = subprocess.run(torchrun(*args, "--resume", port=29516), env=env, capture_output=True, text=True,
+    again = subprocess.run(torchrun(*args, "--resume", port=free_port()), env=env, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Resumed from" in again.stdout and again.stdout.count("Resumed from") == 1
@@ -242,7 +240,7 @@ def test_two_rank_sharded_checkpoint_resumes_exactly(mistral_model, store, tmp_p
     for x, y in zip(resumed[2:], uninterrupted[2:]):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
     # One process cannot resume a sharded checkpoint: one line, exit 1.
-    alone = subprocess.run([str(SCRIPT), *args, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    alone = run_cli(*args, "--resume", env=ENV)
     assert alone.returncode == 1
     assert alone.stderr.strip().splitlines() == [
         f"Error: {tmp_path / 'run' / 'checkpoint-2'} was written by a sharded run of 2 processes; resume it the "
@@ -259,7 +257,7 @@ def only_torchrun_tracebacks(stderr: str) -> bool:
 def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, data, tmp_path):
     env = {**os.environ, **ENV}
     odd = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "odd", "--batch-size", "3",
-                                              "--max-steps", "1"), port=29517),
+                                              "--max-steps", "1"), port=free_port()),
                          env=env, capture_output=True, text=True, timeout=600)
     assert odd.returncode != 0
     line = ("Error: --batch-size 3 is the global batch and must be a multiple of the 2 processes (each takes an "
@@ -270,12 +268,11 @@ def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, 
     other = tmp_path / "other"
     rows = [json.loads(x) for x in data.read_text().splitlines()][:8]
     write_jsonl(tmp_path / "d8.jsonl", rows)
-    assert subprocess.run([str(SCRIPT), *build_args(mistral_model, tmp_path / "d8.jsonl", other)], env=env,
-                          capture_output=True, timeout=600).returncode == 0
+    assert run_cli(*build_args(mistral_model, tmp_path / "d8.jsonl", other), env=ENV).returncode == 0
     per_rank = ("import os, sys; from logitstore.cli.main import main; "
                 f"main(sys.argv[1:] + ['--store', {str(store)!r} if os.environ['RANK'] == '0' else {str(other)!r}])")
     mixed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29518", "--no-python", sys.executable, "-c", per_rank,
+                            str(free_port()), "--no-python", sys.executable, "-c", per_rank,
                             *[a for a in train_args(mistral_model, store, tmp_path / "mixed", "--max-steps", "1")
                               if a not in ("--store", str(store))]],
                            env=env, capture_output=True, text=True, timeout=600)
@@ -319,8 +316,7 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
     env = {**os.environ, **ENV}
     rows = [json.loads(x) for x in data.read_text().splitlines()][:16]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    built = subprocess.run([str(SCRIPT), *build_args(model, tmp_path / "d.jsonl", tmp_path / "s")], env=env,
-                           capture_output=True, text=True, timeout=600)
+    built = run_cli(*build_args(model, tmp_path / "d.jsonl", tmp_path / "s"), env=ENV)
     assert built.returncode == 0, built.stderr
     script = tmp_path / "peak_rss.py"
     script.write_text(PEAK_RSS)
@@ -331,7 +327,7 @@ def test_two_rank_full_fine_tuning_holds_half_the_state_per_rank(mistral_model, 
                          timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29519", str(script), *args, "--out", str(tmp_path / "two")],
+                          str(free_port()), str(script), *args, "--out", str(tmp_path / "two")],
                          env={**env, "PEAK_RSS_OUT": str(tmp_path / "two.txt")}, capture_output=True, text=True,
                          timeout=900)
     assert two.returncode == 0, two.stderr[-2000:]
@@ -353,10 +349,9 @@ def test_two_rank_teacher_build_equals_one_process(byte_model, data, tmp_path, r
     units: the rank that computes a shard changes no byte."""
     env = {**os.environ, **ENV}
     args = [*records, "--per-token", "--max-length", "256"]  # byte-level: longer
-    one = subprocess.run([str(SCRIPT), *build_args(byte_model, data, tmp_path / "one"), *args], env=env,
-                         capture_output=True, text=True, timeout=600)
+    one = run_cli(*build_args(byte_model, data, tmp_path / "one"), *args, env=ENV)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=29531), env=env,
+    two = subprocess.run(torchrun(*build_args(byte_model, data, tmp_path / "two"), *args, port=free_port()), env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     assert digest(tmp_path / "two") == digest(tmp_path / "one")

@@ -16,6 +16,8 @@ import pytest
 
 import logitstore
 
+from cli_process import run_cli
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow  # accelerate launch of two processes: run with --full
@@ -51,9 +53,8 @@ json.dump({{"engine": str(trainer.accelerator.distributed_type), "wrapped": type
 def trl_store(mistral_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("trl-dist")
     data = write_jsonl(folder / "d.jsonl", [dict(r, id=f"pair-{i}") for i, r in enumerate(implicit_rows(16))])
-    done = subprocess.run([str(Path(sys.executable).parent / "logitstore"), "build", "--model", str(mistral_model),
-                           "--data", str(data), "--out", str(folder / "s"), "--max-length", "64", "--quiet"],
-                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    done = run_cli("build", "--model", str(mistral_model), "--data", str(data), "--out", str(folder / "s"),
+                   "--max-length", "64", "--quiet", env=ENV)
     assert done.returncode == 0, done.stderr
     return folder
 
@@ -67,7 +68,7 @@ def test_store_trainer_under_accelerate_launch_equals_one_process(mistral_model,
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(EXAMPLES / "accelerate_cpu.yaml"),
-                          "--main_process_port", "29531", str(driver), *common, str(tmp_path / "two"), "2",
+                          "--main_process_port", str(free_port()), str(driver), *common, str(tmp_path / "two"), "2",
                           str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     alone = json.loads((tmp_path / "one-0.json").read_text())

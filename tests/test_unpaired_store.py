@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +15,8 @@ from logitstore.errors import FormatError, InputDataError
 from logitstore.kinds import UNPAIRED, kind_of, kl_rows
 
 import forge
-from sample_data import HUMAN_TURNS, write_jsonl
-
-CLI = [sys.executable, "-m", "logitstore.cli.main"]
-
-
-def unpaired_rows(n: int) -> list[dict]:
-    """Thumbs up / thumbs down: each question with its good answer (True) or its bad one (False), in turn."""
-    rows = []
-    for i in range(n):
-        question, good, bad = HUMAN_TURNS[i % len(HUMAN_TURNS)]
-        label = i % 3 != 1
-        rows.append({"id": f"u{i}", "prompt": f"Human: {question} (#{i})\n\nAssistant:",
-                     "completion": " " + (good if label else bad) * (1 + i % 2), "label": label})
-    return rows
-
+from cli_process import run_cli
+from sample_data import unpaired_rows, write_jsonl
 
 def write_unpaired(path: Path, n: int = 5, *, kl_batch_size: int = 2, per_token: bool = True,
                    kl_shift: int = 0) -> logitstore.StoreWriter:
@@ -207,10 +192,6 @@ def test_build_equals_trl_kto_precompute(mistral_model, tmp_path):
     assert np.max(np.abs(got["completion_logps"] - np.array(trl["ref_logps"]))) < 1e-4
     assert np.max(np.abs(got["kl_logps"] - np.array(trl["ref_KL_logps"]))) < 1e-4
     assert logitstore.verify(tmp_path / "s").ok
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
