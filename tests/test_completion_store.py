@@ -143,6 +143,7 @@ def test_cli_verify_info_and_refusals(completion_store, byte_model, tmp_path):
     path, data = completion_store
     result = run_cli("verify", str(path), "--model", str(byte_model), "--data", str(data), "--sample", "3")
     assert result.returncode == 0 and result.stdout.strip().endswith("sound"), result.stdout + result.stderr
+    assert result.stderr == ""  # K = V: no tail on either side, and no warning about it
     info = json.loads(run_cli("info", str(path), "--json").stdout)
     assert (info["kind"], info["format_version"]) == ("completion", 4)
     (tmp_path / "ids.txt").write_text("c1\n")
