@@ -81,7 +81,7 @@ def child(args: dict) -> dict:
     cfg = TrainConfig(model=args["model"], store="-", out="-", dtype="float32", device="cpu")
     torch.manual_seed(0)
     policy = setup_policy(cfg)
-    if mode == "autograd":  # not a plain head any more: dpo.distill.head_divergences takes its autograd path
+    if mode == "autograd":  # not a plain head any more: dpo.model.head.head_divergences takes its autograd path
         policy.get_base_model().config.logit_scale = 1.0
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)

@@ -3,12 +3,12 @@ it) for a completion store: distillation without pairs.
 
 Format (detected from the columns, as TRL does): `prompt` and `completion` per record, plain strings (standard) or
 lists of `{role, content}` messages (conversational), and no `label` (a `label` column makes the data unpaired, for
-KTO: dpo/unpaired_data.py). Tokenization is TRL 1.16 SFTTrainer's for prompt-completion data: a plain-text
+KTO: dpo/inputs/unpaired.py). Tokenization is TRL 1.16 SFTTrainer's for prompt-completion data: a plain-text
 completion gets EOS appended unless it ends with it; prompt and prompt+completion are tokenized separately (chat
 template, with the generation prompt for the prompt alone, for messages) and the completion starts where the
 tokenized prompt stops being a prefix of prompt+completion; prompt + completion is cut to `max_length` tokens at the
 end (TRL's default truncation, keep_start). The tokenization is the one unpaired data shares
-(:func:`dpo.unpaired_data.tokenize_example`).
+(:func:`dpo.inputs.unpaired.tokenize_example`).
 """
 
 from __future__ import annotations

@@ -53,13 +53,13 @@ class TokenLogps:
     per_token: torch.Tensor
     scored: torch.Tensor  # bool: positions that score a completion token
     log_sum_sq: torch.Tensor | None = None  # log Σ_v p_v², detached (WPO)
-    divergence: torch.Tensor | None = None  # [2B, T-1, betas]: teacher divergences (dpo.distill_step), zero off
+    divergence: torch.Tensor | None = None  # [2B, T-1, betas]: teacher divergences (dpo.model.teacher_records), zero off
 
 
 def token_logps(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor,
                 *, sum_sq: bool = False, teacher: Any = None) -> TokenLogps:
     """Per-token log-probs of the completion tokens of right-padded sequences (and log Σ p² with `sum_sq`; the
-    per-position divergences to `teacher`'s records, a :class:`dpo.distill_step.TeacherRecords`, from the same
+    per-position divergences to `teacher`'s records, a :class:`dpo.model.teacher_records.TeacherRecords`, from the same
     hidden states)."""
     backbone, head, config = split_lm(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -46,7 +46,7 @@ class TeacherRecords:
 
     def per_position(self, hidden: torch.Tensor, scored: torch.Tensor, head: Any, config: Any) -> torch.Tensor:
         """[M, len(betas)] divergences at the scored positions: `hidden` [M, H] are the hidden states that predict
-        the scored tokens of `scored` [R, S] (bool), row-major, as :func:`dpo.logps.token_logps` gathers them; the
+        the scored tokens of `scored` [R, S] (bool), row-major, as :func:`dpo.model.scoring.token_logps` gathers them; the
         records' real entries, row-major, are the same tokens in the same order."""
         real = self.real()
         if not torch.equal(real.sum(dim=1), scored.sum(dim=1).to(real.device)):
