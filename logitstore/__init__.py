@@ -6,7 +6,7 @@ The public surface::
     store = logitstore.open("pairs.lstore")          # read-only Store (digest=... pins its exact contents)
     store.get(["id-1", "id-2"])["chosen_logps"]      # float32, in the order asked
     writer = logitstore.create("new.lstore", ids, fingerprint={...}, vocab_size=32000, max_length=1024)
-    writer.write_shard(0, {...}); writer.finalize()
+    writer.write_shard(0, {...}); writer.finalize()    # holds the store's write lock until it finalises
 
 The torch-facing pieces live in :mod:`logitstore.loader`; importing this package never imports torch.
 """
@@ -20,7 +20,9 @@ from .errors import (
     InputDataError,
     LogitstoreError,
     ModelError,
+    StoreLockedError,
     StoreNotFoundError,
+    StoreWriteError,
     UnknownIdError,
 )
 from .content_key import content_keys
@@ -43,7 +45,9 @@ __all__ = [
     "LogitstoreError",
     "ModelError",
     "Store",
+    "StoreLockedError",
     "StoreNotFoundError",
+    "StoreWriteError",
     "StoreWriter",
     "UnknownIdError",
     "VerifyReport",
