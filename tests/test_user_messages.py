@@ -16,6 +16,7 @@ import pytest
 import logitstore
 from logitstore.storage import tidy_path
 
+from ports import free_port
 from sample_data import implicit_rows, write_jsonl
 from test_cli_edges import run_main
 
@@ -107,7 +108,7 @@ def test_a_refusal_under_torchrun_is_printed_once_and_named_in_torchruns_report(
     assert done.returncode == 0, done.stderr
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29532", "--no-python", str(script), "train", "--model", str(byte_model), "--store",
+                          str(free_port()), "--no-python", str(script), "train", "--model", str(byte_model), "--store",
                           str(tmp_path / "s"), "--out", str(tmp_path / "run"), "--resume"],
                          capture_output=True, text=True, timeout=300, env=env)
     line = f"Error: --resume: no checkpoint in {tmp_path / 'run'}"
