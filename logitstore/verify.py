@@ -241,8 +241,10 @@ def _check_content_keys(store: Any, rows: np.ndarray, report: VerifyReport) -> N
 
 
 def _check_kl_pairing(store: Any, rows: np.ndarray, report: VerifyReport) -> None:
-    """Row i's KL completion must be the completion of the row the header's pairing names (both cut at the end to
-    fit their own prompt, so one is a prefix of the other), when both rows are readable."""
+    """Row i's KL completion must be the whole completion of the row the header's pairing names, cut only where
+    prompt_ids[i] plus it would pass max_length (docs/FORMAT.md, KL pairing), when both rows are readable. The
+    source's own stored completion is cut to fit its own prompt, so the two agree as far as both reach, and the
+    shorter of them must end exactly at max_length after its prompt."""
     from .kinds import kl_rows
 
     source = np.asarray(kl_rows(len(store), store.kl_batch_size), dtype=np.int64)
@@ -252,14 +254,26 @@ def _check_kl_pairing(store: Any, rows: np.ndarray, report: VerifyReport) -> Non
     try:
         kl = store.ragged("kl_completion_ids", pick)
         theirs = store.ragged("completion_ids", source[pick])
+        offsets = store.offsets("prompt_ids")
     except LogitstoreError as exc:
         report.problems.append(str(exc))
         return
-    bad = [int(r) for r, a, b in zip(pick.tolist(), kl, theirs)
-           if not np.array_equal(a[:len(b)], b[:len(a)])]
-    if bad:
-        report.problems.append(f"kl_completion_ids: {len(bad)} examples do not hold the completion the KL pairing "
-                               f"(batch size {store.kl_batch_size}) names (first: {printable(store.id_of(bad[0]))})")
+    prompt = offsets[:, 1] - offsets[:, 0]
+    room = store.geometry.max_length - prompt
+    other, short = [], []
+    for r, a, b in zip(pick.tolist(), kl, theirs):
+        n = min(len(a), len(b))
+        if not np.array_equal(a[:n], b[:n]) or (len(b) < len(a) and len(b) != room[source[r]]):
+            other.append(r)  # not that completion, or more of it than the source holds
+        elif len(a) < len(b) and len(a) != room[r]:
+            short.append(r)
+    if other:
+        report.problems.append(f"kl_completion_ids: {len(other)} examples do not hold the completion the KL pairing "
+                               f"(batch size {store.kl_batch_size}) names (first: {printable(store.id_of(other[0]))})")
+    if short:
+        report.problems.append(f"kl_completion_ids: {len(short)} examples hold the completion the KL pairing names "
+                               f"cut where max_length {store.geometry.max_length} does not require it "
+                               f"(first: {printable(store.id_of(short[0]))})")
 
 
 def _check_teacher(store: Any, report: VerifyReport) -> None:

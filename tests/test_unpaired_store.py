@@ -125,6 +125,53 @@ def test_verify_finds_kl_completions_the_pairing_does_not_name(tmp_path):
                                "(batch size 2) names (first: e0)"]
 
 
+def write_cut(path: Path, prompt_lengths: list[int], completion_length: int, max_length: int,
+              kl_length: dict[int, int] | None = None, kl_extra: dict[int, list[int]] | None = None) -> None:
+    """An unpaired store (KL batch size 2, no per-token values) whose rows are cut as TRL's collator cuts them:
+    completion and KL completion each to what fits after the row's own prompt; `kl_length` (row: length) and
+    `kl_extra` (row: tokens appended) forge KL completions."""
+    n = len(prompt_lengths)
+    writer = logitstore.create(path, [f"e{i}" for i in range(n)], fingerprint={"model": "m"}, vocab_size=100,
+                               max_length=max_length, kind="unpaired", kl_batch_size=2, per_token=False)
+    whole = [np.arange(completion_length) + 10 * (i + 1) for i in range(n)]
+    source = kl_rows(n, 2)
+    room = [max_length - p for p in prompt_lengths]
+    completion = [whole[i][:room[i]] for i in range(n)]
+    kl = [np.concatenate([whole[source[i]][:(kl_length or {}).get(i, room[i])], (kl_extra or {}).get(i, [])])
+          .astype(np.int64) for i in range(n)]
+    writer.write_shard(0, {"prompt_ids": [np.ones(p, dtype=np.int64) for p in prompt_lengths],
+                           "completion_ids": completion, "kl_completion_ids": kl,
+                           "completion_logps": [-1.0] * n, "kl_logps": [-2.0] * n,
+                           "completion_tokens": [len(c) for c in completion], "kl_tokens": [len(c) for c in kl],
+                           "label": [i % 2 for i in range(n)]})
+    writer.finalize()
+
+
+def test_verify_accepts_kl_completions_cut_only_where_max_length_requires(tmp_path):
+    # prompts of 2 and 5 tokens, completions of 5, max length 8: a 5-token prompt's completion and KL completion
+    # are cut to 3, so the KL completion is sometimes longer and sometimes shorter than its source's stored one
+    write_cut(tmp_path / "u", [2, 5, 5, 2], completion_length=5, max_length=8)
+    store = logitstore.open(tmp_path / "u")
+    assert [len(c) for c in store.ragged("kl_completion_ids", range(4))] == [5, 3, 3, 5]  # source: 1, 0, 3, 2
+    assert [len(c) for c in store.ragged("completion_ids", range(4))] == [5, 3, 3, 5]
+    assert logitstore.verify(tmp_path / "u").problems == []
+
+
+def test_verify_refuses_a_kl_completion_cut_where_it_fits_whole(tmp_path):
+    # row 1's KL completion (row 0's 6 tokens, which fit after its 2-token prompt) cut to 3
+    write_cut(tmp_path / "u", [2, 2, 2, 2], completion_length=6, max_length=16, kl_length={1: 3})
+    assert logitstore.verify(tmp_path / "u").problems == [
+        "kl_completion_ids: 1 examples hold the completion the KL pairing names cut where max_length 16 does not "
+        "require it (first: e1)"]
+
+
+def test_verify_refuses_a_kl_completion_longer_than_its_whole_source(tmp_path):
+    # row 2's KL completion: row 3's whole 4-token completion and one token more
+    write_cut(tmp_path / "u", [2, 2, 2, 2], completion_length=4, max_length=16, kl_extra={2: [99]})
+    assert logitstore.verify(tmp_path / "u").problems == [
+        "kl_completion_ids: 1 examples do not hold the completion the KL pairing (batch size 2) names (first: e2)"]
+
+
 def test_writer_refuses_labels_other_than_0_and_1(tmp_path):
     writer = logitstore.create(tmp_path / "u", ["a", "b"], fingerprint={}, vocab_size=10, max_length=4,
                                kind="unpaired", kl_batch_size=2)

@@ -29,6 +29,19 @@ def kto_store(byte_model, tmp_path_factory):
     return folder / "s"
 
 
+def test_a_built_store_cut_by_max_length_verifies_sound(byte_model, tmp_path):
+    """At a max length that cuts most completions, each KL completion is cut where its own prompt requires, which is
+    sometimes shorter and sometimes longer than its source's stored completion: verify's rule holds on both."""
+    data = write_jsonl(tmp_path / "d.jsonl", unpaired_rows(12))
+    build(BuildConfig(model=str(byte_model), data=str(data), out=str(tmp_path / "s"), max_length=100, kl_batch_size=4),
+          progress=False)
+    store = logitstore.open(tmp_path / "s")
+    kl = [len(x) for x in store.ragged("kl_completion_ids", range(12))]
+    theirs = [len(x) for x in store.ragged("completion_ids", logitstore.kinds.kl_rows(12, 4))]
+    assert any(a < b for a, b in zip(kl, theirs)) and any(a > b for a, b in zip(kl, theirs))
+    assert logitstore.verify(tmp_path / "s").problems == []
+
+
 def run(model, store, out, **kw):
     kw.setdefault("plot", False)
     return train(TrainConfig(model=str(model), store=str(store), out=str(out), **kw), progress=False, log=lambda s: None)
