@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from logitstore.dpo.training.trackers import (TrackerError, open_trackers, parse_report_to, tracker_names, trl_names)
+from logitstore.dpo.training.trackers import (TrackerError, TrackerStartError, open_trackers, parse_report_to,
+                                              tracker_names, trl_names)
 
 from sample_data import implicit_rows, write_jsonl
 from test_cli_edges import run_main
@@ -93,6 +94,19 @@ def test_only_the_main_rank_opens_trackers_and_credentials_are_not_sent(tmp_path
     args = json.loads(events.Tensors("args/text_summary")[0].tensor_proto.string_val[0])
     assert args == {"lr": 0.1}
     assert [(e.step, e.value) for e in events.Scalars("eval/rewards/chosen")] == [(10, np.float32(0.03))]
+
+
+def test_a_tracker_that_cannot_start_is_one_line_saying_what_to_do(capsys, tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no account
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    with pytest.raises(TrackerStartError) as caught:
+        open_trackers(["tensorboard", "wandb"], tmp_path / "run", {"lr": 0.1})
+    assert str(caught.value) == (
+        "--report-to wandb could not start a run: No API key configured. Use `wandb login` to log in. "
+        "(WANDB_MODE=offline keeps the run in RUN/wandb with no account; `wandb sync` uploads it later)")
 
 
 def _same(a: float, b: float) -> bool:

@@ -34,6 +34,15 @@ class TrackerError(LogitstoreError, ValueError):
     """An unknown tracker name."""
 
 
+class TrackerStartError(LogitstoreError, RuntimeError):
+    """A tracker's library refused to start a run (no account, a server it cannot reach)."""
+
+
+# What a user can do when a tracker does not start, after its own message.
+START_HINTS = {"wandb": " (WANDB_MODE=offline keeps the run in RUN/wandb with no account; `wandb sync` uploads it "
+                        "later)"}
+
+
 def parse_report_to(values: str | Iterable[str] | None) -> tuple[str, ...]:
     """`--report-to` values (repeated, or separated by commas) as tracker names in TRACKERS' order; "none" alone
     means none."""
@@ -184,5 +193,14 @@ def open_trackers(names: Iterable[str], run_dir: str | Path, config: dict[str, A
     require(names)
     sent = {k: v for k, v in config.items() if k not in NOT_SENT}
     sent = json.loads(json.dumps(sent, default=str))  # plain JSON values: what every tracker stores
-    return Trackers([_OPENERS[name](Path(run_dir), sent, quiet) for name in names])
+    opened = Trackers([])
+    for name in names:
+        try:
+            opened.opened.append(_OPENERS[name](Path(run_dir), sent, quiet))
+        except Exception as exc:  # noqa: BLE001 - each library has its own errors; the user needs one line
+            opened.close()
+            said = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise TrackerStartError(f"--report-to {name} could not start a run: {said}{START_HINTS.get(name, '')}"
+                                    ) from exc
+    return opened
 
