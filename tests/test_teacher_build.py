@@ -244,6 +244,20 @@ def test_unpaired_data_takes_records_on_both_sides(byte_model, tmp_path, capsys)
     assert code == 0, err
 
 
+def test_unpaired_data_takes_sampled_records_on_both_sides(byte_model, tmp_path, capsys):
+    rows = [{"prompt": f"Q{i}?", "completion": " Yes." + " so" * (i % 3), "label": i % 2 == 0} for i in range(8)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    code, _, err = run_main(capsys, "build", "--model", str(byte_model), "--data", str(data), "--out",
+                            str(tmp_path / "s"), "--sample-k", "6", "--kl-batch-size", "4", "--max-length", "48",
+                            "--device", "cpu", "--quiet")
+    assert (code, err) == (0, "")
+    store = logitstore.open(tmp_path / "s")
+    for side, tokens in (("completion", "completion_tokens"), ("kl_completion", "kl_tokens")):
+        counts = store.top_k(side, [3])["counts"][0]
+        assert counts.shape == (int(store.row_values([3])[tokens][0]), 6) and (counts.sum(axis=1) == 6).all()
+    assert logitstore.verify(tmp_path / "s").ok
+
+
 def test_a_top_k_shard_carries_the_prior_of_its_tail_mass(byte_model, data, tmp_path):
     from logitstore import teacher_store as TS
     from logitstore import topk_codec as C
