@@ -30,6 +30,7 @@ _ROOT_KEYS = {"zarr_format", "node_type", "attributes"}
 HEADER_KEYS = {"format_version", "num_examples", "rows_per_shard", "num_shards", "max_length", "shard_capacity",
                "inner_chunk", "id_bytes", "fields", "shard_files", "fingerprint", "fingerprint_digest", "tokenizer",
                "settings", "created", "plan_files", "skipped", "content_key", "provenance", "teacher"}
+REQUIRED_KEYS = HEADER_KEYS - {"teacher"}  # every store has these; `teacher` only a store with teacher records
 FINAL_KEYS = {"complete", "summary"}
 KIND_KEYS = {"kind", "kl_pairing"}  # an unpaired store's (format version 3) own keys (logitstore/kinds.py)
 _TOKENIZER_KEYS = {"pad_token_id", "eos_token_id", "bos_token_id", "vocab_size"}
@@ -89,6 +90,9 @@ def check_header(header: dict[str, Any], url: str) -> tuple[fmt.Geometry, dict[s
 
 
 def _check_header(header: dict[str, Any]) -> tuple[fmt.Geometry, dict[str, fmt.RaggedSpec], list[str]]:
+    missing = sorted(REQUIRED_KEYS - set(header))
+    if missing:
+        raise FormatError(f"header lacks the required key {missing[0]}")
     geometry = _check_geometry(header)
     n = geometry.num_examples
     store_kind, specs = _check_fields(header)
@@ -295,7 +299,9 @@ def _is_sha256(value: Any) -> bool:
 def _check_kind_keys(header: dict[str, Any], kind: kinds.Kind) -> None:
     """An unpaired store records its KL pairing; a pairs store has none."""
     if kind is kinds.UNPAIRED:
-        kinds.check_kl_pairing(header.get("kl_pairing"))
+        if "kl_pairing" not in header:
+            raise FormatError("header lacks the required key kl_pairing (an unpaired store records its KL pairing)")
+        kinds.check_kl_pairing(header["kl_pairing"])
     elif "kl_pairing" in header:
         raise FormatError("header kl_pairing belongs to unpaired stores only")
 

@@ -21,6 +21,8 @@ from .format import RaggedSpec
 _MISSING = np.uint64(2**64 - 1)
 _ZSTD_MAGIC = 0xFD2FB528
 _BLOSC_MAX_OVERHEAD = 16
+_BLOSC_VERSION, _BLOSC_ZSTD_VERSION = 2, 1  # c-blosc1's buffer format and its zstd format version
+_BLOSC_ZSTD = 4  # flags bits 5-7: the compressor (0 blosclz, 1 lz4, 2 snappy, 3 zlib, 4 zstd)
 
 
 class ChunkCache:
@@ -70,6 +72,29 @@ def zstd_content_size(frame: bytes | memoryview) -> int | None:
     return value + 256 if size == 2 else value
 
 
+def zstd_frame_size(frame: bytes | memoryview) -> int:
+    """The byte length of the zstd frame at the start of `frame` (header, blocks, checksum), found by walking its
+    block headers: a chunk or stream is exactly one frame, and bytes after it (a second frame, a skippable frame)
+    would be decoded or skipped silently by the zstd library."""
+    if len(frame) < 6:
+        raise FormatError("truncated zstd frame")
+    fhd = frame[4]
+    fcs_flag, single_segment, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag] + (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    while True:
+        if len(frame) < pos + 3:
+            raise FormatError("truncated zstd frame")
+        head = int.from_bytes(bytes(frame[pos:pos + 3]), "little")
+        block_type, block_size = (head >> 1) & 3, head >> 3
+        pos += 3 + (1 if block_type == 1 else block_size)
+        if head & 1:  # the last block
+            break
+    pos += 4 if fhd & 0x04 else 0
+    if pos > len(frame):
+        raise FormatError("truncated zstd frame")
+    return pos
+
+
 def zstd_bound(size: int) -> int:
     """The largest zstd frame a `size`-byte input can compress to (ZSTD_COMPRESSBOUND), plus a frame header."""
     return size + (size >> 8) + ((128 << 10) - size >> 11 if size < 128 << 10 else 0) + 64
@@ -103,6 +128,9 @@ def _decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes:
             raise FormatError(f"zstd chunk declares no decoded size (the format requires it: {expected_bytes} bytes)")
         if declared != expected_bytes:
             raise FormatError(f"zstd chunk declares {declared} bytes, expected {expected_bytes}")
+        end = zstd_frame_size(data)
+        if end != len(data):
+            raise FormatError(f"zstd chunk has {len(data) - end} bytes after its frame (a chunk is exactly one frame)")
         out = bytearray(expected_bytes)
         zstd.decompress(bytes(data), out)
         return np.frombuffer(out, dtype=dtype)
@@ -110,12 +138,31 @@ def _decode_chunk(codec: str, data: memoryview, dtype: np.dtype, expected_bytes:
 
     if len(data) < _BLOSC_MAX_OVERHEAD:
         raise FormatError("truncated blosc chunk")
-    nbytes, cbytes, _ = blosc._cbuffer_sizes(bytes(data[:_BLOSC_MAX_OVERHEAD]))
+    nbytes, blocksize, cbytes = struct.unpack_from("<III", data, 4)
     if nbytes != expected_bytes or cbytes != len(data):
         raise FormatError(f"blosc chunk declares {nbytes} bytes in {cbytes}, expected {expected_bytes} in "
                           f"{len(data)}")
+    _check_blosc_header(bytes(data[:4]), dtype.itemsize)
+    if not 1 <= blocksize <= nbytes:
+        raise FormatError(f"blosc chunk declares a block size of {blocksize} bytes for {nbytes} bytes")
     out = blosc.decompress(bytes(data))
     return np.frombuffer(out, dtype=dtype)
+
+
+def _check_blosc_header(head: bytes, itemsize: int) -> None:
+    """A c-blosc1 buffer as the array's metadata names it (cname zstd, byte shuffle, typesize = itemsize): the
+    decoder follows the buffer's own flags, so a buffer naming another compressor or shuffle would decode through a
+    codec the metadata does not name. Flags 0x02 (stored uncompressed) and 0x10 (blocks not split) are c-blosc's
+    choice and are accepted either way."""
+    version, version_lz, flags, typesize = head[:4]
+    if version != _BLOSC_VERSION or version_lz != _BLOSC_ZSTD_VERSION:
+        raise FormatError(f"blosc chunk of format version {version}.{version_lz}, expected "
+                          f"{_BLOSC_VERSION}.{_BLOSC_ZSTD_VERSION} (c-blosc1 with zstd)")
+    if flags >> 5 != _BLOSC_ZSTD or flags & 0x0D != 0x01:
+        raise FormatError(f"blosc chunk flags 0x{flags:02x} name another compressor or shuffle than the metadata's "
+                          "zstd with byte shuffle (expected 0x91, 0x93, 0x81 or 0x83)")
+    if typesize != itemsize:
+        raise FormatError(f"blosc chunk of type size {typesize}, expected {itemsize}")
 
 
 class ShardValues:
@@ -125,7 +172,7 @@ class ShardValues:
                  cache: ChunkCache, cache_key: tuple):
         import google_crc32c
 
-        self.spec = spec
+        self.spec, self.name = spec, name
         self.dtype = np.dtype(spec.dtype).newbyteorder("<")
         self.inner = inner_chunk
         self.chunk_bytes = inner_chunk * self.dtype.itemsize
@@ -165,8 +212,11 @@ class ShardValues:
             value = np.zeros(self.inner, dtype=self.dtype)
         else:
             off, size = int(self.index[j, 0]), int(self.index[j, 1])
-            value = decode_chunk(self.spec.codec, memoryview(self._map[off:off + size]), self.dtype,
-                                 self.chunk_bytes)
+            try:
+                value = decode_chunk(self.spec.codec, memoryview(self._map[off:off + size]), self.dtype,
+                                     self.chunk_bytes)
+            except FormatError as exc:
+                raise FormatError(f"{self.name}: {exc}") from None
         if self.spec.codec != "raw":
             self.cache.put(key, value)
         return value

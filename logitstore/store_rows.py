@@ -66,17 +66,25 @@ class IdsAndRows:
     def _check_plan(self, plan: dict[str, np.ndarray]) -> None:
         n, total = len(self), self.header["id_bytes"]
         offsets, hashes, rows = plan["ids/offsets"], plan["id_index/hash"], plan["id_index/row"]
+        end = 0  # where the previous row's ID ends: the IDs lie back to back in row order, from 0 to id_bytes
         for start in range(0, n, _ID_CHECK_BLOCK):  # blockwise: no temporary proportional to N
             stop = min(start + _ID_CHECK_BLOCK, n)
             off = offsets[start:stop]
             if off.size and (off.min() < 0 or off.max() > total or np.any(off[:, 1] < off[:, 0])):
                 raise FormatError(f"{self.location.url}: ID offsets are out of range")
+            gaps = np.flatnonzero(off[:, 0] != np.concatenate([[end], off[:-1, 1]]))
+            if gaps.size:
+                raise FormatError(f"{self.location.url}: ID offsets: row {start + int(gaps[0])}'s ID does not start "
+                                  "where the previous one ends (the IDs lie back to back in row order)")
+            end = int(off[-1, 1])
             r = rows[start:stop]
             if r.size and (r.min() < 0 or r.max() >= n):
                 raise FormatError(f"{self.location.url}: ID index is malformed")
             h = hashes[max(start - 1, 0):stop]
             if np.any(h[1:] < h[:-1]):
                 raise FormatError(f"{self.location.url}: ID index is not sorted")
+        if end != total:
+            raise FormatError(f"{self.location.url}: ID offsets end at byte {end}, but id_bytes is {total}")
 
     @property
     def ids(self) -> list[str]:

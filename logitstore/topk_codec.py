@@ -38,7 +38,7 @@ import numpy as np
 from numcodecs import Zstd
 
 from .errors import FormatError
-from .shards import zstd_content_size
+from .shards import zstd_content_size, zstd_frame_size
 from .teacher import Sampled, TeacherError, TopK
 
 ZSTD_LEVEL = 19  # records are written once and read many times
@@ -92,7 +92,7 @@ def varint_encode(values: np.ndarray) -> bytes:
 
 
 def varint_decode(data: bytes, count: int, what: str) -> np.ndarray:
-    """Exactly `count` varints (each < 2^63) from `data`, which must hold nothing else."""
+    """Exactly `count` varints (each < 2^63, in its shortest form) from `data`, which must hold nothing else."""
     b = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(b < 0x80)
     if ends.size != count or (count and ends[-1] != b.size - 1) or (not count and b.size):
@@ -101,6 +101,8 @@ def varint_decode(data: bytes, count: int, what: str) -> np.ndarray:
     lengths = ends - starts + 1
     if lengths.size and lengths.max() > 9:
         raise FormatError(f"{what}: a value is out of range")
+    if np.any((lengths > 1) & (b[ends] == 0)):  # a last byte of 0 adds nothing: one value, one spelling
+        raise FormatError(f"{what}: a value is not in its shortest form (an overlong varint)")
     out = np.zeros(count, np.uint64)
     for j in range(int(lengths.max(initial=0))):
         live = lengths > j
@@ -142,6 +144,12 @@ def _inflate(blob: bytes, what: str, limit: int) -> bytes:
         raise FormatError(f"{what}: the zstd frame carries no checksum or names a dictionary")
     if declared > limit:
         raise FormatError(f"{what}: the stream is larger than {limit} bytes")
+    try:
+        end = zstd_frame_size(blob)
+    except FormatError as e:
+        raise FormatError(f"{what}: {e}") from None
+    if end != len(blob):
+        raise FormatError(f"{what}: {len(blob) - end} bytes after the zstd frame (a stream is exactly one frame)")
     out = bytearray(declared)
     try:
         zstd.decompress(bytes(blob), out)

@@ -89,7 +89,7 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
             plan_ok = False
     if plan_ok:
         try:
-            store.ids  # noqa: B018 - decodes and checks every ID
+            report.problems += _id_problems(store, store.ids)  # decodes and checks every ID
         except LogitstoreError as exc:
             report.problems.append(str(exc))
             plan_ok = False
@@ -118,6 +118,23 @@ def verify(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | No
     except LogitstoreError as exc:
         report.problems.append(str(exc))
     return report
+
+
+def _id_problems(store: Any, ids: list[str]) -> list[str]:
+    """The IDs are unique and the ID index is what they imply: their hashes, sorted, and the stable argsort of the
+    hashes in row order (docs/FORMAT.md, "ID hash"; a reader checks only that the index is sorted and in range)."""
+    seen: dict[str, int] = {}
+    for row, key in enumerate(ids):
+        if seen.setdefault(key, row) != row:
+            return [f"rows {seen[key]} and {row} have the same ID {printable(repr(key))}"]
+    hashes = fmt.id_hashes(ids)
+    order = np.argsort(hashes, kind="stable")
+    plan = store._plan_arrays()
+    if not np.array_equal(plan["id_index/hash"], hashes[order]):
+        return ["id_index/hash is not the IDs' hashes in ascending order"]
+    if not np.array_equal(plan["id_index/row"], order):
+        return ["id_index/row is not the stable argsort of the IDs' hashes"]
+    return []
 
 
 def _summary_problems(store: Any) -> list[str]:

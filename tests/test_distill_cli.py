@@ -74,8 +74,8 @@ def test_distill_on_an_unpaired_store_is_one_line(byte_model, plain_stores, tmp_
                          "distill", "--max-steps", "1"], capsys)
     assert code == 1
     assert err == [(
-        f"Error: --loss distill trains on a preference-pair store's teacher records; {kto} is an unpaired store "
-        "(KTO, BCO)")]
+        f"Error: --loss distill trains on the teacher records of a preference-pair or completion store; {kto} is an "
+        "unpaired store (KTO, BCO: train it with --loss kto, apo_zero_unpaired or bco)")]
 
 
 def test_check_teacher_resolves_distills_beta_for_the_record_kind():

@@ -108,6 +108,8 @@ def test_a_twenty_line_reader_with_plain_zarr_agrees(tmp_path):
     plain = {ids[i]: (chosen_logps[i], rejected_logps[i], ragged("chosen_ids", i), ragged("chosen_token_logps", i))
              for i in range(len(ids))}
     # ---- end of the reference reader ----
+    ends = ids_offsets[:, 1]  # FORMAT.md "ID checks": the IDs lie back to back, from 0 to id_bytes
+    assert ids_offsets[0, 0] == 0 and (ids_offsets[1:, 0] == ends[:-1]).all() and ends[-1] == header["id_bytes"]
     store = logitstore.open(path)
     assert list(plain) == store.ids
     got = store.get(store.ids)

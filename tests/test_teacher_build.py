@@ -219,14 +219,43 @@ def test_loader_entries_line_up_with_the_scored_positions_of_the_batch(byte_mode
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
-def test_unpaired_data_is_refused_in_one_line(byte_model, tmp_path, capsys):
-    rows = [{"prompt": f"Q{i}?", "completion": " Yes.", "label": i % 2 == 0} for i in range(8)]
+def test_unpaired_data_takes_records_on_both_sides(byte_model, tmp_path, capsys):
+    """`build --top-k` of unpaired data: records of the completion and of the KL completion (scored after the row's
+    own prompt), files teacher/completion and teacher/kl_completion, equal to the model's top-k at every scored
+    position; KTO trains on the store as on one without records."""
+    rows = [{"prompt": f"Q{i}?", "completion": " Yes." + " so" * (i % 3), "label": i % 2 == 0} for i in range(8)]
     data = write_jsonl(tmp_path / "u.jsonl", rows)
     code, _, err = run_main(capsys, "build", "--model", str(byte_model), "--data", str(data), "--out",
-                            str(tmp_path / "s"), "--top-k", "4", "--quiet")
-    assert (code, err) == (1, f"Error: {data}: --top-k and --sample-k take teacher records of preference pairs or of "
-                              "prompt/completion data; this data is unpaired (prompt/completion/label)\n")
-    assert not (tmp_path / "s").exists()
+                            str(tmp_path / "s"), "--top-k", "4", "--kl-batch-size", "4", "--rows-per-shard", "4",
+                            "--max-length", "48", "--device", "cpu", "--quiet")
+    assert (code, err) == (0, "")
+    store = logitstore.open(tmp_path / "s")
+    assert store.header["shard_files"][-2:] == ["teacher/completion", "teacher/kl_completion"]
+    for row in (0, 5):
+        for side, ids_field, tokens in (("completion", "completion_ids", "completion_tokens"),
+                                        ("kl_completion", "kl_completion_ids", "kl_tokens")):
+            want = _model_logps(byte_model, store, row, ids_field[:-len("_ids")])  # KL: after the row's prompt
+            got = store.top_k(side, [row])["ids"][0]
+            assert got.shape == (int(store.row_values([row])[tokens][0]), 4)
+            assert np.array_equal(np.sort(got, 1), np.sort(np.argsort(-want, 1, kind="stable")[:, :4], 1))
+    assert logitstore.verify(tmp_path / "s").ok
+    code, _, err = run_main(capsys, "train", "--model", str(byte_model), "--store", str(tmp_path / "s"), "--out",
+                            str(tmp_path / "r"), "--loss", "kto", "--max-steps", "1", "--batch-size", "4")
+    assert code == 0, err
+
+
+def test_unpaired_data_takes_sampled_records_on_both_sides(byte_model, tmp_path, capsys):
+    rows = [{"prompt": f"Q{i}?", "completion": " Yes." + " so" * (i % 3), "label": i % 2 == 0} for i in range(8)]
+    data = write_jsonl(tmp_path / "u.jsonl", rows)
+    code, _, err = run_main(capsys, "build", "--model", str(byte_model), "--data", str(data), "--out",
+                            str(tmp_path / "s"), "--sample-k", "6", "--kl-batch-size", "4", "--max-length", "48",
+                            "--device", "cpu", "--quiet")
+    assert (code, err) == (0, "")
+    store = logitstore.open(tmp_path / "s")
+    for side, tokens in (("completion", "completion_tokens"), ("kl_completion", "kl_tokens")):
+        counts = store.top_k(side, [3])["counts"][0]
+        assert counts.shape == (int(store.row_values([3])[tokens][0]), 6) and (counts.sum(axis=1) == 6).all()
+    assert logitstore.verify(tmp_path / "s").ok
 
 
 def test_a_top_k_shard_carries_the_prior_of_its_tail_mass(byte_model, data, tmp_path):

@@ -81,7 +81,8 @@ def test_versions_and_kinds_are_refused_when_they_disagree():
     (lambda h: h.pop("kind"), "without the kind 'unpaired'"),
     (lambda h: h.update(kl_pairing={"rule": "rotate-within-batches", "batch_size": 1}), "header kl_pairing must be"),
     (lambda h: h.update(kl_pairing={"rule": "shuffle", "batch_size": 2}), "header kl_pairing must be"),
-    (lambda h: h.pop("kl_pairing"), "header kl_pairing must be"),
+    (lambda h: h.pop("kl_pairing"), r"header lacks the required key kl_pairing \(an unpaired store records its KL "
+                                    r"pairing\)$"),
 ])
 def test_hostile_headers_are_refused(tmp_path, change, message):
     write_unpaired(tmp_path / "u")

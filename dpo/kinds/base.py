@@ -37,9 +37,17 @@ class StoreKind:
 
     @property
     def sides(self) -> list[str]:
-        """The scored sides' names, in the store's order ("chosen", "rejected"; "completion", "kl"; "completion"):
-        the names of their teacher records (``store.top_k(side, rows)``) too."""
+        """The scored sides' names, in the store's order ("chosen", "rejected"; "completion", "kl"; "completion"),
+        as messages name them."""
         return [side.logps.rsplit("_", 1)[0] for side in self.fields.sides]
+
+    @property
+    def teacher_sides(self) -> list[str]:
+        """The names of the sides' teacher records (``store.top_k(side, rows)``, files ``teacher/SIDE``), in the
+        store's order: "chosen", "rejected"; "completion", "kl_completion"; "completion"."""
+        from logitstore.teacher_store import side_names
+
+        return side_names(self.fields)
 
     # ---- data and the reference pass -----------------------------------------------------------------------
 

@@ -66,10 +66,6 @@ class Unpaired(StoreKind):
     def writer_options(self, cfg: Any) -> dict[str, Any]:
         return {"kl_batch_size": cfg.kl_batch_size}
 
-    def check_records(self, cfg: Any) -> None:
-        raise InputDataError(f"{cfg.data}: --top-k and --sample-k take teacher records of preference pairs or of "
-                             "prompt/completion data; this data is unpaired (prompt/completion/label)")
-
     def row_values(self, examples: list[Any], rows: range) -> dict[str, list[Any]]:
         return {"label": [int(examples[i].label) for i in rows]}  # from the data, computed and reused rows alike
 
@@ -98,8 +94,9 @@ class Unpaired(StoreKind):
         if not isinstance(objective, UnpairedObjective):
             names = [t for t in objective.loss_types if t in TEACHER_LOSSES]
             if names:
-                raise LogitstoreError(f"--loss {', '.join(names)} trains on a preference-pair store's teacher "
-                                      f"records; {url} is an unpaired store (KTO, BCO)")
+                raise LogitstoreError(f"--loss {', '.join(names)} trains on the teacher records of a preference-pair "
+                                      f"or completion store; {url} is an unpaired store (KTO, BCO: train it with "
+                                      "--loss kto, apo_zero_unpaired or bco)")
             raise LogitstoreError(f"{url} is an unpaired store (KTO, BCO); train it with --loss kto, "
                                   "apo_zero_unpaired or bco")
         if evaluation or not objective.uses_kl:

@@ -182,7 +182,8 @@ def fill_shard(p: _Planned, writer: logitstore.StoreWriter, shard: int, model: A
     rows = writer.shard_rows(shard)
     tokenized = [p.plan.tokenize(i) for i in rows]
     fresh = [i for i, row in enumerate(rows) if compute[row]]
-    mass = new_mass(p.teacher, kind.sides) if p.teacher is not None else None  # the shard's prior, its rows alone
+    sides = kind.teacher_sides
+    mass = new_mass(p.teacher, sides) if p.teacher is not None else None  # the shard's prior, its rows alone
     values, records = score_rows(model, [tokenized[i] for i in fresh], sides=len(kind.sides),
                                  pad_id=p.tokenizer.pad_token_id, batch_size=cfg.batch_size,
                                  batch_tokens=cfg.batch_tokens, share_prompt=cfg.share_prompt,
@@ -191,7 +192,7 @@ def fill_shard(p: _Planned, writer: logitstore.StoreWriter, shard: int, model: A
                                  mass=list(mass.values()) if mass is not None else None)
     part = shard_data(kind.fields, [tokenized[i] for i in fresh], values, cfg.per_token)
     if records is not None:  # every row is computed (check_teacher refuses --reuse)
-        part.update({f"teacher/{side}": side_records for side, side_records in zip(kind.sides, records)})
+        part.update({f"teacher/{side}": side_records for side, side_records in zip(sides, records)})
     tokens_by_field = {f: [getattr(t, attr) for t in tokenized]
                        for f, attr in zip(kind.fields.token_fields, fmt.TOKEN_FIELDS)}
     parts = [(fresh, part), *derive.reused_part(p.reuse, list(rows), tokens_by_field, per_token=cfg.per_token)]

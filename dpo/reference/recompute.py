@@ -70,7 +70,7 @@ def compare_sample(store: Any, kind: kinds.StoreKind, cfg: BuildConfig, tokenize
     if records is not None:
         from .teacher import compare_records
 
-        problems += compare_records(store, rows, dict(zip(kind.sides, records)))
+        problems += compare_records(store, rows, dict(zip(kind.teacher_sides, records)))
     stored = store.row_values(rows)
     for i, row in enumerate(rows):
         for name, side, side_values in zip(kind.sides, kind.fields.sides, values):
