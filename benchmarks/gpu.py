@@ -176,6 +176,9 @@ class Run:
             return
         self.results["elapsed_seconds"] = round(self.budget.elapsed(), 1)
         self.results["targets"] = targets(self.results)
+        self.results["budget_stop"] = any("budget" in str(v.get("status", v.get("stopped", ""))) for v in
+                                          [*self.results.values(), *self.results.get("sweep", {}).values()]
+                                          if isinstance(v, dict))
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(self.results, indent=1) + "\n")
         os.replace(tmp, self.path)
@@ -321,9 +324,10 @@ def bisect(candidates: list[int]) -> Iterator[int]:
 
 def _probe_ours(run: Run, length: int, data: Path) -> dict:
     need = run.walls.get("sweep-build", 0.0) + run.walls.get("sweep-train-logitstore", 0.0)
-    if run.budget.left() - run.reserve < need:  # a store whose training cannot follow is not built
-        return {"status": "skipped: budget", "seconds_left": round(run.budget.left() - run.reserve, 1),
-                "seconds_needed": round(need, 1)}
+    left = run.budget.left() - run.reserve
+    if left < max(need, STAGE_FLOOR[run.smoke]):  # a store whose training cannot follow is not built
+        run.log(f"logitstore at {length}: skipped: budget ({left:.0f} s left, {need:.0f} s needed)")
+        return {"status": "skipped: budget", "seconds_left": round(left, 1), "seconds_needed": round(need, 1)}
     store = run.work / f"sweep-{length}.lstore"
     shutil.rmtree(store, ignore_errors=True)
     built = run.stage(None, "reference", {
@@ -370,7 +374,7 @@ def phase_sweep(run: Run, keep_for_later: bool) -> None:
                                                "batch_size": SWEEP_BATCH, "cuda": run.cuda})
     run.results["sweep"] = {"cap_gib": SWEEP_CAP_GIB if run.cuda else None, "batch_size": SWEEP_BATCH,
                             "steps": SWEEP_STEPS, **sides}
-    run.reserve = LATER_SHARE * run.budget.left() if keep_for_later else 0.0
+    run.reserve = max(0.0, LATER_SHARE * run.budget.left()) if keep_for_later else 0.0
     probes: dict[str, Callable[[Run, int, Path], dict]] = {"logitstore": _probe_ours, "trl": _probe_trl}
     searches = {name: bisect(side["candidates"]) for name, side in sides.items()}
     pending = {name: next(search) for name, search in searches.items()}
