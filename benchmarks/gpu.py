@@ -134,7 +134,11 @@ def run_stage(name: str, args: dict, timeout: float) -> dict:
         if "out of memory" in "\n".join(tail).lower():  # a CUDA error that took the process down
             return {"fits": False, "status": "out of memory", "error": last, "log_tail": tail, "wall_seconds": wall}
         return {"status": "failed", "error": last, "log_tail": tail, "wall_seconds": wall}
-    result = json.loads(out.strip().splitlines()[-1])
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"status": "failed", "error": "no result line", "log_tail": out.strip().splitlines()[-12:],
+                "wall_seconds": wall}
     result.setdefault("status", "ok")
     result["wall_seconds"] = wall
     return result

@@ -98,12 +98,13 @@ def render(results: dict) -> str:
 
 def _training_lines(results: dict) -> list[str]:
     s = results["setup"]
-    options = results.get("ours_options", {})
+    options = results.get("ours_options")
+    used = "not recorded" if options is None else " ".join(options["used"]) or "none in this CLI"
     lines = [f"**Training step**, the seed's setup ({s['quantization']}; LoRA {s['lora']}; max length "
              f"{s['max_length']}; batch {s['batch_size']}; gradient checkpointing; {s['optimizer']}), median of steps "
              f"2-{s['steps']}. TRL most frugal adds `precompute_ref_log_probs=True` and, on a GPU, "
              "`activation_offloading=True`; logitstore's memory options: "
-             f"`{' '.join(options.get('used', [])) or 'none in this CLI'}`.", "",
+             f"`{used}`.", "",
              "| trainer | step s | peak alloc GiB | peak reserved GiB | device used GiB | step-0 loss |",
              "|---|---:|---:|---:|---:|---:|"]
     labels = {"train_logitstore": "logitstore train (reference from the store)",
