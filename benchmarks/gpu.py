@@ -58,7 +58,7 @@ from gpu_stages import GIB, MISTRAL_7B_V01, STAGES, TINY, trl_options  # noqa: E
 # seed's "+ memory options" run; an option `logitstore train --help` does not list is left out (and recorded).
 OURS_MEMORY_OPTIONS = ["--split-sequences", "--mlp-chunk", "2048", "--offload-activations"]
 OURS_GPU_ONLY_OPTIONS = ("--offload-activations",)  # pinned CPU memory behind a GPU: nothing to offload from on CPU
-DEFAULT_BUDGET = 480.0
+DEFAULT_BUDGET = {False: 480.0, True: 3600.0}  # seconds (GPU run, --smoke: a CPU's stages take longer)
 STAGE_FLOOR = {False: 20.0, True: 1.0}  # seconds: no stage starts with less left (GPU run, --smoke)
 SWEEP_CAP_GIB = 12
 SWEEP_BATCH, SWEEP_STEPS = 1, 2
@@ -494,8 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-length-sweep", action="store_true",
                         help="only the 12 GiB length sweep: each side's longest max length at batch 1")
     parser.add_argument("--smoke", action="store_true", help="a tiny model, a few pairs and steps; runs on CPU")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET, metavar="SECONDS",
-                        help="stop at this many seconds from the start, keeping what was measured (default 480)")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="stop at this many seconds from the start, keeping what was measured (default 480; "
+                             "3600 with --smoke)")
     parser.add_argument("--out", type=Path, help="folder for the results JSON and its table (default: $OUT if set, "
                                                  "else benchmarks/results/)")
     parser.add_argument("--json", type=Path, help="write the results to this file instead")
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results")
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-gpu-"))
     signal.signal(signal.SIGTERM, _interrupt)
-    budget = Budget(args.budget)
+    budget = Budget(args.budget if args.budget is not None else DEFAULT_BUDGET[args.smoke])
     run = None
     try:
         run, code = run_mode(mode, args.smoke, work, budget, out, args.json, args.tokenizer)

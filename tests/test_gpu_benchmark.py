@@ -41,7 +41,7 @@ def _ours_options() -> list[str]:
 def test_gpu_benchmark_all_smoke(tmp_path):
     """--all --smoke: every stage of every phase, on a tiny model on CPU, one JSON and its table under --out."""
     out = tmp_path / "out"
-    done = _run_gpu("--all", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--budget", "5000")
+    done = _run_gpu("--all", "--smoke", "--work", str(tmp_path / "work"), "--out", str(out))
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     r = json.loads((out / "gpu-all-cpu-smoke.json").read_text())
     assert r["mode"] == "all" and r["smoke"] is True and r["device"] == "cpu" and r["finished"] is True
