@@ -194,7 +194,8 @@ class Run:
     def stage(self, key: str | None, name: str, args: dict, kind: str | None = None) -> dict:
         """Run stage `name` if what is left of the budget (less the reserve) covers what the last stage of its kind
         took (at least the floor), else record it as skipped; under `key` in the results when one is given."""
-        kind, label = kind or name, key or f"{name} {args.get('max_length', '')}".strip()
+        kind = kind or name
+        label = key or f"{kind} {args.get('max_length', '')}".strip()
         left = self.budget.left() - self.reserve
         need = max(STAGE_FLOOR[self.smoke], self.walls.get(kind, 0.0))
         if left < need:
