@@ -1,17 +1,30 @@
-"""The workload logitstore is for, measured on one GPU: a model with Mistral-7B-v0.1's exact architecture (random
-weights, nothing downloaded), its reference pass in bf16 and 4-bit, and a QLoRA DPO training step against TRL's
-DPOTrainer + peft, which computes the reference with the adapter switched off.
+"""Everything logitstore measures on a GPU, in one script: a model with Mistral-7B-v0.1's exact architecture (random
+weights, nothing downloaded) in the seed's setting, logitstore train against TRL's DPOTrainer + peft (which computes
+the reference with the adapter switched off), the longest max length each trains within 12 GiB, and the reference
+pass's throughput.
 
-    python benchmarks/gpu.py                      # on a CUDA machine: everything, results to --json
-    python benchmarks/gpu.py --smoke              # anywhere: the same stages on a tiny model (the tests run this)
-    python benchmarks/gpu.py --max-length-sweep   # the longest max length whose step fits in 12 GiB, both trainers
-    python benchmarks/gpu.py --max-length-sweep --smoke   # the sweep's stages on a tiny model on CPU
+    python benchmarks/gpu.py --all                # on one GPU: everything below, in priority order, within --budget
+    python benchmarks/gpu.py                      # (1) and (3): the seed's step and peak, the reference pass's MFU
+    python benchmarks/gpu.py --max-length-sweep   # (2) alone: the 12 GiB length sweep
+    python benchmarks/gpu.py --all --smoke        # anywhere: the same stages on a tiny model on CPU (the tests run it)
     python benchmarks/gpu.py --render RESULTS     # write RESULTS (from a GPU run) into docs/benchmarks.md
 
-The original report's setup: Mistral-7B in 4-bit NF4 (double quantisation, bf16 compute), LoRA r=16 on every
-linear layer, sequences cut at 1,024 tokens, batch 2, gradient checkpointing, paged 8-bit AdamW. The pairs are
-synthetic text long enough that every sequence reaches the 1,024-token limit, so peak memory is the worst case a
-run of that setup meets. Each stage runs in its own process, so its peak GPU memory is its own.
+--all runs, in this order, until its --budget (default 480 s, model set-up included) runs out:
+  (1) the seed's step and peak at max length 1,024, batch 2: logitstore train, TRL's default, TRL at its most frugal
+      (precompute_ref_log_probs, gradient checkpointing, activation_offloading), logitstore with its memory options;
+  (2) the 12 GiB length sweep at batch 1: each side's longest max length that trains within a 12 GiB cap, by binary
+      search (logitstore up to 32,768 with its memory options, TRL at its most frugal up to 16,384), probes of the
+      two sides taking turns; a fifth of the time left when it starts is kept for (3);
+  (3) the reference pass's throughput and MFU, 4-bit and bf16;
+  then, on a GPU with time left, where each trainer's peak goes (torch.cuda.memory's allocation history).
+
+The seed's setting: NF4 4-bit (double quantisation, bf16 compute), LoRA r=16 on every linear layer, gradient
+checkpointing, paged 8-bit AdamW; synthetic pairs long enough that every sequence reaches the length limit, so peak
+memory is the worst case a run of that setting meets. Each stage runs in its own process (its peak GPU memory is its
+own) with a timeout of the budget left; a stage that cannot start in what is left is recorded as "skipped: budget",
+one stopped by it as "stopped: budget", one out of memory as "out of memory". The results go to one JSON file,
+rewritten after every stage (under --out DIR: $OUT if set, else benchmarks/results/), with the docs/benchmarks.md
+table beside it (same name, .md).
 """
 
 from __future__ import annotations
@@ -20,13 +33,15 @@ import argparse
 import json
 import os
 import random
-import statistics
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -35,293 +50,24 @@ sys.path.insert(0, str(HERE))
 
 from report import write_section  # noqa: E402
 
-# config.json of mistralai/Mistral-7B-v0.1, as published.
-MISTRAL_7B_V01 = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      sliding_window=4096, hidden_act="silu", initializer_range=0.02, tie_word_embeddings=False,
-                      vocab_size=32000, bos_token_id=1, eos_token_id=2)
-TINY = dict(MISTRAL_7B_V01, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-# NVIDIA's dense bf16 figures (SXM parts), the denominator of model-FLOPs utilisation.
-PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
-GIB = 1 << 30
+from gpu_render import (BEGIN, END, SWEEP_BEGIN, SWEEP_END, render, render_all,  # noqa: E402,F401
+                        render_sweep, targets)
+from gpu_stages import GIB, MISTRAL_7B_V01, STAGES, TINY, trl_options  # noqa: E402,F401
 
-
-def peak_flops(name: str) -> float | None:
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Stages (each runs in a child process: `python gpu.py --stage NAME ARGS_JSON`)
-
-
-def stage_make_model(a: dict) -> dict:
-    import torch
-    from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
-
-    tokenizer = LlamaTokenizer.from_pretrained(a["tokenizer"])
-    config = MistralConfig(**(TINY if a["smoke"] else MISTRAL_7B_V01), pad_token_id=tokenizer.eos_token_id)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    t = time.perf_counter()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):  # random init where it is fast
-        model = MistralForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    init_s = time.perf_counter() - t
-    t = time.perf_counter()
-    model.save_pretrained(a["model"])
-    tokenizer.save_pretrained(a["model"])
-    params = sum(p.numel() for p in model.parameters())
-    return {"parameters": params, "init_seconds": init_s, "save_seconds": time.perf_counter() - t,
-            "dtype": str(dtype).removeprefix("torch.")}
-
-
-def _gpu_memory() -> dict:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    torch.cuda.synchronize()
-    free, total = torch.cuda.mem_get_info()
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB,
-            "device_used_at_end_gib": (total - free) / GIB}
-
-
-def _model_flops(pairs: list, n_layers: int, d_model: int, layer_params: int, head_params: int) -> float:
-    """Forward FLOPs of the useful (unpadded) work: 2 x parameters per position through the layers, the LM head
-    only at scored positions (the scorer never computes the others), causal attention 2 x T^2 x d per layer."""
-    flops = 0.0
-    for p in pairs:
-        for completion in (p.chosen_ids, p.rejected_ids):
-            t = len(p.prompt_ids) + len(completion)
-            flops += 2 * layer_params * t + 2 * head_params * len(completion) + 2 * n_layers * t * t * d_model
-    return flops
-
-
-def stage_reference(a: dict) -> dict:
-    """Reference-pass throughput of one precision: model load, one warm-up batch, then every pair timed."""
-    import torch
-
-    from logitstore.dpo.model.loading import load_model, load_tokenizer, precision
-    from logitstore.dpo.kinds import PAIRS
-    from logitstore.dpo.reference import BuildConfig, build
-    from logitstore.dpo.reference.scoring import score_rows
-
-    cfg = BuildConfig(model=a["model"], data=a["data"], out=a["out"], dtype=a["dtype"], quantize=a["quantize"],
-                      max_length=a["max_length"], batch_size=a["batch_size"], batch_tokens=a["batch_tokens"])
-    tokenizer = load_tokenizer(cfg.model)
-    examples = PAIRS.plan(cfg, tokenizer).examples
-    from logitstore.dpo.inputs.tokenization import tokenize_pair
-
-    pairs = [tokenize_pair(tokenizer, ex, cfg.max_length) for ex in examples]
-    t = time.perf_counter()
-    model = load_model(cfg.model, dtype=cfg.dtype, quantize=cfg.quantize, device="auto")
-    model.eval()
-    load_s = time.perf_counter() - t
-    device = next(model.parameters()).device
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    kw = dict(sides=2, pad_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens)
-    with torch.no_grad(), precision(device, cfg.dtype):
-        score_rows(model, pairs[:cfg.batch_size], share_prompt=True, **kw)  # warm-up: kernels, allocator
-        sync()
-        t = time.perf_counter()
-        (chosen, rejected), _ = score_rows(model, pairs, share_prompt=True, **kw)
-        sync()
-        seconds = time.perf_counter() - t
-        t = time.perf_counter()
-        (chosen_full, rejected_full), _ = score_rows(model, pairs, share_prompt=False, **kw)
-        sync()
-        seconds_full = time.perf_counter() - t
-    # How far the prompt-sharing path (KV cache) lands from one pass over prompt+completion: the noise floor of
-    # the precision, since both compute the same sums.
-    sums = [float(x.sum(dtype="float64")) for x in chosen + rejected]
-    sums_full = [float(x.sum(dtype="float64")) for x in chosen_full + rejected_full]
-    sharing_delta = max(abs(a - b) for a, b in zip(sums, sums_full))
-    positions = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    scored = sum(len(c) + len(r) for c, r in zip(chosen, rejected))
-    conf = model.config
-    head = conf.vocab_size * conf.hidden_size
-    embed = conf.vocab_size * conf.hidden_size
-    layer_params = a["parameters"] - head - embed  # every transformer layer (norms included, negligible)
-    flops = _model_flops(pairs, conf.num_hidden_layers, conf.hidden_size, layer_params, head)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    peak = peak_flops(name) if device.type == "cuda" else None
-    result = {"device": name, "pairs": len(pairs), "positions": positions, "scored_tokens": scored,
-              "load_seconds": load_s, "score_seconds": seconds, "positions_per_second": positions / seconds,
-              "scored_tokens_per_second": scored / seconds, "model_tflops_per_second": flops / seconds / 1e12,
-              "positions_per_second_no_sharing": positions / seconds_full,
-              "model_tflops_per_second_no_sharing": flops / seconds_full / 1e12,
-              "mfu_no_sharing": flops / seconds_full / peak if peak else None, "sharing_max_abs_delta": sharing_delta,
-              "mean_abs_sequence_logp": sum(map(abs, sums)) / len(sums),
-              "mfu": flops / seconds / peak if peak else None, **_gpu_memory()}
-    del model
-    if a.get("write_store"):  # the store the training stages read, made by the real build
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        t = time.perf_counter()
-        built = build(cfg, progress=False, log=lambda s: None)
-        result["build_seconds"] = time.perf_counter() - t
-        result["store_bytes"] = built.store_bytes
-    return result
-
-
-def _cap_memory(a: dict) -> None:
-    """Hold the process to `cap_gib` of the device (as on a card of that size, CUDA context aside)."""
-    import torch
-
-    if a.get("cap_gib") and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, a["cap_gib"] * GIB / total))
-
-
-def _out_of_memory(exc: BaseException) -> dict:
-    import torch
-
-    return {"fits": False, "error": str(exc).splitlines()[0][:300],
-            "peak_allocated_gib": torch.cuda.max_memory_allocated() / GIB if torch.cuda.is_available() else None}
-
-
-def stage_train(a: dict) -> dict:
-    """logitstore train: the policy alone in memory, the reference from the store."""
-    import torch
-
-    from logitstore.dpo.training.memory import OutOfMemoryError
-
-    _cap_memory(a)
-    recorder = _SnapshotRecorder(a.get("snapshot"))
-    try:
-        with recorder:
-            result = _run_logitstore_train(a)
-    except OutOfMemoryError as exc:
-        return _out_of_memory(exc)
-    steps = result["history"]
-    timed = [h["step_seconds"] for h in steps[1:]] or [steps[0]["step_seconds"]]
-    return {"step_seconds": statistics.median(timed), "first_step_seconds": steps[0]["step_seconds"],
-            "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"], "steps": len(steps), "fits": True,
-            "tokens_per_second": statistics.median(h["tokens_per_second"] for h in steps[1:] or steps),
-            **_gpu_memory(), **({"peak_allocated_gib": max(h["peak_memory_gib"] for h in steps)}
-                                if torch.cuda.is_available() else {}), **recorder.result()}
-
-
-def _run_logitstore_train(a: dict) -> dict:
-    from logitstore.dpo.training import TrainConfig, train
-
-    return train(TrainConfig(model=a["model"], store=a["store"], out=a["out"], max_steps=a["steps"],
-                               batch_size=a["batch_size"], lr=1e-4, lora_r=16, lora_alpha=32, lora_dropout=0.05,
-                               target_modules="all-linear", quantize=a["quantize"], dtype=a["dtype"],
-                               gradient_checkpointing=a["gradient_checkpointing"], optimizer=a["optimizer"],
-                               log_every=1, plot=False), progress=False, log=lambda s: None)
-
-
-def stage_trl_train(a: dict) -> dict:
-    """TRL 1.16 DPOTrainer + peft on the same model, data and settings; reference = the model with the adapter
-    off, computed every step."""
-    import datasets
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    from logitstore.dpo.model.loading import load_tokenizer
-
-    cuda = torch.cuda.is_available()
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[a["dtype"]]
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if a["quantize"]:
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=dtype,
-                                                           bnb_4bit_use_double_quant=True)
-        kwargs["device_map"] = {"": 0 if cuda else "cpu"}
-    rows = [json.loads(line) for line in Path(a["data"]).read_text().splitlines()]
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *args, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, *args, **kw):
-            if cuda:
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - self.t)
-
-    _cap_memory(a)
-    model = AutoModelForCausalLM.from_pretrained(a["model"], **kwargs)
-    if not a["quantize"] and cuda:
-        model.to("cuda")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    config = DPOConfig(output_dir=a["out"], max_length=a["max_length"], per_device_train_batch_size=a["batch_size"],
-                       max_steps=a["steps"], learning_rate=1e-4, bf16=a["dtype"] == "bfloat16", use_cpu=not cuda,
-                       report_to=[], save_strategy="no", logging_steps=1, dataset_num_proc=None,
-                       gradient_checkpointing=a["gradient_checkpointing"],
-                       optim=a["optimizer"] if a["optimizer"] != "adamw" else "adamw_torch")
-    trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(a["model"]),
-                         train_dataset=datasets.Dataset.from_list(rows),
-                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                                task_type="CAUSAL_LM"),
-                         callbacks=[Timer()])
-    recorder = _SnapshotRecorder(a.get("snapshot"))
-    try:
-        with recorder:
-            trainer.train()
-    except torch.OutOfMemoryError as exc:
-        return _out_of_memory(exc)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_seconds": statistics.median(times[1:] or times), "first_step_seconds": times[0], "fits": True,
-            "loss_first": losses[0], "loss_last": losses[-1], "steps": len(times), **_gpu_memory(),
-            **recorder.result()}
-
-
-class _SnapshotRecorder:
-    """With `enabled` on a GPU: torch.cuda.memory._record_memory_history over the run, then the breakdown of its
-    largest instant (benchmarks/memprofile.py's pieces, told apart by each allocation's Python frames). The
-    snapshot is read in-process (`_snapshot()`), never written as a pickle."""
-
-    def __init__(self, enabled: bool | None) -> None:
-        import torch
-
-        self.on = bool(enabled) and torch.cuda.is_available()
-        self.breakdown: dict = {}
-
-    def __enter__(self) -> "_SnapshotRecorder":
-        if self.on:
-            import torch
-
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if not self.on:
-            return
-        import torch
-
-        from memprofile import snapshot_breakdown
-
-        try:
-            self.breakdown = snapshot_breakdown(torch.cuda.memory._snapshot())
-        except Exception as e:  # noqa: BLE001 - a failed breakdown must not lose the run's figures
-            self.breakdown = {"error": f"{type(e).__name__}: {e}"}
-        torch.cuda.memory._record_memory_history(enabled=None)
-
-    def result(self) -> dict:
-        return {"breakdown": self.breakdown} if self.breakdown else {}
-
-
-STAGES = {"make-model": stage_make_model, "reference": stage_reference, "train": stage_train,
-          "trl-train": stage_trl_train}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The driver
+# logitstore train's options that trade step time for memory, passed to "ours" in the length sweep and in the
+# seed's "+ memory options" run; an option `logitstore train --help` does not list is left out (and recorded).
+OURS_MEMORY_OPTIONS = ["--split-sequences", "--mlp-chunk", "2048", "--offload-activations"]
+OURS_GPU_ONLY_OPTIONS = ("--offload-activations",)  # pinned CPU memory behind a GPU: nothing to offload from on CPU
+DEFAULT_BUDGET = {False: 480.0, True: 3600.0}  # seconds (GPU run, --smoke: a CPU's stages take longer)
+STAGE_FLOOR = {False: 20.0, True: 1.0}  # seconds: no stage starts with less left (GPU run, --smoke)
+SWEEP_CAP_GIB = 12
+SWEEP_BATCH, SWEEP_STEPS = 1, 2
+# Each side's candidate max lengths: multiples of the step up to the top (GPU run, --smoke).
+SWEEP_RANGE = {False: {"logitstore": (2048, 32768), "trl": (512, 16384)},
+               True: {"logitstore": (64, 128), "trl": (64, 128)}}
+ENV_TIMEOUT = 300.0
+LATER_SHARE = 0.2  # of the time left when the sweep starts, kept for the stages after it
+MODES = {"all": ("seed", "sweep", "mfu", "breakdown"), "seed": ("seed", "mfu", "breakdown"), "sweep": ("sweep",)}
 
 
 def synthetic_pairs(n: int, words_prompt: int, words_completion: int, seed: int = 0) -> list[dict]:
@@ -337,292 +83,426 @@ def synthetic_pairs(n: int, words_prompt: int, words_completion: int, seed: int 
              "rejected": text(words_completion)} for i in range(n)]
 
 
-def run_stage(name: str, args: dict, log: Any) -> dict:
-    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    t = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--stage", name, json.dumps(args)], capture_output=True,
-                          text=True, env=env)
-    wall = time.perf_counter() - t
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-12:]
-        log(f"[{name}] failed after {wall:.0f} s:\n  " + "\n  ".join(tail))
-        return {"error": tail[-1] if tail else f"exit {done.returncode}", "wall_seconds": wall}
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    out["wall_seconds"] = wall
-    log(f"[{name}] {json.dumps(out)}")
-    return out
+def write_pairs(path: Path, n: int, max_length: int, seed: int = 0) -> Path:
+    # ~3.4 tokens a word: every sequence reaches the limit, so the step meets the worst case of that length.
+    rows = synthetic_pairs(n, max(4, max_length * 75 // 1024), max(8, max_length * 250 // 1024), seed=seed)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
-def default_tokenizer() -> str:
-    import shutil
-
+def default_tokenizer(folder: Path) -> str:
+    """Mistral's tokenizer.model as mistral-common ships it: nothing downloaded."""
     import mistral_common
 
-    folder = Path(tempfile.mkdtemp(prefix="mistral-tok-"))
+    folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
     return str(folder)
 
 
-def run(smoke: bool, work: Path, tokenizer: str | None, results_path: Path | None, log: Any = print) -> dict:
-    import torch
+# ---------------------------------------------------------------------------------------------------------------
+# Stages as child processes, within the budget
 
-    cuda = torch.cuda.is_available()
-    if not smoke and not cuda:
-        raise SystemExit("benchmarks/gpu.py: no CUDA device; use --smoke to run the stages on a tiny model here")
-    tokenizer = tokenizer or default_tokenizer()
-    work.mkdir(parents=True, exist_ok=True)
-    model, data = work / "mistral-7b-architecture", work / "pairs.jsonl"
-    max_length, batch, steps = (128, 2, 3) if smoke else (1024, 2, 12)
-    n_pairs = 8 if smoke else 64
-    rows = synthetic_pairs(n_pairs, 10 if smoke else 75, 30 if smoke else 250)  # ~3.4 tokens a word
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    dtype = "bfloat16" if cuda else "float32"
-    results: dict[str, Any] = {"smoke": smoke, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                               "torch": torch.__version__, "setup": {
-                                   "max_length": max_length, "batch_size": batch, "steps": steps, "pairs": n_pairs,
-                                   "lora": "r=16, alpha=32, dropout 0.05, all linear layers",
-                                   "quantization": "NF4, double quantisation, compute " + dtype,
-                                   "gradient_checkpointing": True,
-                                   "optimizer": "paged_adamw_8bit" if cuda else "adamw"}}
+
+def _kill(proc: subprocess.Popen) -> None:
     try:
-        import transformers
-
-        results["transformers"] = transformers.__version__
-    except ImportError:
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage's own session: it and anything it started
+    except ProcessLookupError:
         pass
-
-    def save() -> None:
-        if results_path is not None:
-            results_path.write_text(json.dumps(results, indent=1) + "\n")
-
-    results["make_model"] = run_stage("make-model", {"tokenizer": tokenizer, "model": str(model), "smoke": smoke}, log)
-    save()
-    if "error" in results["make_model"]:
-        return results
-    params = results["make_model"]["parameters"]
-    common = {"model": str(model), "data": str(data), "max_length": max_length, "parameters": params,
-              "batch_size": 8, "batch_tokens": 16384}
-    results["reference_bf16"] = run_stage("reference", {**common, "dtype": dtype, "quantize": None,
-                                                        "out": str(work / "bf16.lstore")}, log)
-    save()
-    store = work / "nf4.lstore"
-    results["reference_4bit"] = run_stage("reference", {**common, "dtype": dtype, "quantize": "4bit",
-                                                        "out": str(store), "write_store": True}, log)
-    save()
-    train_args = {"model": str(model), "data": str(data), "max_length": max_length, "batch_size": batch,
-                  "steps": steps, "dtype": dtype, "quantize": "4bit", "gradient_checkpointing": True,
-                  "optimizer": "paged_adamw_8bit" if cuda else "adamw"}
-    if "error" not in results["reference_4bit"]:
-        results["train_logitstore"] = run_stage("train", {**train_args, "store": str(store),
-                                                          "out": str(work / "run-logitstore")}, log)
-        save()
-    results["train_trl"] = run_stage("trl-train", {**train_args, "out": str(work / "run-trl")}, log)
-    save()
-    # Where each trainer's peak goes: two steps each under torch.cuda.memory's allocation history (a GPU only;
-    # recording slows the step, so these runs are not the timed ones above).
-    if cuda:
-        snap = {**train_args, "steps": 2, "snapshot": True}
-        if "error" not in results["reference_4bit"]:
-            results["breakdown_logitstore"] = run_stage("train", {**snap, "store": str(store),
-                                                                  "out": str(work / "snap-logitstore")}, log)
-            save()
-        results["breakdown_trl"] = run_stage("trl-train", {**snap, "out": str(work / "snap-trl")}, log)
-        save()
-    return results
+    proc.communicate()
 
 
-SWEEP_LENGTHS = (1024, 2048, 3072, 4096, 6144, 8192)
-SWEEP_CAP_GIB = 12
+def run_stage(name: str, args: dict, timeout: float) -> dict:
+    """Run one stage in a child process, stopped after `timeout` seconds; its result with a status: "ok", "out of
+    memory", "stopped: budget" or "failed" (with the child's last lines)."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    t = time.monotonic()
+    proc = subprocess.Popen([sys.executable, __file__, "--stage", name, json.dumps(args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=max(timeout, 0.1))
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        return {"status": "stopped: budget", "wall_seconds": time.monotonic() - t}
+    except BaseException:
+        _kill(proc)
+        raise
+    wall = time.monotonic() - t
+    if proc.returncode != 0:
+        tail = (err or out).strip().splitlines()[-12:]
+        last = (tail[-1] if tail else f"exit {proc.returncode}")[:300]
+        if "out of memory" in "\n".join(tail).lower():  # a CUDA error that took the process down
+            return {"fits": False, "status": "out of memory", "error": last, "log_tail": tail, "wall_seconds": wall}
+        return {"status": "failed", "error": last, "log_tail": tail, "wall_seconds": wall}
+    try:
+        result = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"status": "failed", "error": "no result line", "log_tail": out.strip().splitlines()[-12:],
+                "wall_seconds": wall}
+    result.setdefault("status", "ok")
+    result["wall_seconds"] = wall
+    return result
 
 
-def sweep(smoke: bool, work: Path, tokenizer: str | None, results_path: Path | None, log: Any = print) -> dict:
-    """The longest max length whose training step fits in 12 GiB at batch 2, ours and TRL's: each length's step
-    runs in its own process held to 12 GiB of the device (`set_per_process_memory_fraction`), lengths in rising
-    order until one does not fit. --smoke runs the same stages on a tiny model on CPU, without a cap."""
-    import torch
+def ok(r: dict | None) -> bool:
+    return bool(r) and r.get("status") == "ok"
 
-    cuda = torch.cuda.is_available()
-    if not smoke and not cuda:
-        raise SystemExit("benchmarks/gpu.py: no CUDA device; use --smoke to run the stages on a tiny model here")
-    tokenizer = tokenizer or default_tokenizer()
-    work.mkdir(parents=True, exist_ok=True)
-    model = work / "mistral-7b-architecture"
-    lengths = (64, 128) if smoke else SWEEP_LENGTHS
-    dtype = "bfloat16" if cuda else "float32"
-    results: dict[str, Any] = {"smoke": smoke, "device": torch.cuda.get_device_name() if cuda else "cpu",
-                               "torch": torch.__version__, "sweep": {
-                                   "cap_gib": SWEEP_CAP_GIB if cuda else None, "lengths": list(lengths),
-                                   "batch_size": 2, "steps": 2, "logitstore": {}, "trl": {}}}
 
-    def save() -> None:
-        if results_path is not None:
-            results_path.write_text(json.dumps(results, indent=1) + "\n")
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.start = seconds, time.monotonic()
 
-    if not (model / "config.json").exists():
-        results["make_model"] = run_stage("make-model", {"tokenizer": tokenizer, "model": str(model),
-                                                         "smoke": smoke}, log)
-        save()
-        if "error" in results["make_model"]:
-            return results
-    fits = {"logitstore": True, "trl": True}
-    for length in lengths:
-        data = work / f"pairs-{length}.jsonl"
-        # ~3.4 tokens a word: every sequence reaches the limit, so the step meets the worst case of that length.
-        rows = synthetic_pairs(4, max(4, length * 75 // 1024), max(8, length * 250 // 1024), seed=length)
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        train_args = {"model": str(model), "data": str(data), "max_length": length, "batch_size": 2, "steps": 2,
-                      "dtype": dtype, "quantize": "4bit", "gradient_checkpointing": True,
-                      "optimizer": "paged_adamw_8bit" if cuda else "adamw", "cap_gib": SWEEP_CAP_GIB if cuda else None}
-        if fits["logitstore"]:
-            store = work / f"nf4-{length}.lstore"
-            built = run_stage("reference", {"model": str(model), "data": str(data), "max_length": length,
-                                            "parameters": 0, "batch_size": 2, "batch_tokens": 2 * length,
-                                            "dtype": dtype, "quantize": "4bit", "out": str(store),
-                                            "write_store": True}, log)
-            ours = run_stage("train", {**train_args, "store": str(store), "out": str(work / f"run-ours-{length}")},
-                             log) if "error" not in built else {"fits": False, "error": "build: " + built["error"]}
-            results["sweep"]["logitstore"][str(length)] = ours
-            fits["logitstore"] = bool(ours.get("fits"))
-            save()
-        if fits["trl"]:
-            trl = run_stage("trl-train", {**train_args, "out": str(work / f"run-trl-{length}")}, log)
-            results["sweep"]["trl"][str(length)] = trl
-            fits["trl"] = bool(trl.get("fits"))
-            save()
-    for name in ("logitstore", "trl"):
-        ok = [int(k) for k, v in results["sweep"][name].items() if v.get("fits")]
-        results["sweep"][f"longest_{name}"] = max(ok) if ok else None
-    save()
-    return results
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+class Run:
+    """One invocation: its setting, its results and the file they go to, and its stages run within the budget."""
+
+    def __init__(self, smoke: bool, work: Path, budget: Budget, results: dict) -> None:
+        self.smoke, self.work, self.budget, self.results = smoke, work, budget, results
+        self.cuda = bool(results.get("cuda"))
+        self.path: Path | None = None
+        self.walls: dict[str, float] = {}  # seconds the last stage of each kind took: what the next one needs
+        self.reserve = 0.0  # seconds kept for the phases after the current one
+        self.model = work / "mistral-7b-architecture"
+        self.dtype = "bfloat16" if self.cuda else "float32"
+
+    def log(self, message: str) -> None:
+        print(f"[{self.budget.elapsed():6.1f} s] {message}", flush=True)
+
+    def save(self) -> None:
+        """The JSON (replaced whole, so a run stopped at any instant leaves a valid file) and its table."""
+        if self.path is None:
+            return
+        self.results["elapsed_seconds"] = round(self.budget.elapsed(), 1)
+        self.results["targets"] = targets(self.results)
+        self.results["budget_stop"] = any("budget" in str(v.get("status", v.get("stopped", ""))) for v in
+                                          [*self.results.values(), *self.results.get("sweep", {}).values()]
+                                          if isinstance(v, dict))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1) + "\n")
+        os.replace(tmp, self.path)
+        table = self.path.with_suffix(".md")
+        tmp = table.with_name(table.name + ".tmp")
+        tmp.write_text(render_all(self.results))
+        os.replace(tmp, table)
+
+    def stage(self, key: str | None, name: str, args: dict, kind: str | None = None) -> dict:
+        """Run stage `name` if what is left of the budget (less the reserve) covers what the last stage of its kind
+        took (at least the floor), else record it as skipped; under `key` in the results when one is given."""
+        kind = kind or name
+        label = key or f"{kind} {args.get('max_length', '')}".strip()
+        left = self.budget.left() - self.reserve
+        need = max(STAGE_FLOOR[self.smoke], self.walls.get(kind, 0.0))
+        if left < need:
+            result = {"status": "skipped: budget", "seconds_left": round(left, 1), "seconds_needed": round(need, 1)}
+            self.log(f"{label}: skipped: budget ({left:.0f} s left, {need:.0f} s needed)")
+        else:
+            self.log(f"{label}: started ({left:.0f} s of the budget left)")
+            result = run_stage(name, args, timeout=left)
+            if result["status"] in ("ok", "out of memory"):
+                self.walls[kind] = result["wall_seconds"]
+            self.log(f"{label}: {_summary(result)} ({result['wall_seconds']:.1f} s)")
+        if key:
+            self.results[key] = result
+            self.save()
+        return result
+
+    def train_args(self, data: Path, max_length: int, batch_size: int, steps: int) -> dict:
+        return {"model": str(self.model), "data": str(data), "max_length": max_length, "batch_size": batch_size,
+                "steps": steps, "dtype": self.dtype, "quantize": "4bit", "gradient_checkpointing": True,
+                "optimizer": "paged_adamw_8bit" if self.cuda else "adamw", "cuda": self.cuda}
+
+    def make_model(self, tokenizer: str | None) -> bool:
+        """The model every stage loads, made once per work folder (its result kept beside it for a rerun)."""
+        made = self.work / "make-model.json"
+        if made.exists() and (self.model / "config.json").exists():
+            self.results["make_model"] = {**json.loads(made.read_text()), "reused": True}
+            self.save()
+            return True
+        tokenizer = tokenizer or default_tokenizer(self.work / "tokenizer")
+        r = self.stage("make_model", "make-model", {"tokenizer": tokenizer, "model": str(self.model),
+                                                    "smoke": self.smoke})
+        if ok(r):
+            made.write_text(json.dumps(r))
+        return ok(r)
+
+
+def _summary(r: dict) -> str:
+    if r["status"] != "ok":
+        return f"{r['status']}{': ' + r['error'] if r['status'] == 'failed' else ''}"
+    keys = ("step_seconds", "peak_allocated_gib", "loss_first", "positions_per_second", "mfu", "build_seconds",
+            "parameters", "device")
+    return "ok, " + ", ".join(f"{k} {r[k]:.4g}" if isinstance(r[k], float) else f"{k} {r[k]}"
+                              for k in keys if r.get(k) is not None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The report section
-
-BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
+# logitstore train's memory options
 
 
-def _f(x: Any, spec: str = ".2f") -> str:
-    return "n/a" if x is None else format(x, spec)
+def option_groups(options: list[str]) -> list[list[str]]:
+    """["--a", "--b", "2"] -> [["--a"], ["--b", "2"]]: each flag with its values."""
+    groups: list[list[str]] = []
+    for token in options:
+        if token.startswith("--") or not groups:
+            groups.append([token])
+        else:
+            groups[-1].append(token)
+    return groups
 
 
-def render(results: dict) -> str:
-    s = results["setup"]
-    ref16, ref4 = results.get("reference_bf16", {}), results.get("reference_4bit", {})
-    ours, trl = results.get("train_logitstore", {}), results.get("train_trl", {})
-    lines = [
-        BEGIN,
-        f"## On a GPU: Mistral-7B-v0.1's architecture on one {results['device']}",
-        "",
-        f"Measured by `python benchmarks/gpu.py` (torch {results['torch']}, transformers "
-        f"{results.get('transformers', '?')}): a model with Mistral-7B-v0.1's exact config "
-        f"({results['make_model'].get('parameters', 0) / 1e9:.2f} B parameters, random weights, nothing downloaded), "
-        f"{s['pairs']} synthetic pairs whose every sequence reaches the {s['max_length']}-token limit. Each stage "
-        "ran in its own process; memory is PyTorch's peak for that process (allocated / reserved by its caching "
-        "allocator) and the device memory in use at its end (CUDA context included).",
-        "",
-        "**Reference pass** (`score_rows`: batches of up to 8 pairs / 16,384 tokens; one pass over prompt+completion, "
-        "the default, and with prompt sharing through the KV cache; model FLOPs count only unpadded positions and "
-        "the LM head at scored ones; MFU against the GPU's dense bf16 peak):",
-        "",
-        "| precision | load s | positions/s | scored tokens/s | model TFLOP/s | MFU | positions/s, prompt sharing "
-        "| peak alloc GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for label, r in (("bf16", ref16), ("4-bit NF4", ref4)):
-        if "error" in r or not r:
-            lines.append(f"| {label} | failed: {r.get('error', 'not run')} | | | | | | |")
-            continue
-        speedup = r["positions_per_second_no_sharing"] / r["positions_per_second"]  # same work, other time
-        tflops = r.get("model_tflops_per_second_no_sharing", r["model_tflops_per_second"] * speedup)
-        mfu = r.get("mfu_no_sharing", r["mfu"] and r["mfu"] * speedup)
-        lines.append(f"| {label} | {r['load_seconds']:.1f} | {r['positions_per_second_no_sharing']:,.0f} | "
-                     f"{r['scored_tokens_per_second'] * speedup:,.0f} | {tflops:.1f} | "
-                     f"{_f(mfu and 100 * mfu, '.1f')}% | {r['positions_per_second']:,.0f} | "
-                     f"{_f(r.get('peak_allocated_gib'))} |")
-    lines += [
-        "",
-        f"**Training step**, the original report's setup ({s['quantization']}; LoRA {s['lora']}; max length "
-        f"{s['max_length']}; batch {s['batch_size']}; gradient checkpointing; {s['optimizer']}), median of steps "
-        f"2-{s['steps']}:",
-        "",
-        "| trainer | step s | peak alloc GiB | peak reserved GiB | device used GiB | fits 12 GiB | step-0 loss |",
-        "|---|---:|---:|---:|---:|---|---:|",
-    ]
-    for label, r in (("logitstore train (reference from the store)", ours),
-                     ("TRL DPOTrainer + peft (reference = adapter off)", trl)):
-        if "error" in r or not r:
-            lines.append(f"| {label} | failed: {r.get('error', 'not run')} | | | | | |")
-            continue
-        fits = "yes" if r.get("device_used_at_end_gib", 99) <= 12 and r.get("peak_reserved_gib", 99) <= 12 else "no"
-        lines.append(f"| {label} | {r['step_seconds']:.3f} | {_f(r.get('peak_allocated_gib'))} | "
-                     f"{_f(r.get('peak_reserved_gib'))} | {_f(r.get('device_used_at_end_gib'))} | {fits} | "
-                     f"{r['loss_first']:.4f} |")
-    if "error" not in ours and "error" not in trl and ours and trl:
-        lines += ["", f"logitstore's step takes {ours['step_seconds'] / trl['step_seconds']:.2f}x TRL's time at "
-                      f"{ours['peak_allocated_gib'] / trl['peak_allocated_gib']:.2f}x its peak allocated memory."]
-    b_ours = results.get("breakdown_logitstore", {}).get("breakdown", {})
-    b_trl = results.get("breakdown_trl", {}).get("breakdown", {})
-    if b_ours.get("pieces") and b_trl.get("pieces"):
-        names = sorted(set(b_ours["pieces"]) | set(b_trl["pieces"]))
-        lines += ["", "**Where the peak goes** (`torch.cuda.memory._record_memory_history` over two steps; the "
-                      "allocations live at the largest instant of the trace, by the Python frames they were made "
-                      "under; GiB):", "", "| piece | logitstore | TRL + peft |", "|---|---:|---:|",
-                  f"| held before the steps (weights, adapter) | {b_ours['before_recording_bytes'] / GIB:.2f} | "
-                  f"{b_trl['before_recording_bytes'] / GIB:.2f} |"]
-        lines += [f"| {n} | {b_ours['pieces'].get(n, 0) / GIB:.2f} | {b_trl['pieces'].get(n, 0) / GIB:.2f} |"
-                  for n in names]
-    if ref4 and "error" not in ref4 and "sharing_max_abs_delta" in ref4:
-        delta, mean = ref4["sharing_max_abs_delta"], ref4["mean_abs_sequence_logp"]
-        lines += ["", f"Precision noise floor: scoring the same 4-bit pairs with prompt sharing (KV cache) and in one pass "
-                      f"gives sums up to {delta:.2f} nats apart (bf16: {ref16.get('sharing_max_abs_delta', 0):.2f}), "
-                      f"on sequence sums averaging {mean:,.0f} nats ({delta / mean:.1e} relative; random weights make "
-                      "every token cost about ln 32000). That is the bf16 floor between any two batchings; the "
-                      f"step-0 loss of {ours.get('loss_first', float('nan')):.4f} against ln 2 = 0.6931 lies within it "
-                      "(beta 0.1 turns a few nats of margin into a few hundredths of loss). TRL reaches ln 2 exactly "
-                      "because it scores the reference on the same batch with the same kernels in every step. In "
-                      "float32 the step-0 loss is ln 2 within 1e-5 (tests/test_train.py)."]
-    if "build_seconds" in ref4:
-        lines += ["", f"The 4-bit store of the {s['pairs']} pairs was built end to end by `build` in "
-                      f"{ref4['build_seconds']:.1f} s (model load included)."]
-    lines.append(END)
-    return "\n".join(lines) + "\n"
+def usable_options(options: list[str], help_text: str, cuda: bool) -> dict:
+    """Which of `options` this `logitstore train` takes (its --help lists the flag) and this device can use."""
+    used, missing, device_only = [], [], []
+    for group in option_groups(options):
+        flag = group[0]
+        if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text):
+            missing.append(flag)
+        elif flag in OURS_GPU_ONLY_OPTIONS and not cuda:
+            device_only.append(flag)
+        else:
+            used += group
+    return {"wanted": list(options), "used": used, "not_in_cli": missing, "left_out_without_gpu": device_only}
 
 
-SWEEP_BEGIN, SWEEP_END = "<!-- gpu-sweep:begin -->", "<!-- gpu-sweep:end -->"
+def train_help() -> str:
+    done = subprocess.run([sys.executable, "-c", "from logitstore.cli.main import main; main()", "train", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    return done.stdout
 
 
-def render_sweep(results: dict) -> str:
-    sw = results["sweep"]
-    lines = [SWEEP_BEGIN, f"**Length headroom** on one {results['device']} held to {sw['cap_gib']} GiB "
-             "(`torch.cuda.set_per_process_memory_fraction`; a 12 GB card less its CUDA context), the training "
-             f"step's setup above at batch {sw['batch_size']}, {sw['steps']} steps per length, every sequence at the "
-             "limit; `python benchmarks/gpu.py --max-length-sweep`. Lengths rise until one does not fit.", "",
-             "| max length | logitstore: peak alloc GiB | TRL + peft: peak alloc GiB |", "|---:|---:|---:|"]
+# ---------------------------------------------------------------------------------------------------------------
+# The phases, in priority order
 
-    def cell(r: dict | None) -> str:
-        if r is None:
-            return "not run"
-        if r.get("fits"):
-            return f"{_f(r.get('peak_allocated_gib'))}"
-        return "out of memory" if "memory" in r.get("error", "").lower() else f"failed: {r.get('error', '?')[:60]}"
 
-    for length in sw["lengths"]:
-        lines.append(f"| {length:,} | {cell(sw['logitstore'].get(str(length)))} | {cell(sw['trl'].get(str(length)))} |")
-    ours, trl = sw.get("longest_logitstore"), sw.get("longest_trl")
-    ratio = f" ({ours / trl:.1f}x)" if ours and trl else ""
-    lines += ["", f"Longest that fits: logitstore {ours or 'none'}, TRL {trl or 'none'}{ratio}.", SWEEP_END]
-    return "\n".join(lines) + "\n"
+def seed_setting(smoke: bool) -> dict:
+    max_length, batch, steps, pairs = (128, 2, 3, 8) if smoke else (1024, 2, 12, 64)
+    return {"max_length": max_length, "batch_size": batch, "steps": steps, "pairs": pairs,
+            "lora": "r=16, alpha=32, dropout 0.05, all linear layers", "gradient_checkpointing": True}
+
+
+def phase_seed(run: Run) -> None:
+    """(1) The seed's step and peak: its store, then ours, TRL's default, TRL at its most frugal, ours with the
+    memory options."""
+    s = run.results["setup"]
+    data, store = run.work / "pairs.jsonl", run.work / "nf4.lstore"
+    shutil.rmtree(store, ignore_errors=True)
+    built = run.stage("store_seed", "reference", {
+        "model": str(run.model), "data": str(data), "max_length": s["max_length"], "parameters": 0, "batch_size": 8,
+        "batch_tokens": 16384, "dtype": run.dtype, "quantize": "4bit", "out": str(store), "measure": False,
+        "write_store": True}, kind="build")
+    train = run.train_args(data, s["max_length"], s["batch_size"], s["steps"])
+    ours = {**train, "store": str(store)}
+    no_store = {"status": built["status"] if "budget" in built["status"] else f"skipped: no store ({built['status']})"}
+    if ok(built):
+        run.stage("train_logitstore", "train", {**ours, "out": str(run.work / "run-logitstore"), "options": []})
+    else:
+        run.results["train_logitstore"] = no_store
+    run.stage("train_trl", "trl-train", {**train, "out": str(run.work / "run-trl")})
+    run.stage("train_trl_frugal", "trl-train", {**train, "out": str(run.work / "run-trl-frugal"), "frugal": True})
+    options = run.results["ours_options"]["used"]
+    if not options:
+        run.results["train_logitstore_memory"] = {"status": "skipped: no memory option in this CLI"}
+    elif ok(built):
+        run.stage("train_logitstore_memory", "train", {**ours, "out": str(run.work / "run-logitstore-memory"),
+                                                       "options": options})
+    else:
+        run.results["train_logitstore_memory"] = no_store
+    run.save()
+
+
+def bisect(candidates: list[int]) -> Iterator[int]:
+    """Binary search for the longest candidate that fits: yields a length, is sent whether it fit."""
+    lo, hi = -1, len(candidates)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if (yield candidates[mid]):
+            lo = mid
+        else:
+            hi = mid
+
+
+def _probe_ours(run: Run, length: int, data: Path) -> dict:
+    need = run.walls.get("sweep-build", 0.0) + run.walls.get("sweep-train-logitstore", 0.0)
+    left = run.budget.left() - run.reserve
+    if left < max(need, STAGE_FLOOR[run.smoke]):  # a store whose training cannot follow is not built
+        run.log(f"logitstore at {length}: skipped: budget ({left:.0f} s left, {need:.0f} s needed)")
+        return {"status": "skipped: budget", "seconds_left": round(left, 1), "seconds_needed": round(need, 1)}
+    store = run.work / f"sweep-{length}.lstore"
+    shutil.rmtree(store, ignore_errors=True)
+    built = run.stage(None, "reference", {
+        "model": str(run.model), "data": str(data), "max_length": length, "parameters": 0, "batch_size": 1,
+        "batch_tokens": 2 * length, "dtype": run.dtype, "quantize": "4bit", "out": str(store), "measure": False,
+        "write_store": True}, kind="sweep-build")
+    if not ok(built):
+        return {**built, "status": built["status"] if "budget" in built["status"] else "failed",
+                "error": f"build: {built.get('error', built['status'])}"}
+    sw = run.results["sweep"]
+    r = run.stage(None, "train", {**run.train_args(data, length, SWEEP_BATCH, SWEEP_STEPS), "store": str(store),
+                                  "cap_gib": sw["cap_gib"], "out": str(run.work / f"sweep-ours-{length}"),
+                                  "options": sw["logitstore"]["options"]}, kind="sweep-train-logitstore")
+    shutil.rmtree(store, ignore_errors=True)
+    return {**r, "build_wall_seconds": built["wall_seconds"]}
+
+
+def _probe_trl(run: Run, length: int, data: Path) -> dict:
+    return run.stage(None, "trl-train", {**run.train_args(data, length, SWEEP_BATCH, SWEEP_STEPS), "frugal": True,
+                                         "cap_gib": run.results["sweep"]["cap_gib"],
+                                         "out": str(run.work / f"sweep-trl-{length}")}, kind="sweep-train-trl")
+
+
+def _record_probe(side: dict, length: int, r: dict) -> None:
+    side["probes"][str(length)] = r
+    side["order"].append(length)
+    fits = [int(k) for k, v in side["probes"].items() if ok(v)]
+    fails = [int(k) for k, v in side["probes"].items() if v.get("status") == "out of memory"]
+    side["longest_fits"] = max(fits) if fits else None
+    side["shortest_fails"] = min(fails) if fails else None
+    side["bound"] = ("top of range" if side["longest_fits"] == side["candidates"][-1] else
+                     "none fits" if side["shortest_fails"] == side["candidates"][0] else None)
+
+
+def phase_sweep(run: Run, keep_for_later: bool) -> None:
+    """(2) Each side's longest max length that trains at batch 1 within the cap, by binary search, the two sides'
+    probes taking turns so that a budget stop leaves both with a bracket."""
+    ranges = SWEEP_RANGE[run.smoke]
+    sides = {name: {"candidates": list(range(step, top + 1, step)), "probes": {}, "order": [], "complete": False,
+                    "stopped": None, "longest_fits": None, "shortest_fails": None, "bound": None}
+             for name, (step, top) in ranges.items()}
+    sides["logitstore"]["options"] = run.results["ours_options"]["used"]
+    sides["trl"]["trl_options"] = trl_options({"gradient_checkpointing": True, "frugal": True,
+                                               "batch_size": SWEEP_BATCH, "cuda": run.cuda})
+    run.results["sweep"] = {"cap_gib": SWEEP_CAP_GIB if run.cuda else None, "batch_size": SWEEP_BATCH,
+                            "steps": SWEEP_STEPS, **sides}
+    run.reserve = max(0.0, LATER_SHARE * run.budget.left()) if keep_for_later else 0.0
+    probes: dict[str, Callable[[Run, int, Path], dict]] = {"logitstore": _probe_ours, "trl": _probe_trl}
+    searches = {name: bisect(side["candidates"]) for name, side in sides.items()}
+    pending = {name: next(search) for name, search in searches.items()}
+    while pending:
+        for name in list(pending):
+            length, side = pending[name], sides[name]
+            data = run.work / f"sweep-pairs-{length}.jsonl"
+            if not data.exists():
+                write_pairs(data, SWEEP_BATCH * SWEEP_STEPS, length, seed=length)
+            r = probes[name](run, length, data)
+            _record_probe(side, length, r)
+            if r["status"] in ("ok", "out of memory"):
+                try:
+                    pending[name] = searches[name].send(r["status"] == "ok")
+                except StopIteration:
+                    del pending[name]
+                    side["complete"] = True
+            else:
+                del pending[name]
+                side["stopped"] = f"{r['status']} at {length}"
+            run.save()
+    run.reserve = 0.0
+
+
+def phase_mfu(run: Run) -> None:
+    """(3) The reference pass's throughput and MFU over the seed's pairs, 4-bit and bf16."""
+    s = run.results["setup"]
+    common = {"model": str(run.model), "data": str(run.work / "pairs.jsonl"), "max_length": s["max_length"],
+              "parameters": run.results["make_model"].get("parameters", 0), "batch_size": 8, "batch_tokens": 16384,
+              "dtype": run.dtype, "measure": True}
+    run.stage("reference_4bit", "reference", {**common, "quantize": "4bit", "out": str(run.work / "mfu-4bit")})
+    run.stage("reference_bf16", "reference", {**common, "quantize": None, "out": str(run.work / "mfu-bf16")})
+
+
+def phase_breakdown(run: Run) -> None:
+    """Where each trainer's peak goes: two steps each under torch.cuda.memory's allocation history (a GPU only;
+    recording slows the step, so these runs are not the timed ones)."""
+    if not run.cuda:
+        return
+    s = run.results["setup"]
+    snap = {**run.train_args(run.work / "pairs.jsonl", s["max_length"], s["batch_size"], 2), "snapshot": True}
+    if ok(run.results.get("store_seed")):
+        run.stage("breakdown_logitstore", "train", {**snap, "store": str(run.work / "nf4.lstore"),
+                                                    "out": str(run.work / "snap-logitstore"), "options": []})
+    run.stage("breakdown_trl", "trl-train", {**snap, "out": str(run.work / "snap-trl")})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _start(mode: str, smoke: bool, work: Path, budget: Budget, out: Path | None, json_path: Path | None) -> Run:
+    """The environment stage, the results' head and the file they go to."""
+    env = run_stage("env", {}, timeout=ENV_TIMEOUT)  # outside the budget's checks: every run needs it
+    head = {"mode": mode, "smoke": smoke, "budget_seconds": budget.seconds,
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - budget.elapsed())),
+            "device": env.get("device", "unknown"), "cuda": bool(env.get("cuda")),
+            **{k: env.get(k) for k in ("torch", "transformers", "trl", "peft", "bitsandbytes")}, "env": env}
+    run = Run(smoke, work, budget, head)
+    slug = re.sub(r"[^a-z0-9]+", "-", head["device"].lower()).strip("-")
+    run.path = json_path or (out / f"gpu-{mode}-{slug}{'-smoke' if smoke else ''}.json")
+    run.path.parent.mkdir(parents=True, exist_ok=True)
+    run.log(f"{_summary(env)}; results: {run.path}")
+    return run
+
+
+def run_mode(mode: str, smoke: bool, work: Path, budget: Budget, out: Path | None, json_path: Path | None,
+             tokenizer: str | None) -> tuple[Run, int]:
+    run = _start(mode, smoke, work, budget, out, json_path)
+    env = run.results["env"]
+    if env["status"] != "ok" or env.get("bitsandbytes_error"):
+        run.save()
+        why = env.get("bitsandbytes_error", env.get("error", env["status"]))
+        return run, _fail(run, f"the environment stage did not pass: {why}")
+    if not smoke and not run.cuda:
+        raise SystemExit("benchmarks/gpu.py: no CUDA device; use --smoke to run the stages on a tiny model here")
+    s = seed_setting(smoke)
+    run.results["setup"] = {**s, "quantization": "NF4, double quantisation, compute " + run.dtype,
+                            "optimizer": "paged_adamw_8bit" if run.cuda else "adamw"}
+    run.results["ours_options"] = usable_options(OURS_MEMORY_OPTIONS, train_help(), run.cuda)
+    if run.results["ours_options"]["not_in_cli"]:
+        run.log(f"logitstore train does not take {run.results['ours_options']['not_in_cli']}: left out")
+    work.mkdir(parents=True, exist_ok=True)
+    write_pairs(work / "pairs.jsonl", s["pairs"], s["max_length"])
+    if not run.make_model(tokenizer) and "budget" not in run.results["make_model"]["status"]:
+        return run, _fail(run, f"the model was not made: {_summary(run.results['make_model'])}")
+    # With the model not made for want of time, every stage below is recorded as skipped: budget.
+    for phase in MODES[mode]:
+        if phase == "sweep":
+            phase_sweep(run, keep_for_later=phase != MODES[mode][-1])
+        else:
+            {"seed": phase_seed, "mfu": phase_mfu, "breakdown": phase_breakdown}[phase](run)
+    failed = [k for k, v in run.results.items() if isinstance(v, dict) and v.get("status") == "failed"]
+    run.results["finished"] = True
+    run.save()
+    return run, 1 if failed else 0
+
+
+def _fail(run: Run, why: str) -> int:
+    run.results["finished"] = False
+    run.save()
+    print(f"benchmarks/gpu.py: {why}", file=sys.stderr)
+    return 1
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few pairs and steps; runs on CPU")
+    parser.add_argument("--all", action="store_true", help="everything, in priority order, within --budget")
     parser.add_argument("--max-length-sweep", action="store_true",
-                        help="find the longest max length whose step fits in 12 GiB, ours and TRL's")
+                        help="only the 12 GiB length sweep: each side's longest max length at batch 1")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, a few pairs and steps; runs on CPU")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="stop at this many seconds from the start, keeping what was measured (default 480; "
+                             "3600 with --smoke)")
+    parser.add_argument("--out", type=Path, help="folder for the results JSON and its table (default: $OUT if set, "
+                                                 "else benchmarks/results/)")
+    parser.add_argument("--json", type=Path, help="write the results to this file instead")
     parser.add_argument("--work", type=Path, help="folder for the model, data and stores (default: a temp dir)")
     parser.add_argument("--tokenizer", help="folder holding Mistral's tokenizer.model (default: mistral-common's)")
-    parser.add_argument("--json", type=Path, help="write the measurements here as they come in")
     parser.add_argument("--render", type=Path, metavar="RESULTS", help="write a GPU run's RESULTS into the docs")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--stage", nargs=2, metavar=("NAME", "ARGS"), help=argparse.SUPPRESS)
@@ -631,23 +511,35 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(STAGES[args.stage[0]](json.loads(args.stage[1]))))
         return 0
     if args.render:
-        results = json.loads(args.render.read_text())
-        if results.get("smoke"):
-            raise SystemExit("benchmarks/gpu.py: a --smoke run is not a measurement; render a GPU run")
-        if "sweep" in results:
-            write_section(args.doc, render_sweep(results), SWEEP_BEGIN, SWEEP_END)
-        else:
-            write_section(args.doc, render(results), BEGIN, END)
-        return 0
+        return render_into_doc(args.render, args.doc)
+    if args.all and args.max_length_sweep:
+        parser.error("--all already runs the length sweep; give one of --all and --max-length-sweep")
+    mode = "all" if args.all else "sweep" if args.max_length_sweep else "seed"
+    out = args.out or (Path(os.environ["OUT"]) if os.environ.get("OUT") else HERE / "results")
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-gpu-"))
-    if args.max_length_sweep:
-        results = sweep(args.smoke, work, args.tokenizer, args.json)
-        print(render_sweep(results) if not args.smoke else json.dumps(results, indent=1))
-        return 0 if "error" not in results.get("make_model", {}) else 1
-    results = run(args.smoke, work, args.tokenizer, args.json)
-    failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
-    print(render(results) if not args.smoke else json.dumps(results, indent=1))
-    return 1 if failed else 0
+    signal.signal(signal.SIGTERM, _interrupt)
+    budget = Budget(args.budget if args.budget is not None else DEFAULT_BUDGET[args.smoke])
+    run = None
+    try:
+        run, code = run_mode(mode, args.smoke, work, budget, out, args.json, args.tokenizer)
+    except KeyboardInterrupt:
+        print(f"benchmarks/gpu.py: interrupted after {budget.elapsed():.0f} s; what was measured is kept",
+              file=sys.stderr)
+        return 130
+    print(render_all(run.results) if not args.smoke else f"results: {run.path}")
+    run.log(f"done: {run.path} and {run.path.with_suffix('.md')}")
+    return code
+
+
+def render_into_doc(results_path: Path, doc: Path) -> int:
+    results = json.loads(results_path.read_text())
+    if results.get("smoke"):
+        raise SystemExit("benchmarks/gpu.py: a --smoke run is not a measurement; render a GPU run")
+    if "sweep" in results:
+        write_section(doc, render_sweep(results), SWEEP_BEGIN, SWEEP_END)
+    if any(k in results for k in ("train_logitstore", "train_trl", "reference_4bit", "reference_bf16")):
+        write_section(doc, render(results), BEGIN, END)
+    return 0
 
 
 if __name__ == "__main__":

@@ -356,8 +356,21 @@ def render(benches: list[dict], machine: dict) -> str:
         for b in fingerprint:
             lines.append(f"| {param(b, 'method')} | {b['stats']['mean'] * 1e3:,.1f} ms |")
         lines.append("")
-    lines += ["## Regenerate", "", "```bash", "python benchmarks/report.py", "```", ""]
+    lines += ["## Regenerate", "", "```bash", "python benchmarks/report.py", "```", "", *GPU_REGENERATE]
     return "\n".join(lines)
+
+
+# How the GPU sections below are made: text of the page, since this suite does not run them.
+GPU_REGENERATE = [
+    "The GPU sections below come from one script on one GPU (H100 or H200): `python benchmarks/gpu.py --all` runs, "
+    "in priority order within an 8-minute budget (`--budget`, model set-up included), the seed's training step and "
+    "peak against TRL's default and its most frugal setting, each side's longest max length that trains within "
+    "12 GiB at batch 1 (binary search), and the reference pass's MFU, 4-bit and bf16; a stage that does not fit "
+    "the budget is recorded as skipped. It writes one JSON file, rewritten after every stage, and its table (under "
+    "`--out`, or `$OUT`, else `benchmarks/results/`); `python benchmarks/gpu.py --render RESULTS` puts the table "
+    "here. `--all --smoke` runs every stage on a tiny model on CPU (tests/test_gpu_benchmark.py).", "",
+    "```bash", "python benchmarks/gpu.py --all", "python benchmarks/gpu.py --render benchmarks/results/gpu-all-<device>.json",
+    "```", ""]
 
 
 # Sections other scripts write between these markers (benchmarks/memory.py, benchmarks/gpu.py): carried over as
