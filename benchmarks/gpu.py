@@ -64,7 +64,7 @@ SWEEP_CAP_GIB = 12
 SWEEP_BATCH, SWEEP_STEPS = 1, 2
 # Each side's candidate max lengths: multiples of the step up to the top (GPU run, --smoke).
 SWEEP_RANGE = {False: {"logitstore": (2048, 32768), "trl": (512, 16384)},
-               True: {"logitstore": (64, 128), "trl": (64, 128)}}
+               True: {"logitstore": (64, 64), "trl": (64, 64)}}  # --smoke: one probe a side (bisect: its own tests)
 ENV_TIMEOUT = 300.0
 LATER_SHARE = 0.2  # of the time left when the sweep starts, kept for the stages after it
 MODES = {"all": ("seed", "sweep", "mfu", "breakdown"), "seed": ("seed", "mfu", "breakdown"), "sweep": ("sweep",)}

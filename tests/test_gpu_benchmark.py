@@ -76,36 +76,45 @@ def test_gpu_benchmark_all_smoke(tmp_path):
     assert sw["logitstore"]["options"] == used
     for side in ("logitstore", "trl"):
         s = sw[side]
-        assert s["candidates"] == [64, 128] and s["order"] == [64, 128] and s["complete"] is True
-        assert s["longest_fits"] == 128 and s["bound"] == "top of range" and s["shortest_fails"] is None
+        assert s["candidates"] == [64] and s["order"] == [64] and s["complete"] is True
+        assert s["longest_fits"] == 64 and s["bound"] == "top of range" and s["shortest_fails"] is None
         for run in s["probes"].values():
             assert run["status"] == "ok" and run["steps"] == 2 and abs(run["loss_first"] - math.log(2)) < 1e-5
     assert r["targets"]["sweep"]["ratio"] == 1.0 and len(r["targets"]["seed"]) == 2 * (1 + bool(used))
     table = (out / "gpu-all-cpu-smoke.md").read_text()
     assert table.startswith("<!-- gpu:begin -->") and "<!-- gpu-sweep:begin -->" in table
-    assert "| TRL DPOTrainer + peft, most frugal |" in table and "| 128 | fits: " in table
+    assert "| TRL DPOTrainer + peft, most frugal |" in table and "| 64 | fits: " in table
 
 
-@pytest.mark.parametrize("mode", ["all", pytest.param("seed", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["all", pytest.param("seed", marks=pytest.mark.slow),
+                                  pytest.param("sweep", marks=pytest.mark.slow)])
 def test_gpu_benchmark_stops_at_its_budget(tmp_path, mode):
     """A budget spent before the model is made: every stage is recorded as skipped, the JSON and its table are
     whole, and a budget stop is not a failure. The default mode runs the same phases less the sweep."""
     out = tmp_path / "out"
-    done = _run_gpu(*(["--all"] if mode == "all" else []), "--smoke", "--work", str(tmp_path / "work"), "--out",
-                    str(out), "--budget", "1", timeout=600)
+    flags = {"all": ["--all"], "seed": [], "sweep": ["--max-length-sweep"]}[mode]
+    done = _run_gpu(*flags, "--smoke", "--work", str(tmp_path / "work"), "--out", str(out), "--budget", "1",
+                    timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     r = json.loads((out / f"gpu-{mode}-cpu-smoke.json").read_text())
-    assert r["mode"] == mode and ("sweep" in r) == (mode == "all")
+    assert r["mode"] == mode and ("sweep" in r) == (mode != "seed")
     assert r["budget_stop"] is True and r["finished"] is True and r["env"]["status"] == "ok"
-    for stage in ("make_model", "store_seed", "train_logitstore", "train_trl", "train_trl_frugal", "reference_4bit",
-                  "reference_bf16"):
+    seed_stages = ("store_seed", "train_logitstore", "train_trl", "train_trl_frugal", "reference_4bit",
+                   "reference_bf16")
+    assert r["make_model"]["status"] == "skipped: budget"
+    if mode == "sweep":  # --max-length-sweep: nothing of the other phases
+        assert not set(seed_stages) & set(r)
+    for stage in seed_stages if mode != "sweep" else ():
         assert r[stage]["status"] == "skipped: budget", (stage, r[stage])
-    for side in ("logitstore", "trl") if mode == "all" else ():
-        assert r["sweep"][side]["candidates"] == [64, 128]
-        assert r["sweep"][side]["stopped"] == "skipped: budget at 64"  # the first probe: the middle of two
+    for side in ("logitstore", "trl") if mode != "seed" else ():
+        assert r["sweep"][side]["candidates"] == [64]
+        assert r["sweep"][side]["stopped"] == "skipped: budget at 64"
         assert r["sweep"][side]["longest_fits"] is None and r["sweep"][side]["complete"] is False
-    assert "| TRL DPOTrainer + peft, default (reference = adapter off) | skipped: budget |" in (
-        out / f"gpu-{mode}-cpu-smoke.md").read_text()
+    table = (out / f"gpu-{mode}-cpu-smoke.md").read_text()
+    if mode == "sweep":
+        assert table.startswith("<!-- gpu-sweep:begin -->") and "skipped: budget" in table
+    else:
+        assert "| TRL DPOTrainer + peft, default (reference = adapter off) | skipped: budget |" in table
     assert not list(out.glob("*.tmp"))
 
 
@@ -163,26 +172,6 @@ def test_gpu_report_section_is_replaced_in_place(tmp_path):
     gpu.write_section(doc, f"{gpu.BEGIN}\nfirst\n{gpu.END}\n", gpu.BEGIN, gpu.END)
     gpu.write_section(doc, f"{gpu.BEGIN}\nsecond\n{gpu.END}\n", gpu.BEGIN, gpu.END)
     assert doc.read_text() == f"# Benchmarks\n\nbefore\n\n{gpu.BEGIN}\nsecond\n{gpu.END}\n"
-
-
-@pytest.mark.slow
-def test_max_length_sweep_smoke(tmp_path):
-    """--max-length-sweep alone: the sweep's stages on a tiny model on CPU (no cap there), to the file --json
-    names, and nothing of the other phases."""
-    results = tmp_path / "sweep.json"
-    done = _run_gpu("--max-length-sweep", "--smoke", "--work", str(tmp_path), "--json", str(results))
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    r = json.loads(results.read_text())
-    assert r["mode"] == "sweep" and not {"train_logitstore", "train_trl", "reference_4bit"} & set(r)
-    sw = r["sweep"]
-    assert sw["cap_gib"] is None and sw["batch_size"] == 1
-    for trainer in ("logitstore", "trl"):
-        assert sw[trainer]["order"] == [64, 128] and sw[trainer]["longest_fits"] == 128
-        for length in ("64", "128"):
-            run = sw[trainer]["probes"][length]
-            assert run["fits"] is True and run["steps"] == 2, (trainer, length, run)
-            assert abs(run["loss_first"] - math.log(2)) < 1e-5
-    assert (tmp_path / "sweep.md").read_text().startswith("<!-- gpu-sweep:begin -->")
 
 
 def test_sweep_report_names_the_longest_length_that_fits():
