@@ -30,31 +30,54 @@ from workloads import run_child  # noqa: E402
 
 SETTING = {"size": "memory", "max_length": 512, "batch_size": 4, "steps": 6, "lora_r": 8, "pairs": 32,
            "words": (40, 130)}
+# Issue 26's long-context table: batch 2, gradient checkpointing on both sides, TRL at its most frugal
+# (precompute_ref_log_probs); --max-length picks the length, the words scale with it so every sequence reaches it.
+LONG = {"size": "memory", "max_length": 2048, "batch_size": 2, "steps": 3, "lora_r": 8, "pairs": 8,
+        "gradient_checkpointing": True, "precompute_ref": True}
 SMOKE = {"size": "small", "max_length": 96, "batch_size": 2, "steps": 2, "lora_r": 8, "pairs": 8, "words": (8, 24)}
 
 
 def prepare(work: Path, s: dict) -> dict:
     """The model, the pairs and the store both trainers read."""
-    model, data, store = work / "model", work / "pairs.jsonl", work / "train.lstore"
+    model = work / "model"
+    tag = "" if s.get("words") else f"-{s['max_length']}"  # the long settings' data and stores, one per length
+    data, store = work / f"pairs{tag}.jsonl", work / f"train{tag}.lstore"
     if not (model / "config.json").exists():
         subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), s["size"]], check=True)
     if not data.exists():
-        rows = synthetic_pairs(s["pairs"], *s["words"])
+        rows = synthetic_pairs(s["pairs"], *(s.get("words") or (40 * s["max_length"] // 512,
+                                                                   130 * s["max_length"] // 512)))
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     if not (store / "zarr.json").exists():
         run_child("build", {"model": str(model), "data": str(data), "out": str(store), "max_length": s["max_length"],
                             "batch_size": 8, "share_prompt": True, "bucketing": True})
     return {"model": str(model), "data": str(data), "store": str(store), "max_length": s["max_length"],
-            "batch_size": s["batch_size"], "steps": s["steps"], "lora_r": s["lora_r"]}
+            "batch_size": s["batch_size"], "steps": s["steps"], "lora_r": s["lora_r"],
+            "gradient_checkpointing": s.get("gradient_checkpointing", False),
+            "precompute_ref": s.get("precompute_ref", False), "train_options": s.get("train_options", {})}
 
 
-def compare(work: Path, s: dict) -> dict:
+def compare(work: Path, s: dict, *, trl: dict | None = None) -> dict:
+    """Both trainers' peak RSS and step time; `trl`: TRL's figures measured earlier in this setting (not rerun)."""
     common = prepare(work, s)
     ours = run_child("train", {**common, "out": str(work / "run-logitstore")})
-    trl = run_child("trl-train", {**common, "out": str(work / "run-trl")})
+    trl = trl or run_child("trl-train", {**common, "out": str(work / "run-trl")})
     return {"setting": s, "logitstore": ours, "trl": trl,
             "rss_ratio": ours["peak_rss_bytes"] / trl["peak_rss_bytes"],
             "step_ratio": ours["step_seconds"] / trl["step_seconds"]}
+
+
+def long_table(work: Path, s: dict, lengths: list[int], out: Path | None, trl_from: Path | None) -> dict:
+    """`compare` at each max length of the long setting; the JSON is rewritten after each, so an interrupted run
+    keeps what it measured. `trl_from`: an earlier long table whose TRL rows are reused (TRL's code is the same)."""
+    earlier = {r["setting"]["max_length"]: r["trl"] for r in json.loads(trl_from.read_text())["rows"]} if trl_from \
+        else {}
+    result: dict = {"setting": {k: v for k, v in s.items() if k != "max_length"}, "rows": []}
+    for length in lengths:
+        result["rows"].append(compare(work, {**s, "max_length": length}, trl=earlier.get(length)))
+        if out:
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def breakdown(work: Path, s: dict) -> dict:
@@ -168,13 +191,23 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["compare", "breakdown", "render"])
+    parser.add_argument("what", choices=["compare", "breakdown", "render", "long", "render-long"])
     parser.add_argument("results", nargs="*", type=Path, help="render: the compare and breakdown JSON files")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps")
     parser.add_argument("--work", type=Path, help="folder for the model, data and store (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="write the measurements here")
+    parser.add_argument("--long", action="store_true", help="issue 26's long-context setting: batch 2, gradient "
+                        "checkpointing on both sides, TRL with precompute_ref_log_probs (the `long` table's setting)")
+    parser.add_argument("--max-length", type=int, help="with --long: the max length (default 2048)")
+    parser.add_argument("--lengths", default="2048,1024,512", help="long: the max lengths, in this order")
+    parser.add_argument("--train-option", action="append", default=[], metavar="FIELD=JSON",
+                        help="a TrainConfig field for logitstore's runs, e.g. split_sequences=true (repeatable)")
+    parser.add_argument("--trl-from", type=Path, help="long: reuse TRL's rows of this earlier long table")
     args = parser.parse_args(argv)
+    if args.what == "render-long":
+        write_section(args.doc, render_long([json.loads(p.read_text()) for p in args.results]), LONG_BEGIN, LONG_END)
+        return 0
     if args.what == "render":
         if len(args.results) not in (2, 4):
             parser.error("render takes COMPARE BREAKDOWN, and optionally an earlier version's two after them")
@@ -185,8 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = args.work or Path(tempfile.mkdtemp(prefix="logitstore-memory-"))
     work.mkdir(parents=True, exist_ok=True)
-    s = SMOKE if args.smoke else SETTING
-    result = (compare if args.what == "compare" else breakdown)(work, s)
+    s = dict(SMOKE if args.smoke else LONG if args.long or args.what == "long" else SETTING)
+    if args.smoke and (args.long or args.what == "long"):
+        s.update(gradient_checkpointing=True, precompute_ref=True)
+    if args.max_length:
+        s["max_length"] = args.max_length
+    if args.train_option:
+        s["train_options"] = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.train_option)}
+    if args.what == "long":
+        lengths = [s["max_length"]] if args.smoke else [int(x) for x in args.lengths.split(",")]
+        result = long_table(work, s, lengths, args.json, args.trl_from)
+    else:
+        result = (compare if args.what == "compare" else breakdown)(work, s)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text + "\n")
