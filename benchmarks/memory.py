@@ -5,6 +5,10 @@ peak memory = that process's maximum resident set size (model load included, as 
     python benchmarks/memory.py breakdown [--json OUT]   # one step's peak split by what holds the memory
     python benchmarks/memory.py ... --smoke              # a tiny model and 2 steps (the tests run this)
     python benchmarks/memory.py render COMPARE BREAKDOWN [BEFORE BEFORE_BREAKDOWN]  # into docs/benchmarks.md
+    python benchmarks/memory.py long [--lengths 2048,1024,512] [--train-option split_sequences=true] --json OUT
+        # issue 26's long-context table: batch 2, gradient checkpointing on both sides, TRL most frugal
+    python benchmarks/memory.py breakdown --long --max-length 2048   # that setting's breakdown at one length
+    python benchmarks/memory.py render-long LONG_JSON [LONG_JSON ...]  # its section of docs/benchmarks.md
 
 The setting: a Mistral-architecture model of 12 layers x 512 (MLP 1792, the real 32k vocabulary, float32), LoRA
 r=8 on every linear layer (alpha 16, dropout 0.05), max length 512, batch 4 pairs, 6 steps, AdamW. The pairs are
@@ -186,6 +190,42 @@ def render(compare_result: dict, breakdown_result: dict, before: dict | None = N
               "glibc's default alone.",
               ""]
     lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+LONG_BEGIN, LONG_END = "<!-- memory-long:begin -->", "<!-- memory-long:end -->"
+
+
+def _options_label(options: dict) -> str:
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items() if v]
+    return " ".join(flags) or "default"
+
+
+def render_long(tables: list[dict]) -> str:
+    """The long-context section of docs/benchmarks.md: one `long` table per set of training options."""
+    gib = 2**30
+    s = tables[0]["setting"]
+    lines = [LONG_BEGIN, "## Training memory on CPU at long context (issue 26)", "",
+             "`python benchmarks/memory.py long [--train-option FIELD=VALUE ...]`: the model above (12 layers x 512, "
+             f"MLP 1792, 32k vocabulary, float32), LoRA r={s['lora_r']}, batch {s['batch_size']} pairs, gradient "
+             "checkpointing on both sides, TRL DPOTrainer + peft at its most frugal (`precompute_ref_log_probs=True`, "
+             "`gradient_checkpointing=True`, its chunked log-prob head); every sequence reaches the max length. "
+             f"{s['steps']} steps; peak RSS is the whole process's (model load and TRL's precompute included), in "
+             "GiB; step time the median after the first. The 2-core machine was shared with other jobs while these "
+             "ran: peaks are the process's own and hold, step times are noisy (compare within a row).", "",
+             "| logitstore options | max length | logitstore | TRL | ratio | step, logitstore | step, TRL |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for table in tables:
+        label = _options_label(table["setting"].get("train_options", {}))
+        for row in table["rows"]:
+            ours, trl = row["logitstore"], row["trl"]
+            lines.append(f"| {label} | {row['setting']['max_length']:,} | {ours['peak_rss_bytes'] / gib:.2f} | "
+                         f"{trl['peak_rss_bytes'] / gib:.2f} | {row['rss_ratio']:.2f}x | "
+                         f"{ours['step_seconds']:.1f} s | {trl['step_seconds']:.1f} s |")
+    for table in tables:
+        if table.get("note"):
+            lines += ["", table["note"]]
+    lines += ["", LONG_END]
     return "\n".join(lines) + "\n"
 
 

@@ -518,6 +518,15 @@ def merge(stores: tuple[str, ...], out: str, rows_per_shard: int | None, expect_
 @attention_option
 @click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in the backward pass: less "
               "memory, same loss.")
+@click.option("--split-sequences", is_flag=True, help="Memory for step time: forward and backward each sequence "
+              "(chosen, rejected, ...) on its own, after a no-gradient pass for the values the loss reads; same loss "
+              "and gradients, one sequence's activations live at a time. SPLIT_COST")
+@click.option("--mlp-chunk", type=click.IntRange(min=1), metavar="N", help="Memory for step time: each layer's MLP "
+              "over the sequence in chunks of N tokens, each recomputed in the backward pass (Mini-Sequence "
+              "Transformer); same loss and gradients. CHUNK_COST")
+@click.option("--offload-activations", is_flag=True, help="GPU only: what the forward pass keeps for backward (the "
+              "layer checkpoints with --gradient-checkpointing) waits in pinned CPU memory, as TRL's "
+              "activation_offloading; costs the copies' time. Refused on the CPU.")
 @click.option("--group-by-length", is_flag=True, help="Batch similar lengths together (less padding).")
 @click.option("--num-workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="DataLoader worker processes reading the store (0: the training process reads).")
