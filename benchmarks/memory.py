@@ -36,7 +36,7 @@ SETTING = {"size": "memory", "max_length": 512, "batch_size": 4, "steps": 6, "lo
            "words": (40, 130)}
 # Issue 26's long-context table: batch 2, gradient checkpointing on both sides, TRL at its most frugal
 # (precompute_ref_log_probs); --max-length picks the length, the words scale with it so every sequence reaches it.
-LONG = {"size": "memory", "max_length": 2048, "batch_size": 2, "steps": 3, "lora_r": 8, "pairs": 8,
+LONG = {"size": "memory", "max_length": 2048, "batch_size": 2, "steps": 2, "lora_r": 8, "pairs": 8,
         "gradient_checkpointing": True, "precompute_ref": True}
 SMOKE = {"size": "small", "max_length": 96, "batch_size": 2, "steps": 2, "lora_r": 8, "pairs": 8, "words": (8, 24)}
 
@@ -84,10 +84,11 @@ def long_table(work: Path, s: dict, lengths: list[int], out: Path | None, trl_fr
     return result
 
 
-def breakdown(work: Path, s: dict) -> dict:
+def breakdown(work: Path, s: dict, *, trl: dict | None = None) -> dict:
+    """Each trainer's first step split into pieces; `trl`: TRL's breakdown measured earlier in this setting."""
     common = prepare(work, s)
     ours = run_child("profile-train", {**common, "out": str(work / "prof-logitstore")})
-    trl = run_child("profile-trl-train", {**common, "out": str(work / "prof-trl")})
+    trl = trl or run_child("profile-trl-train", {**common, "out": str(work / "prof-trl")})
     return {"setting": s, "logitstore": ours, "trl": trl}
 
 
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default="2048,1024,512", help="long: the max lengths, in this order")
     parser.add_argument("--train-option", action="append", default=[], metavar="FIELD=JSON",
                         help="a TrainConfig field for logitstore's runs, e.g. split_sequences=true (repeatable)")
-    parser.add_argument("--trl-from", type=Path, help="long: reuse TRL's rows of this earlier long table")
+    parser.add_argument("--trl-from", type=Path, help="reuse TRL's figures from this earlier result of the same "
+                        "command and setting (long: its rows), instead of running TRL again")
     args = parser.parse_args(argv)
     if args.what == "render-long":
         write_section(args.doc, render_long([json.loads(p.read_text()) for p in args.results]), LONG_BEGIN, LONG_END)
@@ -269,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         lengths = [s["max_length"]] if args.smoke else [int(x) for x in args.lengths.split(",")]
         result = long_table(work, s, lengths, args.json, args.trl_from)
     else:
-        result = (compare if args.what == "compare" else breakdown)(work, s)
+        earlier = json.loads(args.trl_from.read_text())["trl"] if args.trl_from else None
+        result = (compare if args.what == "compare" else breakdown)(work, s, trl=earlier)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text + "\n")

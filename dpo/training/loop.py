@@ -101,7 +101,9 @@ def prepare(cfg: TrainConfig) -> Run:
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train; running out of memory becomes one line with the peak reached and what lowers it (training/memory.py)."""
-    meter = PeakMeter()
+    meter = PeakMeter(in_use=frozenset(flag for flag, on in (
+        ("--gradient-checkpointing", cfg.gradient_checkpointing), ("--mlp-chunk", cfg.mlp_chunk),
+        ("--split-sequences", cfg.split_sequences), ("--offload-activations", cfg.offload_activations)) if on))
     try:
         return _train(prepare(cfg), meter, progress=progress, log=log)
     except (RuntimeError, MemoryError) as exc:
