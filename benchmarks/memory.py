@@ -202,8 +202,27 @@ def _options_label(options: dict) -> str:
     return " ".join(flags) or "default"
 
 
-def render_long(tables: list[dict]) -> str:
-    """The long-context section of docs/benchmarks.md: one `long` table per set of training options."""
+def _long_breakdown(columns: list[tuple[str, dict]]) -> list[str]:
+    """Rows of pieces (GiB) for `breakdown --long` results: what one step holds at its largest instant."""
+    gib = 2**30
+    lines = ["| piece | " + " | ".join(name for name, _ in columns) + " |", "|---|" + "---:|" * len(columns)]
+    pieces = list(dict.fromkeys(k for _, b in columns for k in (*b["held"], *b["pieces"])))
+    for piece in pieces:
+        values = [b["held"].get(piece, 0) + b["pieces"].get(piece, 0) for _, b in columns]
+        if any(v >= gib / 1000 for v in values):
+            lines.append(f"| {piece} | " + " | ".join(f"{v / gib:.3f}" for v in values) + " |")
+    totals = [sum(b["held"].values()) + b["tracked_peak_bytes"] for _, b in columns]
+    lines.append("| **tensors at the peak** | " + " | ".join(f"**{t / gib:.2f}**" for t in totals) + " |")
+    lines.append("| interpreter, libraries, allocator slack, profiler | " + " | ".join(
+        f"{(b['peak_rss_bytes'] - t) / gib:.2f}" for (_, b), t in zip(columns, totals)) + " |")
+    lines.append("| peak RSS of the profiled process | " + " | ".join(
+        f"{b['peak_rss_bytes'] / gib:.2f}" for _, b in columns) + " |")
+    return lines
+
+
+def render_long(tables: list[dict], breakdowns: list[tuple[str, dict]] = ()) -> str:
+    """The long-context section of docs/benchmarks.md: one `long` table per set of training options, and
+    `breakdown --long` results at one length as (column name, that result's logitstore or trl side)."""
     gib = 2**30
     s = tables[0]["setting"]
     lines = [LONG_BEGIN, "## Training memory on CPU at long context (issue 26)", "",
@@ -226,6 +245,12 @@ def render_long(tables: list[dict]) -> str:
     for table in tables:
         if table.get("note"):
             lines += ["", table["note"]]
+    if breakdowns:
+        lines += ["", "Where one step's peak goes at this length, in GiB (`python benchmarks/memory.py breakdown --long "
+                  "--max-length N [--train-option ...]`, as in the section above: the live allocations at the step's "
+                  "largest instant by the region they were made in, the held tensors counted from themselves; the "
+                  "profiler's own records add to the process's RSS):", ""]
+        lines += _long_breakdown(list(breakdowns))
     lines += ["", LONG_END]
     return "\n".join(lines) + "\n"
 
@@ -246,9 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="a TrainConfig field for logitstore's runs, e.g. split_sequences=true (repeatable)")
     parser.add_argument("--trl-from", type=Path, help="reuse TRL's figures from this earlier result of the same "
                         "command and setting (long: its rows), instead of running TRL again")
+    parser.add_argument("--breakdown", action="append", default=[], metavar="COLUMN=SIDE:JSON",
+                        help="render-long: a breakdown column, e.g. 'logitstore, before=logitstore:bd.json'")
     args = parser.parse_args(argv)
     if args.what == "render-long":
-        write_section(args.doc, render_long([json.loads(p.read_text()) for p in args.results]), LONG_BEGIN, LONG_END)
+        named = [(spec.split("=", 1)[0], spec.split("=", 1)[1].split(":", 1)) for spec in args.breakdown]
+        breakdowns = [(name, json.loads(Path(path).read_text())[side]) for name, (side, path) in named]
+        write_section(args.doc, render_long([json.loads(p.read_text()) for p in args.results], breakdowns),
+                      LONG_BEGIN, LONG_END)
         return 0
     if args.what == "render":
         if len(args.results) not in (2, 4):

@@ -18,11 +18,12 @@ from logitstore.errors import LogitstoreError
 
 GIB = 1 << 30
 # What lowers a training step's peak at the same batch and length, from the least step time it costs to the most
-# (measured on CPU: docs/benchmarks.md, "Training memory on CPU at long context"), as (option, what it costs, whether
+# (measured on CPU at max length 512: docs/benchmarks.md, "Training memory on CPU at long context"; checkpointing
+# recomputes the layers, about a third more compute), as (option, what it costs, whether
 # it runs only on a GPU); then what changes the batch or the data.
-TRADES = (("--gradient-checkpointing", "GC_COST", False),
-          ("--mlp-chunk 256", "CHUNK_COST", False),
-          ("--split-sequences", "SPLIT_COST", False),
+TRADES = (("--mlp-chunk 256", "+2% step time at 512 tokens", False),
+          ("--split-sequences", "+21% step time at 512 tokens", False),
+          ("--gradient-checkpointing", "one more forward of the layers", False),
           ("--offload-activations", "the copies to CPU memory and back", True))
 LAST_RESORTS = ("a smaller --batch-size (--grad-accum keeps the effective batch)",
                 "a store built with a shorter --max-length")
