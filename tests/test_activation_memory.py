@@ -153,6 +153,9 @@ def test_train_help_says_what_each_option_costs():
     done = run_cli("train", "--help")
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
-    for piece in ("--split-sequences Memory for step time:", "+21% step time at 512 tokens; with --mlp-chunk 256, peak 1.94 GiB instead of 4.14 GiB at 2,048 tokens.", "--mlp-chunk N Memory for step time:",
-                  "Measured as --split-sequences: +2% step time at 512 tokens.", "--offload-activations GPU only:", "Refused on the CPU."):
+    for piece in ("--split-sequences Memory for step time:",
+                  "+21% step time at 512 tokens; peak 2.52 GiB instead of 4.14 GiB at 2,048 tokens (1.94 GiB with "
+                  "--mlp-chunk 256).", "--mlp-chunk N Memory for step time:",
+                  "Measured as --split-sequences: +2% step time at 512 tokens; peak 3.76 GiB instead of 4.14 GiB at "
+                  "2,048 tokens.", "--offload-activations GPU only:", "Refused on the CPU."):
         assert piece in text, piece
