@@ -154,8 +154,8 @@ def test_train_help_says_what_each_option_costs():
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     for piece in ("--split-sequences Memory for step time:",
-                  "+21% step time at 512 tokens; peak 2.52 GiB instead of 4.14 GiB at 2,048 tokens (1.94 GiB with "
+                  "+21% step time at 512 tokens; peak 2.52 GiB instead of 3.85 GiB at 2,048 tokens (1.97 GiB with "
                   "--mlp-chunk 256).", "--mlp-chunk N Memory for step time:",
-                  "Measured as --split-sequences: +2% step time at 512 tokens; peak 3.76 GiB instead of 4.14 GiB at "
+                  "Measured as --split-sequences: +2% step time at 512 tokens; peak 3.76 GiB instead of 3.85 GiB at "
                   "2,048 tokens.", "--offload-activations GPU only:", "Refused on the CPU."):
         assert piece in text, piece
