@@ -375,7 +375,8 @@ GPU_REGENERATE = [
 
 # Sections other scripts write between these markers (benchmarks/memory.py, benchmarks/gpu.py): carried over as
 # they are, since this suite does not measure them.
-KEPT = (("<!-- memory:begin -->", "<!-- memory:end -->"), ("<!-- gpu:begin -->", "<!-- gpu:end -->"),
+KEPT = (("<!-- memory:begin -->", "<!-- memory:end -->"), ("<!-- memory-long:begin -->", "<!-- memory-long:end -->"),
+        ("<!-- gpu:begin -->", "<!-- gpu:end -->"),
         ("<!-- gpu-sweep:begin -->", "<!-- gpu-sweep:end -->"), ("<!-- kto:begin -->", "<!-- kto:end -->"))
 
 

@@ -127,7 +127,9 @@ def train(args: dict) -> dict:
 
     result = run(TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=args["steps"],
                              batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
-                             lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16)),
+                             lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
+                             gradient_checkpointing=args.get("gradient_checkpointing", False),
+                             **args.get("train_options", {})),
                     progress=False, log=lambda s: None)
     steps = result["history"][1:]  # the first step pays for warm-up
     return {"step_seconds": statistics.median(h["step_seconds"] for h in steps),
@@ -151,6 +153,14 @@ def step_timer(times: list[float]) -> Any:
     return Timer()
 
 
+def trl_frugal(args: dict) -> dict:
+    """TRL at its most frugal (issue 26's long-context table): the reference's log-probs computed once before
+    training, in batches of the training batch, instead of a reference forward in every step."""
+    if not args.get("precompute_ref"):
+        return {}
+    return {"precompute_ref_log_probs": True, "precompute_ref_batch_size": args["batch_size"]}
+
+
 def trl_train(args: dict) -> dict:
     import datasets
     import torch
@@ -167,7 +177,7 @@ def trl_train(args: dict) -> dict:
     config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
                        max_steps=args["steps"], learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
                        save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear",
-                       gradient_checkpointing=args.get("gradient_checkpointing", False))
+                       gradient_checkpointing=args.get("gradient_checkpointing", False), **trl_frugal(args))
     trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(rows),
                          peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
@@ -213,7 +223,9 @@ def profile_train(args: dict) -> dict:
     losses.dpo_loss = labelled("loss", losses.dpo_loss)
     trainer.train(trainer.TrainConfig(model=args["model"], store=args["store"], out=args["out"], max_steps=1,
                                       batch_size=args["batch_size"], log_every=1, lr=1e-4, plot=False,
-                                      lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16)),
+                                      lora_r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),
+                                      gradient_checkpointing=args.get("gradient_checkpointing", False),
+                                      **args.get("train_options", {})),
                   progress=False, log=lambda s: None)
     prof.stop()
     result = peak_breakdown(prof, vocab=seen["model"].config.vocab_size)
@@ -258,7 +270,8 @@ def profile_trl_train(args: dict) -> dict:
     config = DPOConfig(output_dir=args["out"], max_length=args["max_length"], per_device_train_batch_size=args["batch_size"],
                        max_steps=1, learning_rate=1e-4, bf16=False, use_cpu=True, report_to=[],
                        save_strategy="no", logging_steps=1, dataset_num_proc=None, lr_scheduler_type="linear",
-                       gradient_checkpointing=args.get("gradient_checkpointing", False))  # as trl_train runs it
+                       gradient_checkpointing=args.get("gradient_checkpointing", False),
+                       **trl_frugal(args))  # as trl_train runs it
     trainer = DPOTrainer(model=model, args=config, processing_class=load_tokenizer(args["model"]),
                          train_dataset=datasets.Dataset.from_list(rows),
                          peft_config=LoraConfig(r=args.get("lora_r", 16), lora_alpha=2 * args.get("lora_r", 16),

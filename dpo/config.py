@@ -88,6 +88,9 @@ class TrainConfig:
     device: str = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    split_sequences: bool = False  # forward and backward one sequence at a time (dpo/model/split_rows.py)
+    mlp_chunk: int | None = None  # the MLP over the sequence in chunks of this many tokens (dpo/model/mlp_chunks.py)
+    offload_activations: bool = False  # GPU: tensors saved for backward wait in pinned CPU memory
     group_by_length: bool = False
     num_workers: int = 0
     seed: int = 0

@@ -14,8 +14,9 @@ from logitstore.dpo.training import TrainConfig, train
 
 from sample_data import implicit_rows, write_jsonl
 
-REMEDY = ("lower it with --gradient-checkpointing, a smaller --batch-size (--grad-accum keeps the effective batch) "
-          "or a store built with a shorter --max-length")
+REMEDY = ("lower it with --mlp-chunk 256 (+2% step time at 512 tokens), --split-sequences (+21% step time at 512 "
+          "tokens), --gradient-checkpointing (one more forward of the layers) (cheapest in step time first); or a "
+          "smaller --batch-size (--grad-accum keeps the effective batch) or a store built with a shorter --max-length")
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,33 @@ def test_dropout_is_off_by_default_as_in_trl(byte_model, store):
             model(input_ids=torch.randint(0, 200, (2, 16))).logits.sum().backward()
         adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     assert adapted > 0 and len(saved[False]) >= len(saved[True]) + adapted
+
+
+def test_the_remedies_leave_out_what_the_run_uses_and_name_offloading_on_a_gpu():
+    assert memory.remedies(gpu=True, in_use=frozenset({"--gradient-checkpointing", "--split-sequences"})) == (
+        "lower it with --mlp-chunk 256 (+2% step time at 512 tokens), --offload-activations (the copies to CPU "
+        "memory and back) "
+        "(cheapest in step time first); or a smaller --batch-size (--grad-accum keeps the effective batch) or a "
+        "store built with a shorter --max-length")
+    every = frozenset({"--gradient-checkpointing", "--mlp-chunk", "--split-sequences"})
+    assert memory.remedies(gpu=False, in_use=every) == (
+        "lower it with a smaller --batch-size (--grad-accum keeps the effective batch) or a store built with a "
+        "shorter --max-length")
+
+
+def test_out_of_memory_with_every_cpu_option_names_what_is_left(byte_model, store, tmp_path, monkeypatch, capsys):
+    from logitstore.cli.main import main
+    from logitstore.dpo.kinds.pairs import PairsTask
+
+    def failing(self, *args, **kwargs):
+        torch.empty(2**62, dtype=torch.uint8)
+
+    monkeypatch.setattr(PairsTask, "step", failing)
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--model", str(byte_model), "--store", str(store), "--out", str(tmp_path / "run"),
+              "--max-steps", "1", "--batch-size", "4", "--gradient-checkpointing", "--split-sequences",
+              "--mlp-chunk", "64", "--quiet"])
+    assert exit_.value.code == 1
+    line, = capsys.readouterr().err.splitlines()
+    assert line.endswith("(CPU, peak RSS); lower it with a smaller --batch-size (--grad-accum keeps the effective "
+                         "batch) or a store built with a shorter --max-length")

@@ -67,3 +67,34 @@ def test_memory_section_renders_before_and_after():
     assert "| logits / log-softmax | 1.300 GB | 0.100 GB | 0.100 GB |" in text
     assert "| **tensors at the peak** | **4.60 GB** | **3.40 GB** | **3.40 GB** |" in text
     assert "| interpreter, libraries, allocator slack | 3.40 GB | 2.60 GB | 4.60 GB |" in text
+
+
+@pytest.mark.slow
+def test_long_table_smoke_with_a_training_option(tmp_path):
+    """`long` (issue 26's setting: gradient checkpointing on both sides, TRL with precompute_ref_log_probs) passes a
+    training option through to logitstore's run and keeps the step-0 loss at ln 2."""
+    table = run(tmp_path, "long", "--train-option", "split_sequences=true", "--train-option", "mlp_chunk=16")
+    assert table["setting"]["gradient_checkpointing"] and table["setting"]["precompute_ref"]
+    assert table["setting"]["train_options"] == {"split_sequences": True, "mlp_chunk": 16}
+    (row,) = table["rows"]
+    for trainer in ("logitstore", "trl"):
+        assert abs(row[trainer]["loss_first"] - math.log(2)) < 1e-5 and row[trainer]["peak_rss_bytes"] > 100e6
+
+
+def test_long_section_renders_each_option_set():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import memory
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def table(options: dict, ours: float) -> dict:
+        setting = {**{k: v for k, v in memory.LONG.items() if k != "max_length"}, "train_options": options}
+        row = {"setting": {**setting, "max_length": 2048}, "rss_ratio": ours / 8 * 2**30 / 2**30,
+               "logitstore": {"peak_rss_bytes": ours * 2**30, "step_seconds": 30.0},
+               "trl": {"peak_rss_bytes": 8 * 2**30, "step_seconds": 40.0}}
+        return {"setting": setting, "rows": [row]}
+
+    text = memory.render_long([table({}, 4.0), table({"split_sequences": True, "mlp_chunk": 256}, 2.4)])
+    assert "| default | 2,048 | 4.00 | 8.00 | 0.50x | 30.0 s | 40.0 s |" in text
+    assert "| --split-sequences --mlp-chunk 256 | 2,048 | 2.40 | 8.00 | 0.30x | 30.0 s | 40.0 s |" in text

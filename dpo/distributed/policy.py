@@ -33,10 +33,15 @@ def _scorer_class() -> type:
 
 
 def score(policy: Any, input_ids: Any, attention_mask: Any, completion_mask: Any, *, sum_sq: bool = False,
-          teacher: Any = None) -> Any:
-    """`token_logps` through the wrapped policy where there is one, else on the model itself."""
+          teacher: Any = None, split: bool = False) -> Any:
+    """`token_logps` through the wrapped policy where there is one, else on the model itself; `split`
+    (--split-sequences, one process only): one sequence at a time (dpo/model/split_rows.py)."""
     from ..model.scoring import TokenLogps, token_logps
 
+    if split:
+        from ..model.split_rows import split_token_logps
+
+        return split_token_logps(policy, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)
     if is_wrapped(policy):
         return TokenLogps(*policy(input_ids, attention_mask, completion_mask, sum_sq, teacher))
     return token_logps(policy, input_ids, attention_mask, completion_mask, sum_sq=sum_sq, teacher=teacher)

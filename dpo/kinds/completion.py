@@ -131,7 +131,7 @@ class CompletionTask(Task):
         completion = batch["completion_mask"].to(device, non_blocking=True)
         teacher = teacher_records(batch, objective, device)
         with precision(device, self.cfg.dtype):
-            tokens = score(policy, ids, attention, completion, teacher=teacher)
+            tokens = score(policy, ids, attention, completion, teacher=teacher, split=self.cfg.split_sequences)
         terms = global_token_mean(completion_terms(tokens, objective), tokens.scored)  # TRL's mean over all ranks
         metrics = {"loss": terms.distill.detach(), "logps": tokens.per_token.detach().sum(dim=1).mean(),
                    **teacher_metrics(terms)}

@@ -120,7 +120,8 @@ class PairsTask(Task):
         completion = batch["completion_mask"].to(device, non_blocking=True)
         teacher = teacher_records(batch, objective, device)  # None unless distill or TDPO reads the teacher
         with precision(device, self.cfg.dtype):  # through DDP/FSDP2 in a distributed run (dpo/distributed)
-            tokens = score(policy, ids, attention, completion, sum_sq=objective.use_weighting, teacher=teacher)
+            tokens = score(policy, ids, attention, completion, sum_sq=objective.use_weighting, teacher=teacher,
+                           split=self.cfg.split_sequences)
         pair = pair_logps(tokens, completion, batch["ref_chosen_logps"].to(device, non_blocking=True),
                           batch["ref_rejected_logps"].to(device, non_blocking=True), objective)
         pair = global_token_mean(pair, tokens.scored)  # distill: TRL's mean over all ranks' tokens

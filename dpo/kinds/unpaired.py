@@ -168,7 +168,7 @@ class UnpairedTask(Task):
             return ids[rows, :width], attention[rows, :width], completion[rows, :width]
 
         with precision(device, self.cfg.dtype):
-            policy_logps = score(policy, *half(slice(0, n))).per_token.sum(dim=1)
+            policy_logps = score(policy, *half(slice(0, n)), split=self.cfg.split_sequences).per_token.sum(dim=1)
         weights = {"beta": objective.beta, "desirable_weight": objective.desirable_weight,
                    "undesirable_weight": objective.undesirable_weight}
         if objective.loss_type == "bco":
@@ -178,7 +178,8 @@ class UnpairedTask(Task):
             kl = torch.zeros((), device=device)
             if objective.uses_kl:  # the reference point: no gradient flows through it (TRL scores it without)
                 with torch.no_grad(), precision(device, self.cfg.dtype):
-                    policy_kl = score(policy, *half(slice(n, 2 * n))).per_token.sum(dim=1)
+                    policy_kl = score(policy, *half(slice(n, 2 * n)),
+                                      split=self.cfg.split_sequences).per_token.sum(dim=1)
                 # Averaged over the ranks' chunks in training; in evaluation each rank's chunk is its own.
                 kl = kl_estimate(policy_kl, batch["ref_kl_logps"].to(device, non_blocking=True),
                                  distributed.gather if training and distributed.is_distributed() else None)

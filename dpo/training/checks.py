@@ -39,6 +39,20 @@ def check_setup(cfg: TrainConfig) -> None:
     check_model_extras(quantize=cfg.quantize, adapter=cfg.adapter, optimizer=cfg.optimizer)
 
 
+def check_memory_options(cfg: TrainConfig, world: int, device: str) -> None:
+    """Refuse the activation-memory options where they cannot run: in a distributed run (each was measured and
+    tested in one process), --offload-activations off a GPU, a chunk of no tokens."""
+    asked = [name for name, on in (("--split-sequences", cfg.split_sequences), ("--mlp-chunk", cfg.mlp_chunk),
+                                   ("--offload-activations", cfg.offload_activations)) if on]
+    if world > 1 and asked:
+        raise LogitstoreError(f"{asked[0]} runs in one process; a distributed run (DDP or FSDP2) trains without it")
+    if cfg.mlp_chunk is not None and cfg.mlp_chunk < 1:
+        raise LogitstoreError(f"--mlp-chunk must be a positive number of tokens, got {cfg.mlp_chunk}")
+    if cfg.offload_activations and not device.startswith("cuda"):
+        raise LogitstoreError("--offload-activations moves what the backward pass keeps from the GPU to CPU memory; "
+                              "this run trains on the CPU, where it means nothing: drop it")
+
+
 def example_names(store: logitstore.Store, rows: torch.Tensor) -> str:
     names = [repr(store.id_of(int(r))) for r in rows[:3]]
     more = f" and {len(rows) - 3} more" if len(rows) > 3 else ""

@@ -26,10 +26,12 @@ from ..config import TrainConfig
 from ..distributed import group as distributed
 from ..distributed.policy import accumulating, grad_norm_value, wrap_policy
 from ..kinds.teacher import check_teacher_vocabulary
+from ..model.mlp_chunks import chunk_mlps
 from ..model.loading import check_model_folder, model_dtype, model_fingerprint, resolve_device
 from ..objectives.objective import objective_of
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .checks import NonFiniteLossError, check_batch, check_setup, check_store_matches, example_names, last_good
+from .checks import (NonFiniteLossError, check_batch, check_memory_options, check_setup, check_store_matches,
+                     example_names, last_good)
 from .evaluate import evaluate
 from .files import cut_metrics
 from .memory import PeakMeter, is_out_of_memory
@@ -69,6 +71,7 @@ def prepare(cfg: TrainConfig) -> Run:
     cfg = dataclasses.replace(cfg, dtype=model_dtype(cfg.model, cfg.dtype, cfg.device, cfg.revision))
     rank, world = distributed.rank_and_world()
     distributed.check_batch_size(cfg.batch_size, world)
+    check_memory_options(cfg, world, resolve_device(cfg.device))
     if world > 1 and not cfg.lora and cfg.adapter is not None:
         raise distributed.DistributedSetupError(
             "--no-lora with --adapter merges the adapter into the whole model, which no rank of a sharded run holds; "
@@ -98,7 +101,9 @@ def prepare(cfg: TrainConfig) -> Run:
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train; running out of memory becomes one line with the peak reached and what lowers it (training/memory.py)."""
-    meter = PeakMeter()
+    meter = PeakMeter(in_use=frozenset(flag for flag, on in (
+        ("--gradient-checkpointing", cfg.gradient_checkpointing), ("--mlp-chunk", cfg.mlp_chunk),
+        ("--split-sequences", cfg.split_sequences), ("--offload-activations", cfg.offload_activations)) if on))
     try:
         return _train(prepare(cfg), meter, progress=progress, log=log)
     except (RuntimeError, MemoryError) as exc:
@@ -125,6 +130,8 @@ def load_trainee(run: Run) -> Trainee:
     cfg = run.cfg
     torch.manual_seed(cfg.seed)
     model = setup_policy(dataclasses.replace(cfg, device="meta") if run.sharded else cfg)
+    if cfg.mlp_chunk:
+        chunk_mlps(model, cfg.mlp_chunk)
     device = torch.device(resolve_device(cfg.device)) if run.sharded else next(model.parameters()).device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -295,7 +302,8 @@ def accumulate(run: Run, t: Trainee, cursor: Cursor, step: int) -> tuple[dict[st
         loader_s += time.perf_counter() - t_fetch
         check_batch(batch, run.store, t.vocab, t.width)
         with accumulating(t.policy, last=micro == cfg.grad_accum - 1):  # DDP: one all-reduce a step
-            loss, metrics = run.task.step(t.policy, batch, t.device)
+            with offloaded(cfg.offload_activations):
+                loss, metrics = run.task.step(t.policy, batch, t.device)
             if not torch.isfinite(loss):  # stop before it reaches the weights
                 raise NonFiniteLossError(f"training stopped at step {step + 1}: the loss is "
                                          f"{float(loss.detach())} on {example_names(run.store, batch['rows'])}; "
@@ -306,6 +314,15 @@ def accumulate(run: Run, t: Trainee, cursor: Cursor, step: int) -> tuple[dict[st
             sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         del batch, loss, metrics  # the next micro-batch's forward does not need this one's inputs or graph
     return sums, tokens, loader_s
+
+
+def offloaded(on: bool) -> Any:
+    """--offload-activations: what the forward pass saves for backward (the layer-boundary checkpoints under
+    --gradient-checkpointing) waits in pinned CPU memory, copied back when the backward pass needs it; as TRL's
+    activation_offloading, without its side streams."""
+    import contextlib
+
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if on else contextlib.nullcontext()
 
 
 def evaluate_now(run: Run, policy: Any, device: Any) -> dict[str, float]:

@@ -17,9 +17,25 @@ import torch
 from logitstore.errors import LogitstoreError
 
 GIB = 1 << 30
-# What lowers a training step's peak, in the order it helps most (docs/benchmarks.md, "Where a step's memory goes").
-REMEDIES = ("--gradient-checkpointing", "a smaller --batch-size (--grad-accum keeps the effective batch)",
-            "a store built with a shorter --max-length")
+# What lowers a training step's peak at the same batch and length, from the least step time it costs to the most
+# (measured on CPU at max length 512: docs/benchmarks.md, "Training memory on CPU at long context"; checkpointing
+# recomputes the layers, about a third more compute), as (option, what it costs, whether
+# it runs only on a GPU); then what changes the batch or the data.
+TRADES = (("--mlp-chunk 256", "+2% step time at 512 tokens", False),
+          ("--split-sequences", "+21% step time at 512 tokens", False),
+          ("--gradient-checkpointing", "one more forward of the layers", False),
+          ("--offload-activations", "the copies to CPU memory and back", True))
+LAST_RESORTS = ("a smaller --batch-size (--grad-accum keeps the effective batch)",
+                "a store built with a shorter --max-length")
+
+
+def remedies(*, gpu: bool, in_use: frozenset[str] = frozenset()) -> str:
+    """"lower it with ...": the options not in use yet, cheapest first, each with its cost; then the batch and the
+    data."""
+    trades = [f"{option} ({cost})" for option, cost, gpu_only in TRADES
+              if option.split()[0] not in in_use and (gpu or not gpu_only)]
+    first = f"{', '.join(trades)} (cheapest in step time first); or " if trades else ""
+    return f"lower it with {first}{LAST_RESORTS[0]} or {LAST_RESORTS[1]}"
 
 
 class OutOfMemoryError(LogitstoreError, MemoryError):
@@ -47,6 +63,7 @@ class PeakMeter:
 
     device: Any = None
     step: int | None = None
+    in_use: frozenset[str] = frozenset()  # the memory options the run already has ("--split-sequences", ...)
 
     def start(self, device: Any) -> None:
         """From here on (after the model load) the GPU peak counts; the CPU peak is the whole process's."""
@@ -79,8 +96,9 @@ class PeakMeter:
             limit = f"{total / GIB:.2f} GiB"
             of = f" of the device's {limit}"
         wanted = _wanted(str(exc))
-        return OutOfMemoryError(f"out of memory {where}{wanted}: {self.summary()}{of}; lower it with "
-                                f"{', '.join(REMEDIES[:-1])} or {REMEDIES[-1]}")
+        gpu = self.device is not None and self.device.type == "cuda"
+        return OutOfMemoryError(f"out of memory {where}{wanted}: {self.summary()}{of}; "
+                                f"{remedies(gpu=gpu, in_use=self.in_use)}")
 
 
 def _wanted(text: str) -> str:
