@@ -68,8 +68,8 @@ class RaggedFields:
         values_key = fmt.values_array(field)
         mapped = self._shard_file(values_key, shard, mapped=True)
         values = None if mapped is None else ShardValues(
-            mapped, f"{self.location.url}: {fmt.chunk_key(values_key, shard)}", spec, g.shard_capacity, g.inner_chunk, self._cache,
-            (field, shard))
+            mapped, f"{self.location.url}: {fmt.chunk_key(values_key, shard)}", spec, g.shard_capacity,
+            g.inner_chunk, self._cache, (field, shard))
         return local, values
 
     def offsets(self, field: str) -> np.ndarray:

@@ -17,6 +17,7 @@ from ..config import TrainConfig
 from ..kinds.teacher import check_teacher_batch, per_example
 from ..model.loading import check_model_extras, model_fingerprint
 from .checkpoint import latest_checkpoint
+from .memory import options_in_use
 
 
 def check_store_matches(store: logitstore.Store, cfg: TrainConfig) -> None:
@@ -42,8 +43,7 @@ def check_setup(cfg: TrainConfig) -> None:
 def check_memory_options(cfg: TrainConfig, world: int, device: str) -> None:
     """Refuse the activation-memory options where they cannot run: in a distributed run (each was measured and
     tested in one process), --offload-activations off a GPU, a chunk of no tokens."""
-    asked = [name for name, on in (("--split-sequences", cfg.split_sequences), ("--mlp-chunk", cfg.mlp_chunk),
-                                   ("--offload-activations", cfg.offload_activations)) if on]
+    asked = [flag for flag in options_in_use(cfg) if flag != "--gradient-checkpointing"]
     if world > 1 and asked:
         raise LogitstoreError(f"{asked[0]} runs in one process; a distributed run (DDP or FSDP2) trains without it")
     if cfg.mlp_chunk is not None and cfg.mlp_chunk < 1:

@@ -7,6 +7,7 @@ for each optimizer step: fetch micro-batches from the store, let the store kind'
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -34,7 +35,7 @@ from .checks import (NonFiniteLossError, check_batch, check_memory_options, chec
                      example_names, last_good)
 from .evaluate import evaluate
 from .files import cut_metrics
-from .memory import PeakMeter, is_out_of_memory
+from .memory import PeakMeter, is_out_of_memory, options_in_use
 from .policy import logits_width, lr_at, make_optimizer, setup_policy, vocabulary_size
 from .trackers import open_trackers
 from .weights import save_weights
@@ -101,9 +102,7 @@ def prepare(cfg: TrainConfig) -> Run:
 
 def train(cfg: TrainConfig, *, progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train; running out of memory becomes one line with the peak reached and what lowers it (training/memory.py)."""
-    meter = PeakMeter(in_use=frozenset(flag for flag, on in (
-        ("--gradient-checkpointing", cfg.gradient_checkpointing), ("--mlp-chunk", cfg.mlp_chunk),
-        ("--split-sequences", cfg.split_sequences), ("--offload-activations", cfg.offload_activations)) if on))
+    meter = PeakMeter(in_use=frozenset(options_in_use(cfg)))
     try:
         return _train(prepare(cfg), meter, progress=progress, log=log)
     except (RuntimeError, MemoryError) as exc:
@@ -320,8 +319,6 @@ def offloaded(on: bool) -> Any:
     """--offload-activations: what the forward pass saves for backward (the layer-boundary checkpoints under
     --gradient-checkpointing) waits in pinned CPU memory, copied back when the backward pass needs it; as TRL's
     activation_offloading, without its side streams."""
-    import contextlib
-
     return torch.autograd.graph.save_on_cpu(pin_memory=True) if on else contextlib.nullcontext()
 
 

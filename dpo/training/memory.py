@@ -25,8 +25,16 @@ TRADES = (("--mlp-chunk 256", "+2% step time at 512 tokens", False),
           ("--split-sequences", "+21% step time at 512 tokens", False),
           ("--gradient-checkpointing", "one more forward of the layers", False),
           ("--offload-activations", "the copies to CPU memory and back", True))
+# The TrainConfig field behind each option that trades step time for memory.
+OPTION_FIELDS = {"--split-sequences": "split_sequences", "--mlp-chunk": "mlp_chunk",
+                 "--offload-activations": "offload_activations", "--gradient-checkpointing": "gradient_checkpointing"}
 LAST_RESORTS = ("a smaller --batch-size (--grad-accum keeps the effective batch)",
                 "a store built with a shorter --max-length")
+
+
+def options_in_use(cfg: Any) -> list[str]:
+    """The memory options a run's config turns on, as flags, in OPTION_FIELDS' order."""
+    return [flag for flag, field in OPTION_FIELDS.items() if getattr(cfg, field)]
 
 
 def remedies(*, gpu: bool, in_use: frozenset[str] = frozenset()) -> str:
