@@ -20,3 +20,16 @@ def corpus(quick):
     from corpus import load_corpus
 
     return load_corpus(200 if quick else 1500)
+
+
+@pytest.fixture(scope="session")
+def workload_processes(quick):
+    """Where the workloads' child processes come from: under `--benchmark-disable`, forks of one interpreter that
+    imported the libraries once (benchmarks/children.py); at full size, a fresh interpreter each, as published."""
+    import contextlib
+
+    import children
+    from workloads import child_env
+
+    with children.preloaded(env=child_env()) if quick else contextlib.nullcontext():
+        yield

@@ -19,8 +19,8 @@ of 1.0), and "whole logits", the divergence from the [2B, T, V] logits of one or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +28,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+import children  # noqa: E402
+from workloads import child_env, make_model_in_child  # noqa: E402
 
 SETTING = {"size": "memory", "prompt": 64, "completion": 448, "pairs": 4, "k": 128, "steps": 3}
 SMOKE = {"size": "small", "prompt": 16, "completion": 48, "pairs": 2, "k": 16, "steps": 2}
@@ -126,17 +129,17 @@ def main() -> None:
     unknown = [n for n in names if n not in OBJECTIVES]
     if unknown:
         parser.error(f"unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
-    with tempfile.TemporaryDirectory() as tmp:
+    # A smoke run's children fork from one interpreter that imported the libraries once (memory.py's smoke).
+    with tempfile.TemporaryDirectory() as tmp, \
+            children.preloaded(env=child_env()) if a.smoke else contextlib.nullcontext():
         work = Path(a.work or tmp)
         model = work / f"model-{s['size']}"
         if not (model / "config.json").exists():
-            subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), s["size"]],
-                           check=True)
+            make_model_in_child(model, s["size"])
         results = []
         for name in names:
-            done = subprocess.run([sys.executable, __file__, "--child", json.dumps(
-                {"objective": name, "model": str(model), "setting": s})], capture_output=True, text=True,
-                check=False)
+            done = children.run([__file__, "--child", json.dumps({"objective": name, "model": str(model),
+                                                                  "setting": s})], env=child_env())
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))

@@ -30,6 +30,7 @@ table beside it (same name, .md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -48,6 +49,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import children  # noqa: E402
 from report import write_section  # noqa: E402
 
 from gpu_render import (BEGIN, END, SWEEP_BEGIN, SWEEP_END, render, render_all,  # noqa: E402,F401
@@ -67,6 +69,7 @@ SWEEP_RANGE = {False: {"logitstore": (2048, 32768), "trl": (512, 16384)},
                True: {"logitstore": (64, 64), "trl": (64, 64)}}  # --smoke: one probe a side (bisect: its own tests)
 ENV_TIMEOUT = 300.0
 LATER_SHARE = 0.2  # of the time left when the sweep starts, kept for the stages after it
+PRELOAD = (*children.WORKLOAD_MODULES, "bitsandbytes")  # what a smoke run's stages import
 MODES = {"all": ("seed", "sweep", "mfu", "breakdown"), "seed": ("seed", "mfu", "breakdown"), "sweep": ("sweep",)}
 
 
@@ -103,30 +106,23 @@ def default_tokenizer(folder: Path) -> str:
 # Stages as child processes, within the budget
 
 
-def _kill(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the stage's own session: it and anything it started
-    except ProcessLookupError:
-        pass
-    proc.communicate()
+def stage_env() -> dict[str, str]:
+    """The environment of every stage's process: nothing reaches the Hub."""
+    return {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def run_stage(name: str, args: dict, timeout: float) -> dict:
-    """Run one stage in a child process, stopped after `timeout` seconds; its result with a status: "ok", "out of
-    memory", "stopped: budget" or "failed" (with the child's last lines)."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    """Run one stage in a process of its own (benchmarks/children.py), its process group killed after `timeout`
+    seconds; its result with a status: "ok", "out of memory", "stopped: budget" or "failed" (with the child's last
+    lines)."""
     t = time.monotonic()
-    proc = subprocess.Popen([sys.executable, __file__, "--stage", name, json.dumps(args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=max(timeout, 0.1))
+        proc = children.run([__file__, "--stage", name, json.dumps(args)], env=stage_env(),
+                            timeout=max(timeout, 0.1))
     except subprocess.TimeoutExpired:
-        _kill(proc)
         return {"status": "stopped: budget", "wall_seconds": time.monotonic() - t}
-    except BaseException:
-        _kill(proc)
-        raise
+    out, err = proc.stdout, proc.stderr
     wall = time.monotonic() - t
     if proc.returncode != 0:
         tail = (err or out).strip().splitlines()[-12:]
@@ -464,14 +460,17 @@ def run_mode(mode: str, smoke: bool, work: Path, budget: Budget, out: Path | Non
         run.log(f"logitstore train does not take {run.results['ours_options']['not_in_cli']}: left out")
     work.mkdir(parents=True, exist_ok=True)
     write_pairs(work / "pairs.jsonl", s["pairs"], s["max_length"])
-    if not run.make_model(tokenizer) and "budget" not in run.results["make_model"]["status"]:
-        return run, _fail(run, f"the model was not made: {_summary(run.results['make_model'])}")
-    # With the model not made for want of time, every stage below is recorded as skipped: budget.
-    for phase in MODES[mode]:
-        if phase == "sweep":
-            phase_sweep(run, keep_for_later=phase != MODES[mode][-1])
-        else:
-            {"seed": phase_seed, "mfu": phase_mfu, "breakdown": phase_breakdown}[phase](run)
+    # A CPU smoke run's stages fork from one interpreter that imported the libraries once; the environment stage
+    # above ran in a fresh one, as every stage of a GPU run does (CUDA does not survive a fork).
+    with children.preloaded(PRELOAD, env=stage_env()) if smoke and not run.cuda else contextlib.nullcontext():
+        if not run.make_model(tokenizer) and "budget" not in run.results["make_model"]["status"]:
+            return run, _fail(run, f"the model was not made: {_summary(run.results['make_model'])}")
+        # With the model not made for want of time, every stage below is recorded as skipped: budget.
+        for phase in MODES[mode]:
+            if phase == "sweep":
+                phase_sweep(run, keep_for_later=phase != MODES[mode][-1])
+            else:
+                {"seed": phase_seed, "mfu": phase_mfu, "breakdown": phase_breakdown}[phase](run)
     failed = [k for k, v in run.results.items() if isinstance(v, dict) and v.get("status") == "failed"]
     run.results["finished"] = True
     run.save()

@@ -19,8 +19,8 @@ worst-case batch shapes whatever order they read the pairs in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE))
 
 from gpu import synthetic_pairs  # noqa: E402
 from report import write_section  # noqa: E402
-from workloads import run_child  # noqa: E402
+import children  # noqa: E402
+from workloads import child_env, make_model_in_child, run_child  # noqa: E402
 
 SETTING = {"size": "memory", "max_length": 512, "batch_size": 4, "steps": 6, "lora_r": 8, "pairs": 32,
            "words": (40, 130)}
@@ -47,7 +48,7 @@ def prepare(work: Path, s: dict) -> dict:
     tag = "" if s.get("words") else f"-{s['max_length']}"  # the long settings' data and stores, one per length
     data, store = work / f"pairs{tag}.jsonl", work / f"train{tag}.lstore"
     if not (model / "config.json").exists():
-        subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), s["size"]], check=True)
+        make_model_in_child(model, s["size"])
     if not data.exists():
         rows = synthetic_pairs(s["pairs"], *(s.get("words") or (40 * s["max_length"] // 512,
                                                                    130 * s["max_length"] // 512)))
@@ -297,12 +298,15 @@ def main(argv: list[str] | None = None) -> int:
         s["max_length"] = args.max_length
     if args.train_option:
         s["train_options"] = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.train_option)}
-    if args.what == "long":
-        lengths = [s["max_length"]] if args.smoke else [int(x) for x in args.lengths.split(",")]
-        result = long_table(work, s, lengths, args.json, args.trl_from)
-    else:
-        earlier = json.loads(args.trl_from.read_text())["trl"] if args.trl_from else None
-        result = (compare if args.what == "compare" else breakdown)(work, s, trl=earlier)
+    # A smoke run's children fork from one interpreter that imported the libraries once (its figures are not
+    # published: the preloaded modules count in every child's peak RSS).
+    with children.preloaded(env=child_env()) if args.smoke else contextlib.nullcontext():
+        if args.what == "long":
+            lengths = [s["max_length"]] if args.smoke else [int(x) for x in args.lengths.split(",")]
+            result = long_table(work, s, lengths, args.json, args.trl_from)
+        else:
+            earlier = json.loads(args.trl_from.read_text())["trl"] if args.trl_from else None
+            result = (compare if args.what == "compare" else breakdown)(work, s, trl=earlier)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text + "\n")

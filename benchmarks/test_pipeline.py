@@ -5,29 +5,26 @@ from __future__ import annotations
 
 import json
 import pickle
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from workloads import input_tokens, run_child, valid_rows
+from workloads import input_tokens, make_model_in_child, run_child, valid_rows
 
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.slow  # builds and training steps in subprocesses: run with --full
 
 
 @pytest.fixture(scope="module")
-def setting(quick, tmp_path_factory):
+def setting(quick, workload_processes, tmp_path_factory):
     from corpus import raw_pairs
 
     folder = tmp_path_factory.mktemp("pipeline")
     model, deep = folder / "model", folder / "deep-model"
-    subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model)], check=True)
-    subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(deep), "small" if quick else "deep"],
-                   check=True)
+    make_model_in_child(model)
+    make_model_in_child(deep, "small" if quick else "deep")
     # Run once (quick), 128 tokens: every workload and its process still runs, at a quarter of the positions
     # of 512; 14 of the first 20 hh-rlhf pairs fit, 3 loader batches of 4.
     max_length = 128 if quick else 1024

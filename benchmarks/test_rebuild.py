@@ -5,27 +5,24 @@ differs), as a cleaning pass or a fix to some prompts would."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from workloads import run_child, valid_rows
+from workloads import make_model_in_child, run_child, valid_rows
 
 HERE = Path(__file__).resolve().parent
 CHANGED_EVERY = 10  # one pair in ten
 
 
 @pytest.fixture(scope="module")
-def edited_setting(quick, tmp_path_factory):
+def edited_setting(quick, workload_processes, tmp_path_factory):
     from corpus import raw_pairs
 
     folder = tmp_path_factory.mktemp("reuse")
     model = folder / "model"
     # The deeper model: transformer layers dominate the compute, as in real models.
-    subprocess.run([sys.executable, str(HERE / "workloads.py"), "make-model", str(model), "small" if quick else "deep"],
-                   check=True)
+    make_model_in_child(model, "small" if quick else "deep")
     max_length = 128 if quick else 1024  # run once (quick): 14 of the first 20 hh-rlhf pairs fit, 2 edited
     _, rows = raw_pairs(20 if quick else 200)
     rows = [{"id": f"p{i}", **r} for i, r in enumerate(valid_rows(rows, str(model), max_length))]

@@ -13,7 +13,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+
+import children  # noqa: E402
 
 # Small but not trivial causal LMs: Mistral architecture, the real 32k Mistral vocabulary. In "small" the LM head
 # is most of the compute; in "deep" the transformer layers are, as in real models.
@@ -284,14 +285,25 @@ def profile_trl_train(args: dict) -> dict:
     return result
 
 
+def child_env() -> dict[str, str]:
+    """The environment of every workload's process."""
+    return {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
 def run_child(kind: str, args: dict) -> dict:
-    """Run one workload in a fresh interpreter; return its measurements plus its peak memory."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    done = subprocess.run([sys.executable, __file__, kind, json.dumps(args)], capture_output=True, text=True,
-                          env=env, timeout=3000)
+    """Run one workload in a process of its own (benchmarks/children.py: a fresh interpreter, or in a smoke run
+    a preloaded one's fork); return its measurements plus its peak memory."""
+    done = children.run([__file__, kind, json.dumps(args)], env=child_env(), timeout=3000)
     if done.returncode != 0:
         raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def make_model_in_child(folder: Path | str, size: str = "small") -> None:
+    """`make-model` in a process of its own, as `run_child` runs a workload."""
+    done = children.run([__file__, "make-model", str(folder), size], env=child_env(), timeout=3000)
+    if done.returncode != 0:
+        raise RuntimeError(f"make-model failed:\n{done.stderr[-3000:]}")
 
 
 if __name__ == "__main__":
