@@ -50,12 +50,14 @@ def _log_handlers_to(stream: io.StringIO) -> Iterator[None]:
     handlers = {h for lg in loggers for h in lg.handlers
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
                 and not isinstance(getattr(type(h), "stream", None), property)}  # those find sys.stderr anew
-    before = {h: h.setStream(stream) for h in handlers}
+    before = {h: h.stream for h in handlers}
+    for handler in handlers:  # assigned, not setStream: that flushes the old stream, which may be closed by now
+        handler.stream = stream
     try:
         yield
     finally:
         for handler, old in before.items():
-            handler.setStream(old)
+            handler.stream = old
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -87,7 +87,7 @@ def test_a_timeout_kills_the_child_and_its_process_group(children, mode, tmp_pat
     script.write_text(SCRIPT)
     pid_file = tmp_path / "grandchild"
     with pytest.raises(subprocess.TimeoutExpired):
-        children.run([str(script), "sleep", str(tmp_path), str(pid_file)], timeout=2)
+        children.run([str(script), "sleep", str(tmp_path), str(pid_file)], timeout=1)
     grandchild = int(pid_file.read_text())
     for _ in range(50):
         if not _alive(grandchild):

@@ -16,6 +16,7 @@ import pytest
 from logitstore.dpo.training.trackers import (TrackerError, TrackerStartError, open_trackers, parse_report_to,
                                               tracker_names, trl_names)
 
+from cli_process import run_cli
 from sample_data import implicit_rows, write_jsonl
 from test_cli_edges import run_main
 
@@ -139,11 +140,10 @@ def test_each_tracker_holds_every_logged_step_of_metrics_jsonl(byte_model, tmp_p
     env = {**os.environ, "TQDM_DISABLE": "1", "WANDB_MODE": "offline", "TRACKIO_DIR": str(tmp_path / "trackio")}
     env.pop("TENSORBOARD_LOGGING_DIR", None)
     env.pop("WANDB_PROJECT", None)
-    for name, rows in (("train", implicit_rows(16)), ("eval", implicit_rows(4))):
+    for name, rows in (("train", implicit_rows(16)), ("eval", implicit_rows(4))):  # the stores: in this process
         data = write_jsonl(tmp_path / f"{name}.jsonl", rows)
-        built = subprocess.run([*common, "build", "--model", str(byte_model), "--data", str(data), "--out",
-                                str(tmp_path / f"{name}.lstore"), "--max-length", "256", "--quiet"],
-                               capture_output=True, text=True, timeout=300, env=env)
+        built = run_cli("build", "--model", str(byte_model), "--data", str(data), "--out",
+                        str(tmp_path / f"{name}.lstore"), "--max-length", "256", "--quiet")
         assert built.returncode == 0, built.stderr
     run = tmp_path / "run"
     done = subprocess.run([*common, "train", "--model", str(byte_model), "--store", str(tmp_path / "train.lstore"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_process import run_cli
 from ports import free_port
 from sample_data import HUMAN_TURNS, write_jsonl
 
@@ -63,9 +64,8 @@ def distill_store(tmp_path_factory):
     data = write_jsonl(folder / "d.jsonl", [
         {"id": f"ex-{i}", "prompt": f"Human: {HUMAN_TURNS[i % len(HUMAN_TURNS)][0]} ({i})\n\nAssistant:",
          "completion": " " + HUMAN_TURNS[i % len(HUMAN_TURNS)][1 + i % 2]} for i in range(N)])
-    done = subprocess.run([str(Path(sys.executable).parent / "logitstore"), "build", "--model", str(teacher),
-                           "--data", str(data), "--out", str(folder / "s"), "--max-length", "128", "--top-k", "8",
-                           "--quiet"], env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
+    done = run_cli("build", "--model", str(teacher), "--data", str(data), "--out", str(folder / "s"), "--max-length",
+                   "128", "--top-k", "8", "--quiet", env=ENV)
     assert done.returncode == 0, done.stderr
     return student, folder / "s", data
 
