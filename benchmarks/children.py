@@ -79,16 +79,16 @@ def _kill_group(pid: int) -> None:
 def preloaded(modules: tuple[str, ...] = WORKLOAD_MODULES, env: dict[str, str] | None = None) -> Iterator[None]:
     """Within this block, `run` forks its children from one interpreter that has imported `modules` (in `env`, the
     environment every child gets: what a library reads at import cannot differ between children), started at the
-    first child. A call with another environment still starts a fresh interpreter."""
+    first child. A call with another environment still starts a fresh interpreter. A block inside another has its
+    own interpreter; the outer one's serves again after it."""
     global _preload, _server, _server_env, _pending
-    if _preload is not None:  # already inside one
-        yield
-        return
-    _preload, _server_env, _pending = tuple(modules), dict(os.environ if env is None else env), b""
+    outer = (_preload, _server, _server_env, _pending)
+    _preload, _server, _server_env, _pending = tuple(modules), None, dict(os.environ if env is None else env), b""
     try:
         yield
     finally:
-        server, _preload, _server, _server_env = _server, None, None, None
+        server = _server
+        _preload, _server, _server_env, _pending = outer
         if server is not None:  # idle (`run` waits for each child): nothing of it is worth an orderly exit
             server.kill()
             server.wait()

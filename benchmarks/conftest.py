@@ -22,9 +22,9 @@ def corpus(quick):
     return load_corpus(200 if quick else 1500)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def workload_processes(quick):
-    """Where the workloads' child processes come from: under `--benchmark-disable`, forks of one interpreter that
+    """Where a module's workload processes come from: under `--benchmark-disable`, forks of one interpreter that
     imported the libraries once (benchmarks/children.py); at full size, a fresh interpreter each, as published."""
     import contextlib
 

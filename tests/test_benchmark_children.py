@@ -98,13 +98,21 @@ def test_a_timeout_kills_the_child_and_its_process_group(children, mode, tmp_pat
     assert children.run([str(script), "ok", str(tmp_path)]).returncode == 0
 
 
-def test_children_fork_from_the_preloaded_interpreter_only_within_its_block(children, tmp_path):
+def test_children_fork_from_the_preloaded_interpreter_only_within_its_block(children, tmp_path, monkeypatch):
     script = tmp_path / "workload.py"
     script.write_text(SCRIPT)
+    monkeypatch.setenv("CHILD_TEST", "outer")
     with children.preloaded(("colorsys",)):
         inside = children.run([str(script), "ok", str(tmp_path)])
         other_env = children.run([str(script), "ok", str(tmp_path)], env={"PATH": "/usr/bin:/bin"})
+        monkeypatch.setenv("CHILD_TEST", "inner")
+        with children.preloaded(("colorsys",)):  # its own interpreter, in its own environment
+            nested = children.run([str(script), "ok", str(tmp_path)])
+        monkeypatch.setenv("CHILD_TEST", "outer")
+        outer_again = children.run([str(script), "ok", str(tmp_path)])
     after = children.run([str(script), "ok", str(tmp_path)])
-    assert "preloaded True" in inside.stdout
+    assert "preloaded True" in inside.stdout and "env outer" in inside.stdout
     assert "preloaded False" in other_env.stdout  # another environment: a fresh interpreter
+    assert "preloaded True" in nested.stdout and "env inner" in nested.stdout
+    assert "preloaded True" in outer_again.stdout and "env outer" in outer_again.stdout
     assert "preloaded False" in after.stdout
