@@ -76,12 +76,17 @@ def _kill_group(pid: int) -> None:
 
 
 @contextlib.contextmanager
-def preloaded(modules: tuple[str, ...] = WORKLOAD_MODULES, env: dict[str, str] | None = None) -> Iterator[None]:
+def preloaded(modules: tuple[str, ...] = WORKLOAD_MODULES, env: dict[str, str] | None = None, *,
+              when: bool = True) -> Iterator[None]:
     """Within this block, `run` forks its children from one interpreter that has imported `modules` (in `env`, the
     environment every child gets: what a library reads at import cannot differ between children), started at the
     first child. A call with another environment still starts a fresh interpreter. A block inside another has its
-    own interpreter; the outer one's serves again after it."""
+    own interpreter; the outer one's serves again after it. With `when` false the block changes nothing (a
+    published run's children start fresh)."""
     global _preload, _server, _server_env, _pending
+    if not when:
+        yield
+        return
     outer = (_preload, _server, _server_env, _pending)
     _preload, _server, _server_env, _pending = tuple(modules), None, dict(os.environ if env is None else env), b""
     try:

@@ -26,10 +26,8 @@ def corpus(quick):
 def workload_processes(quick):
     """Where a module's workload processes come from: under `--benchmark-disable`, forks of one interpreter that
     imported the libraries once (benchmarks/children.py); at full size, a fresh interpreter each, as published."""
-    import contextlib
-
     import children
     from workloads import child_env
 
-    with children.preloaded(env=child_env()) if quick else contextlib.nullcontext():
+    with children.preloaded(env=child_env(), when=quick):
         yield

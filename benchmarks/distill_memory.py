@@ -19,7 +19,6 @@ of 1.0), and "whole logits", the divergence from the [2B, T, V] logits of one or
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -131,7 +130,7 @@ def main() -> None:
         parser.error(f"unknown objective {unknown[0]!r}; choose from {', '.join(OBJECTIVES)}")
     # A smoke run's children fork from one interpreter that imported the libraries once (memory.py's smoke).
     with tempfile.TemporaryDirectory() as tmp, \
-            children.preloaded(env=child_env()) if a.smoke else contextlib.nullcontext():
+            children.preloaded(env=child_env(), when=a.smoke):
         work = Path(a.work or tmp)
         model = work / f"model-{s['size']}"
         if not (model / "config.json").exists():

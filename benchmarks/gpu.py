@@ -30,7 +30,6 @@ table beside it (same name, .md).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -462,7 +461,7 @@ def run_mode(mode: str, smoke: bool, work: Path, budget: Budget, out: Path | Non
     write_pairs(work / "pairs.jsonl", s["pairs"], s["max_length"])
     # A CPU smoke run's stages fork from one interpreter that imported the libraries once; the environment stage
     # above ran in a fresh one, as every stage of a GPU run does (CUDA does not survive a fork).
-    with children.preloaded(PRELOAD, env=stage_env()) if smoke and not run.cuda else contextlib.nullcontext():
+    with children.preloaded(PRELOAD, env=stage_env(), when=smoke and not run.cuda):
         if not run.make_model(tokenizer) and "budget" not in run.results["make_model"]["status"]:
             return run, _fail(run, f"the model was not made: {_summary(run.results['make_model'])}")
         # With the model not made for want of time, every stage below is recorded as skipped: budget.

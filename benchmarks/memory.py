@@ -19,7 +19,6 @@ worst-case batch shapes whatever order they read the pairs in.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         s["train_options"] = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.train_option)}
     # A smoke run's children fork from one interpreter that imported the libraries once (its figures are not
     # published: the preloaded modules count in every child's peak RSS).
-    with children.preloaded(env=child_env()) if args.smoke else contextlib.nullcontext():
+    with children.preloaded(env=child_env(), when=args.smoke):
         if args.what == "long":
             lengths = [s["max_length"]] if args.smoke else [int(x) for x in args.lengths.split(",")]
             result = long_table(work, s, lengths, args.json, args.trl_from)

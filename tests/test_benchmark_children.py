@@ -4,7 +4,6 @@ kills its whole process group."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
@@ -48,7 +47,7 @@ def mode(request, children, monkeypatch):
     """Each test runs with a fresh interpreter per child and with forks of one that preloaded a module, in an
     environment that the children see."""
     monkeypatch.setenv("CHILD_TEST", "set")
-    with children.preloaded(("colorsys",)) if request.param == "forked" else contextlib.nullcontext():
+    with children.preloaded(("colorsys",), when=request.param == "forked"):
         yield request.param
 
 
