@@ -58,7 +58,7 @@ def _comparable(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
 
 
-def _run_fresh(argv: list[str], env: dict[str, str] | None, timeout: float | None) -> subprocess.CompletedProcess:
+def _run_fresh(argv: list[str], env: dict[str, str], timeout: float | None) -> subprocess.CompletedProcess:
     proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     try:
@@ -134,16 +134,14 @@ def _run_forked(argv: list[str], env: dict[str, str], timeout: float | None) -> 
         server = _start_server()
         server.stdin.write(json.dumps(request).encode() + b"\n")
         server.stdin.flush()
-        pid = _answer(None)["pid"]
+        pid, done = _answer(None)["pid"], None
         try:
             done = _answer(deadline)
-        except BaseException:
-            _kill_group(pid)
-            _answer(None)
-            raise
+        finally:
+            if done is None:  # past the deadline, or interrupted: the child's whole group goes, and its end is read
+                _kill_group(pid)
+                _answer(None)
         if done is None:
-            _kill_group(pid)
-            _answer(None)
             raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
         return subprocess.CompletedProcess([sys.executable, *argv], done["status"], out.read_text(),
                                            err.read_text())

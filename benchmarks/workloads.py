@@ -290,20 +290,23 @@ def child_env() -> dict[str, str]:
     return {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 
 
-def run_child(kind: str, args: dict) -> dict:
-    """Run one workload in a process of its own (benchmarks/children.py: a fresh interpreter, or in a smoke run
-    a preloaded one's fork); return its measurements plus its peak memory."""
-    done = children.run([__file__, kind, json.dumps(args)], env=child_env(), timeout=3000)
+def _in_child(*args: str) -> str:
+    """`python workloads.py ARGS` in a process of its own (benchmarks/children.py: a fresh interpreter, or in a
+    smoke run a preloaded one's fork); its stdout, or RuntimeError with its stderr's end."""
+    done = children.run([__file__, *args], env=child_env(), timeout=3000)
     if done.returncode != 0:
-        raise RuntimeError(f"{kind} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"{args[0]} failed:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def run_child(kind: str, args: dict) -> dict:
+    """Run one workload in a process of its own; return its measurements plus its peak memory."""
+    return json.loads(_in_child(kind, json.dumps(args)).strip().splitlines()[-1])
 
 
 def make_model_in_child(folder: Path | str, size: str = "small") -> None:
     """`make-model` in a process of its own, as `run_child` runs a workload."""
-    done = children.run([__file__, "make-model", str(folder), size], env=child_env(), timeout=3000)
-    if done.returncode != 0:
-        raise RuntimeError(f"make-model failed:\n{done.stderr[-3000:]}")
+    _in_child("make-model", str(folder), size)
 
 
 if __name__ == "__main__":
