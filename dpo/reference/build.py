@@ -211,6 +211,9 @@ def fill(p: _Planned, writer: logitstore.StoreWriter, rank: int, world: int, *, 
 
     cfg, examples = p.cfg, p.plan.examples
     missing, compute = writer.missing_shards, p.reuse.to_compute
+    # Every rank computes the assignment from the shards it sees missing: none may commit one before all have
+    # looked, or a rank that attached late sees fewer, and a shard goes to no rank (or to two).
+    distributed.barrier()
     work = np.where(compute, p.plan.cost, 0)  # model work left per row, in tokens
     spans = {k: writer.shard_rows(k) for k in missing}
     todo = assign_shards(missing, [int(work[spans[k].start:spans[k].stop].sum()) for k in missing], world)[rank]
