@@ -63,14 +63,17 @@ class Corpus:
 
 
 @functools.lru_cache(maxsize=1)
-def mistral_tokenizer_dir() -> str:
+def mistral_tokenizer():
+    """Mistral-7B v0.1's tokenizer, as mistral-common ships it, saved and loaded back as a transformers folder would
+    hold it (the folder is gone once it is loaded). Shared: do not change it."""
     import mistral_common
     from transformers import LlamaTokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="mistral-tok-"))
-    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1", folder / "tokenizer.model")
-    LlamaTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
-    return str(folder)
+    with tempfile.TemporaryDirectory(prefix="mistral-tok-") as folder:
+        source = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
+        shutil.copy(source, Path(folder) / "tokenizer.model")
+        LlamaTokenizer.from_pretrained(folder).save_pretrained(folder)
+        return LlamaTokenizer.from_pretrained(folder)
 
 
 def raw_pairs(limit: int) -> tuple[str, list[dict]]:
@@ -106,12 +109,10 @@ def bigram_logps(train: list[np.ndarray], sequences: list[tuple[np.ndarray, np.n
 @functools.lru_cache(maxsize=4)
 def load_corpus(limit: int = 1500, max_length: int = 1024) -> Corpus:
     from logitstore.dpo.inputs.pairs import PreferenceExample, content_id
-    from transformers import LlamaTokenizer
-
     from logitstore.dpo.inputs.tokenization import tokenize_pair
 
     source, rows = raw_pairs(limit)
-    tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
+    tokenizer = mistral_tokenizer()
     ids, prompt, chosen, rejected = [], [], [], []
     for i, row in enumerate(rows):
         key = row.get("id") or f"{i}-{content_id(row.get('prompt'), row['chosen'], row['rejected'])}"

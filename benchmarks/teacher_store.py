@@ -28,20 +28,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corpus import mistral_tokenizer_dir, raw_pairs  # noqa: E402
+from corpus import mistral_tokenizer, raw_pairs  # noqa: E402
 
 
 def save_teacher(folder: Path, steps: int) -> float:
     """TinyLM trained on the bigram's fit text, saved with the Mistral tokenizer; returns its final loss."""
-    from transformers import LlamaTokenizer
-
     from corpus import load_corpus
     from topk import VOCAB, TinyLM
 
     corpus = load_corpus(1500)
     fit = [np.concatenate([p, c]) for p, c in zip(corpus.prompt, corpus.chosen)]
     lm = TinyLM(fit[: 2 * len(fit) // 3], VOCAB, steps=steps)
-    tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
+    tokenizer = mistral_tokenizer()
     lm.model.config.pad_token_id = tokenizer.pad_token_id
     lm.model.config.eos_token_id = tokenizer.eos_token_id
     lm.model.save_pretrained(str(folder))

@@ -39,11 +39,11 @@ MODEL_CONFIGS = {
 
 def make_model(folder: str, size: str = "small") -> None:
     import torch
-    from transformers import LlamaTokenizer, MistralConfig, MistralForCausalLM
+    from transformers import MistralConfig, MistralForCausalLM
 
-    from corpus import mistral_tokenizer_dir
+    from corpus import mistral_tokenizer
 
-    tokenizer = LlamaTokenizer.from_pretrained(mistral_tokenizer_dir())
+    tokenizer = mistral_tokenizer()
     torch.manual_seed(0)
     config = MistralConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.eos_token_id,
                            eos_token_id=tokenizer.eos_token_id, max_position_embeddings=2048,
