@@ -11,9 +11,7 @@ import json
 import math
 import os
 import subprocess
-import sys
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +24,7 @@ from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.training import TrainConfig, train
 from cli_process import run_cli
 from ports import free_port
+from ranks import torchrun
 from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -140,7 +139,6 @@ def test_tdpo2_trains_from_the_store(byte_model, topk_store, tmp_path):
 def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path, mode):
     """DDP (LoRA) and FSDP2 (every weight): each step's loss and distill term equal one process's at the same global
     batch, the distillation mean taken over both ranks' tokens as TRL does."""
-    script = Path(sys.executable).parent / "logitstore"
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
     def args(out):
@@ -151,9 +149,8 @@ def test_two_ranks_train_distill_as_one_process(byte_model, topk_store, tmp_path
 
     one = run_cli(*args(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), "--no-python", str(script), *args(tmp_path / "two")], env=env,
-                         capture_output=True, text=True, timeout=600)
+    two = subprocess.run(torchrun(*args(tmp_path / "two"), port=free_port()), env=env, capture_output=True,
+                         text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two"))

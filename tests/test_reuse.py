@@ -22,9 +22,9 @@ from logitstore.dpo.inputs.tokenization import tokenize_pair
 
 from cli_process import run_cli
 from ports import free_port
+from ranks import torchrun
 from sample_data import implicit_rows, write_jsonl
 
-SCRIPT = Path(sys.executable).parent / "logitstore"
 ENV = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 MAX_LENGTH = 128
 # Computed values against a full rebuild batched otherwise: float32 differences from padding and batch shape. The
@@ -252,9 +252,8 @@ def test_kill_9_during_a_reuse_build_then_rerun_is_identical(mistral_model, data
 @pytest.mark.slow
 def test_two_rank_reuse_build_splits_only_the_pairs_to_compute(mistral_model, datasets, cli_old, tmp_path):
     old, whole, _ = cli_old
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "--no-python", str(SCRIPT),
-               *build_args(mistral_model, datasets["edited"], tmp_path / "two"), "--reuse", str(old)]
+    command = torchrun(*build_args(mistral_model, datasets["edited"], tmp_path / "two"), "--reuse", str(old),
+                       port=free_port())
     two = subprocess.run(command, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     scored = [int(n) for n in re.findall(r"shards? written, (\d+) pairs? \(", two.stdout)]

@@ -17,15 +17,10 @@ import logitstore
 
 from cli_process import run_cli
 from ports import free_port
+from ranks import torchrun
 from sample_data import implicit_rows, write_jsonl
 
-SCRIPT = Path(sys.executable).parent / "logitstore"
 ENV = {"SOURCE_DATE_EPOCH": "1700000000", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def torchrun(*args: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "--no-python", str(SCRIPT), *args]
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -263,7 +258,7 @@ def only_torchrun_tracebacks(stderr: str) -> bool:
 def test_two_rank_bad_launches_are_one_line_on_every_rank(mistral_model, store, data, tmp_path):
     env = {**os.environ, **ENV}
     odd = subprocess.run(torchrun(*train_args(mistral_model, store, tmp_path / "odd", "--batch-size", "3",
-                                              "--max-steps", "1"), port=free_port()),
+                                              "--max-steps", "1"), port=free_port(), preloaded=False),
                          env=env, capture_output=True, text=True, timeout=600)
     assert odd.returncode != 0
     line = ("Error: --batch-size 3 is the global batch and must be a multiple of the 2 processes (each takes an "

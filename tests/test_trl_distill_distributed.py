@@ -14,6 +14,7 @@ import pytest
 
 from cli_process import run_cli
 from ports import free_port
+from ranks import accelerate_launch
 from sample_data import HUMAN_TURNS, write_jsonl
 
 pytestmark = pytest.mark.slow  # builds, training and accelerate launch in subprocesses: run with --full
@@ -79,9 +80,9 @@ def test_example_under_accelerate_launch_equals_one_process(distill_store, tmp_p
     one = subprocess.run([sys.executable, str(driver), *common, str(tmp_path / "one"), "4", str(tmp_path / "one")],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([str(ACCELERATE), "launch", "--config_file", str(EXAMPLES / "accelerate_cpu.yaml"),
-                          "--main_process_port", str(free_port()), str(driver), *common, str(tmp_path / "two"), "2",
-                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(accelerate_launch(str(EXAMPLES / "accelerate_cpu.yaml"), free_port(), str(driver), *common,
+                                           str(tmp_path / "two"), "2", str(tmp_path / "two")),
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     alone = json.loads((tmp_path / "one-0.json").read_text())
     ranks = [json.loads((tmp_path / f"two-{r}.json").read_text()) for r in (0, 1)]

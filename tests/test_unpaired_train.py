@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -16,6 +15,7 @@ from logitstore.dpo.reference import BuildConfig, build
 from logitstore.dpo.training import TrainConfig, train
 from logitstore.errors import LogitstoreError
 from ports import free_port
+from ranks import torchrun
 from sample_data import implicit_rows, write_jsonl
 from test_unpaired_store import unpaired_rows
 
@@ -142,22 +142,17 @@ def test_two_ranks_train_one_kl_chunk_each(byte_model, kto_store, tmp_path):
     the loss is 0.5 and the estimate 0 on both; the single process gets the same first step from batch 4."""
     import os
     import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(sys.executable).parent / "logitstore"
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     common = ["train", "--model", str(byte_model), "--store", str(kto_store), "--loss", "kto", "--max-steps", "3",
               "--lr", "5e-3", "--lora-dropout", "0", "--log-every", "1", "--quiet"]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), "--no-python", str(script), *common, "--batch-size", "8", "--out",
-                          str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=600)
+    two = subprocess.run(torchrun(*common, "--batch-size", "8", "--out", str(tmp_path / "two"), port=free_port()),
+                         env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert lines[0]["loss"] == pytest.approx(0.5, abs=1e-5) and abs(lines[0]["kl"]) < 1e-5
-    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                              "--master_port", str(free_port()), "--no-python", str(script), *common, "--batch-size",
-                              "4", "--out", str(tmp_path / "bad")], env=env, capture_output=True, text=True, timeout=600)
+    refused = subprocess.run(torchrun(*common, "--batch-size", "4", "--out", str(tmp_path / "bad"), port=free_port()),
+                             env=env, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0
     assert "train with --batch-size 8 (4 per rank)" in refused.stderr
