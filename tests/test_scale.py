@@ -43,8 +43,9 @@ def test_two_rank_build_equals_one_process_and_resumes(mistral_model, data, tmp_
     env = {**os.environ, **ENV}
     one = run_cli(*build_args(mistral_model, data, tmp_path / "one"), env=ENV)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=free_port()), env=env,
-                         capture_output=True, text=True, timeout=600)
+    # Fresh ranks, as a user's torchrun starts them (the launches after it fork theirs: tests/ranks.py).
+    two = subprocess.run(torchrun(*build_args(mistral_model, data, tmp_path / "two"), port=free_port(),
+                                  preloaded=False), env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]
     # Each shard is batched the same way whichever rank writes it, so the stores are byte-identical.
     assert digest(tmp_path / "two") == digest(tmp_path / "one")
