@@ -1,6 +1,7 @@
-"""torchrun whose ranks start without the imports: `torchrun(ARGS, port=...)` is the command line of `torchrun
---nproc_per_node 2 --no-python logitstore ARGS` whose ranks are forked from an interpreter that imported torch,
-transformers, peft and logitstore once (`preloaded=False`: that command line itself).
+"""torchrun and accelerate launch whose ranks start without the imports: `torchrun(ARGS, port=...)` is the command
+line of `torchrun --nproc_per_node 2 --no-python logitstore ARGS` whose ranks are forked from an interpreter that
+imported torch, transformers, peft, TRL and logitstore once (`preloaded=False`: that command line itself);
+`accelerate_launch(CONFIG, PORT, SCRIPT, ARGS)` is `accelerate launch`'s, the same way.
 
 A rank of `torchrun --no-python logitstore ...` is a fresh interpreter that spends 6-9 s of CPU on imports before it
 does anything: most of a two-rank test on a tiny model, twice per launch. Here torchrun starts a stub in the rank's
@@ -12,9 +13,9 @@ __main__), in a session of its own as torchrun starts each rank. The stub passes
 did, with its exit code or by the same signal, so torchrun sees, reports and cleans up after the rank as after a
 fresh one. Rendezvous, gloo, the error file torchrun reads (TORCHELASTIC_ERROR_FILE) are the rank's own.
 
-A rank runs fresh (the stub execs the program) when the server does not answer, or when its environment differs from the
-server's in more than what torchrun sets per rank and what is read at run time only: what a library reads at
-import cannot differ. Tests whose point is a fresh process (a rank's peak memory, what a user sees from a bad
+A rank runs fresh (the stub execs the program) when the server does not answer, or when its environment differs
+from the server's in more than what the launcher sets per rank and what is read at run time only: what a library
+reads at import cannot differ. Tests whose point is a fresh process (a rank's peak memory, what a user sees from a bad
 launch) call torch.distributed.run themselves. No pickle: requests and answers are JSON.
 """
 
@@ -98,7 +99,7 @@ def torchrun(*args: str, port: int, nproc: int = 2, preloaded: bool = True) -> l
     program = os.path.join(os.path.dirname(sys.executable), "logitstore")
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
               str(port), "--no-python"]
-    return [*launch, *_preloaded(program, *args)] if preloaded and _server_runs() else [*launch, program, *args]
+    return [*launch, *_server.command(program, *args)] if preloaded and _server_runs() else [*launch, program, *args]
 
 
 def accelerate_launch(config: str, port: int, script: str, *args: str) -> list[str]:
@@ -106,7 +107,7 @@ def accelerate_launch(config: str, port: int, script: str, *args: str) -> list[s
     forked from the server (accelerate's --no_python runs the stub in place of `python SCRIPT`)."""
     launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file", config,
               "--main_process_port", str(port)]
-    return [*launch, "--no_python", *_preloaded(script, *args)] if _server_runs() else [*launch, script, *args]
+    return [*launch, "--no_python", *_server.command(script, *args)] if _server_runs() else [*launch, script, *args]
 
 
 def _server_runs() -> bool:
@@ -120,10 +121,6 @@ def _server_runs() -> bool:
         _server = Server()
         atexit.register(_server.close)
     return True
-
-
-def _preloaded(program: str, *args: str) -> list[str]:
-    return _server.command(program, *args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,7 +144,7 @@ def _stub(path: str, argv: list[str]) -> None:
     socket.send_fds(connection, [len(request).to_bytes(8, "big")], [0, 1, 2])
     connection.sendall(request)
     answers = connection.makefile("rb")
-    started = json.loads(answers.readline())
+    started = json.loads(answers.readline() or b'{"exec": true}')  # no answer: no rank was started
     if "exec" in started:  # the server judged the environment another: fresh
         connection.close()
         _fresh(argv)
@@ -213,14 +210,20 @@ def _serve(socket_path: str, modules: list[str]):
 
 
 def _receive(connection: socket.socket) -> tuple[dict, list[int]]:
+    """The stub's request (its size in 8 bytes, then JSON) and the descriptors sent with its first bytes."""
     head, fds, _, _ = socket.recv_fds(connection, 8, 3)
-    size, body = int.from_bytes(head, "big"), b""
-    while len(body) < size:
-        chunk = connection.recv(size - len(body))
-        if not chunk:
+    head += _exactly(connection, 8 - len(head))
+    return json.loads(_exactly(connection, int.from_bytes(head, "big"))), fds
+
+
+def _exactly(connection: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:  # the stub is gone before its request was whole: nothing to start
             os._exit(1)
-        body += chunk
-    return json.loads(body), fds
+        data += chunk
+    return data
 
 
 def _supervise(connection: socket.socket):
