@@ -1,5 +1,6 @@
 """examples/trl_store_distill.py as users run it: as a script, and under `accelerate launch` on CPU (DDP with gloo,
-examples/accelerate_cpu.yaml). Every rank's batches carry the store's records for its own examples, and the losses
+examples/accelerate_cpu.yaml; its ranks forked from an interpreter that imported the libraries once:
+tests/ranks.py). Every rank's batches carry the store's records for its own examples, and the losses
 equal one process's: the divergence and NLL are divided by the scored tokens of both ranks, as TRL does."""
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from sample_data import HUMAN_TURNS, write_jsonl
 pytestmark = pytest.mark.slow  # builds, training and accelerate launch in subprocesses: run with --full
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SCRIPT = EXAMPLES / "trl_store_distill.py"
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 ENV = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 N = 16
 

@@ -2,7 +2,8 @@
 rank's batches carry the store's values for its own examples, and the losses equal one process's.
 
 accelerate 1.15 turns FSDP on only for GPU-like devices (AcceleratorState leaves MULTI_CPU as it is), so on a CPU
-the launch is data parallel (examples/accelerate_cpu.yaml); the FSDP and ZeRO-3 configurations need GPUs."""
+the launch is data parallel (examples/accelerate_cpu.yaml); the FSDP and ZeRO-3 configurations need GPUs. The
+ranks are forked from an interpreter that imported the libraries once (tests/ranks.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from sample_data import implicit_rows, write_jsonl
 
 pytestmark = pytest.mark.slow  # accelerate launch of two processes: run with --full
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-ACCELERATE = Path(sys.executable).parent / "accelerate"
 ENV = {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
 DRIVER = """import json, os, sys
