@@ -16,7 +16,7 @@ fresh one. Rendezvous, gloo, the error file torchrun reads (TORCHELASTIC_ERROR_F
 A rank runs fresh (the stub execs the program) when the server does not answer, or when its environment differs
 from the server's in more than what the launcher sets per rank and what is read at run time only: what a library
 reads at import cannot differ. Tests whose point is a fresh process (a rank's peak memory, what a user sees from a bad
-launch) call torch.distributed.run themselves. No pickle: requests and answers are JSON.
+launch) pass `preloaded=False` or call torch.distributed.run themselves. No pickle: requests and answers are JSON.
 """
 
 from __future__ import annotations
